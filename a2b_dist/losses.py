@@ -1,0 +1,111 @@
+"""A2B-GAN objective (paper Eq. 1-10) as pure functions on tensors, plus the anomaly map and score.
+
+Shapes: images (B, C, H, W) in [-1, 1]; masks (B, 1, H, W) in [0, 1]; critic outputs (B, 1, h, w).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+def blend_healthy(x: torch.Tensor, b_int: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Eq. 1: B' = B_int * M + x * (1 - M)."""
+    return b_int * mask + x * (1 - mask)
+
+
+def blend_reconstruction(x: torch.Tensor, b_int: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Eq. 2: A' = x * M + B_int * (1 - M)."""
+    return x * mask + b_int * (1 - mask)
+
+
+def critic_wasserstein(d_fake: torch.Tensor, d_real: torch.Tensor) -> torch.Tensor:
+    """Eq. 3: E[D(G(a))] - E[D(b)] (each critic output averaged over its patches, then the batch)."""
+    return d_fake.float().mean() - d_real.float().mean()
+
+
+def interpolate(real: torch.Tensor, fake: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """x_hat = alpha * real + (1 - alpha) * fake, alpha (B, 1, 1, 1) drawn per sample."""
+    return alpha * real + (1 - alpha) * fake
+
+
+def gradient_penalty(d_hat: torch.Tensor, x_hat: torch.Tensor, loss_scale: Optional[torch.Tensor | float] = None
+                     ) -> torch.Tensor:
+    """Eq. 4's penalty E[(||grad_x_hat D(x_hat)||_2 - 1)^2], differentiable w.r.t. the critic's weights.
+
+    ``x_hat`` must require grad and ``d_hat = D(x_hat)``. Under fp16 pass the GradScaler's scale as
+    ``loss_scale``: the output is scaled before autograd.grad (so small gradients do not flush to zero)
+    and the gradient unscaled out of place afterwards (the AMP "gradient penalty" recipe). The norm and
+    penalty are computed in fp32 for every precision.
+    """
+    out = d_hat.float().sum()
+    if loss_scale is not None:
+        out = out * loss_scale
+    (grad,) = torch.autograd.grad(out, x_hat, create_graph=True)
+    grad = grad.float()
+    if loss_scale is not None:
+        grad = grad / loss_scale
+    norm = grad.flatten(1).norm(2, dim=1)                 # (B,)
+    return ((norm - 1) ** 2).mean()
+
+
+def generator_adversarial(d_fake_a: torch.Tensor, d_fake_b: torch.Tensor) -> torch.Tensor:
+    """Eq. 5: -sum over x in {A, B} of E[D(G(x))]."""
+    return -(d_fake_a.float().mean() + d_fake_b.float().mean())
+
+
+def l1(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return (x.float() - y.float()).abs().mean()
+
+
+def identity_loss(b_int_of_b: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Eq. 6: E_b ||G_int(b) - b||_1, on the intermediate image before the mask."""
+    return l1(b_int_of_b, b)
+
+
+def reconstruction_loss(a: torch.Tensor, a_prime: torch.Tensor) -> torch.Tensor:
+    """Eq. 7: E_a ||a - A'||_1."""
+    return l1(a, a_prime)
+
+
+def focus_loss(mask: torch.Tensor, lambda_fs: float, lambda_fz: float, eps: float = 0.01) -> torch.Tensor:
+    """Eq. 8 per mask, averaged over the batch:
+    lambda_fs * (mean_i M_i)^2 + lambda_fz * mean_i 1 / (|M_i - 0.5| + eps)."""
+    m = mask.float().flatten(1)                                            # (B, n)
+    size = m.mean(dim=1) ** 2                                              # (B,)
+    zero_one = (1.0 / ((m - 0.5).abs() + eps)).mean(dim=1)                 # (B,)
+    return (lambda_fs * size + lambda_fz * zero_one).mean()
+
+
+def anomaly_map(x: torch.Tensor, b_prime: torch.Tensor) -> torch.Tensor:
+    """Difference map |x - B'| averaged over channels: (B, C, H, W) -> (B, 1, H, W)."""
+    return (x.float() - b_prime.float()).abs().mean(dim=1, keepdim=True)
+
+
+def anomaly_score(diff: torch.Tensor, kind: str = "mean", topk_percent: float = 5.0) -> torch.Tensor:
+    """Image score from a difference map (B, 1, H, W) -> (B,).
+
+    ``mean`` is the paper's score (section 3.3); ``topk`` is the mean of the largest topk_percent
+    of the map's pixels, which favours small lesions over image-wide changes.
+    """
+    flat = diff.float().flatten(1)
+    if kind == "mean":
+        return flat.mean(dim=1)
+    if kind == "topk":
+        k = max(1, int(round(flat.shape[1] * topk_percent / 100.0)))
+        return flat.topk(k, dim=1).values.mean(dim=1)
+    raise ValueError(f"score kind {kind!r}; choose mean or topk")
+
+
+def linear_decay_lr(base_lr: float, step: int, total_steps: int, decay_steps: int) -> float:
+    """Paper section 4.4: constant, then linear decay to 0 over the last ``decay_steps`` steps.
+
+    ``step`` counts completed steps (0 for the first update); the rate applied at step s is
+    base * (total - s) / decay once s >= total - decay.
+    """
+    if decay_steps <= 0:
+        return base_lr
+    start = total_steps - decay_steps
+    if step < start:
+        return base_lr
+    return base_lr * max(0.0, (total_steps - step) / decay_steps)

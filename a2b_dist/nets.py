@@ -1,0 +1,110 @@
+"""A2B-GAN networks: the StarGAN generator without label input, and the StarGAN PatchGAN critic.
+
+Layouts follow shared/DESIGN.md ("Model"). Two deliberate differences from the authors' code:
+- InstanceNorm keeps no running statistics, so train() and eval() compute the same thing
+  (the authors keep running stats and never call eval()).
+- Upsampling and the mask activation are options (``upsample``, ``mask_activation``); the
+  defaults are the paper's ConvTranspose and sigmoid.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def _norm(channels: int) -> nn.InstanceNorm2d:
+    return nn.InstanceNorm2d(channels, affine=True, track_running_stats=False)
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(channels, channels, 3, 1, 1, bias=False), _norm(channels), nn.ReLU(inplace=True),
+            nn.Conv2d(channels, channels, 3, 1, 1, bias=False), _norm(channels),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
+def _upsample(in_ch: int, out_ch: int, mode: str) -> nn.Module:
+    if mode == "transpose":  # StarGAN: learnt, but prone to checkerboard patterns
+        return nn.ConvTranspose2d(in_ch, out_ch, 4, 2, 1, bias=False)
+    if mode in ("nearest", "bilinear"):  # resize, then convolve: no checkerboard by construction
+        return nn.Sequential(nn.Upsample(scale_factor=2, mode=mode),
+                             nn.Conv2d(in_ch, out_ch, 3, 1, 1, bias=False))
+    raise ValueError(f"upsample={mode!r}; choose transpose, nearest or bilinear")
+
+
+class Generator(nn.Module):
+    """x (B, C, H, W) in [-1, 1] -> (B_int (B, C, H, W) in [-1, 1], M (B, 1, H, W) in [0, 1])."""
+
+    def __init__(self, channels: int = 1, width: int = 64, res_blocks: int = 6,
+                 upsample: str = "transpose", mask_activation: str = "sigmoid"):
+        super().__init__()
+        if mask_activation not in ("sigmoid", "tanh"):
+            raise ValueError(f"mask_activation={mask_activation!r}; choose sigmoid or tanh")
+        self.channels = channels
+        self.mask_activation = mask_activation
+        w = width
+        layers: list[nn.Module] = [nn.Conv2d(channels, w, 7, 1, 3, bias=False), _norm(w), nn.ReLU(inplace=True)]
+        for mult in (1, 2):  # two stride-2 downsamplings: w -> 2w -> 4w
+            layers += [nn.Conv2d(w * mult, w * mult * 2, 4, 2, 1, bias=False), _norm(w * mult * 2),
+                       nn.ReLU(inplace=True)]
+        layers += [ResidualBlock(4 * w) for _ in range(res_blocks)]
+        for mult in (4, 2):  # two x2 upsamplings: 4w -> 2w -> w
+            layers += [_upsample(w * mult, w * mult // 2, upsample), _norm(w * mult // 2), nn.ReLU(inplace=True)]
+        layers += [nn.Conv2d(w, channels + 1, 7, 1, 3, bias=False)]  # C image channels + 1 mask channel
+        self.main = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.main(x)                                    # (B, C+1, H, W)
+        b_int = torch.tanh(out[:, : self.channels])          # intermediate healthy image
+        logit = out[:, self.channels:]
+        if self.mask_activation == "sigmoid":
+            mask = torch.sigmoid(logit)
+        else:
+            mask = (torch.tanh(logit) + 1) / 2
+        return b_int, mask
+
+
+def critic_depth(image_size: int, layers: int = 0) -> int:
+    """Stride-2 convs in the critic: the given number, or 6 (StarGAN) capped so the patch map stays >= 2x2."""
+    if layers:
+        return layers
+    return max(1, min(6, image_size.bit_length() - 2))   # 32 px -> 4, 64 -> 5, 128 and up -> 6
+
+
+class Critic(nn.Module):
+    """PatchGAN critic without normalisation (WGAN-GP): x (B, C, H, W) -> scores (B, 1, H/2^L, W/2^L)."""
+
+    def __init__(self, channels: int = 1, image_size: int = 128, width: int = 64, layers: int = 0,
+                 max_channels: int = 2048):
+        super().__init__()
+        depth = critic_depth(image_size, layers)
+        mods: list[nn.Module] = [nn.Conv2d(channels, width, 4, 2, 1), nn.LeakyReLU(0.01)]
+        ch = width
+        for _ in range(depth - 1):
+            nxt = min(ch * 2, max_channels)
+            mods += [nn.Conv2d(ch, nxt, 4, 2, 1), nn.LeakyReLU(0.01)]
+            ch = nxt
+        self.main = nn.Sequential(*mods)
+        self.head = nn.Conv2d(ch, 1, 3, 1, 1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.main(x))
+
+
+def build_generator(model_cfg, channels: int) -> Generator:
+    return Generator(channels, model_cfg.width, model_cfg.res_blocks, model_cfg.upsample,
+                     model_cfg.mask_activation)
+
+
+def build_critic(model_cfg, channels: int, image_size: int) -> Critic:
+    return Critic(channels, image_size, model_cfg.critic_width, model_cfg.critic_layers)
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
