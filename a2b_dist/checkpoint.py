@@ -1,0 +1,274 @@
+"""Sharded, resumable checkpoints without pickle.
+
+Layout of one checkpoint (``runs/<name>/checkpoints/step-000001000/`` or ``runs/<name>/best/``):
+
+    meta.json                    step, world size, config, the JSON skeleton of the global state
+    state-00000-of-00002.safetensors   rank 0's share of the global tensors (models, optimizers)
+    state-00001-of-00002.safetensors   rank 1's share
+    rank-00000.json / rank-00000.safetensors   rank 0's own state (data stream position, RNG)
+    ...
+
+The global state (both networks, both optimizers, the fp16 scaler) is the same on every DDP rank, so
+its tensors are split between the ranks and each writes only its share; loading reads every share,
+which is why a checkpoint written by N processes loads in M. All ranks write into
+``.tmp-<name>``; after a barrier rank 0 writes ``meta.json`` last and renames the folder into place,
+so a folder without the ``.tmp-`` prefix is always complete and a crash mid-write leaves the previous
+checkpoint untouched. Everything is safetensors or JSON: loading never unpickles.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from a2b_dist.config import Config, from_dict, to_dict
+from a2b_dist.errors import UserError
+
+FORMAT = "a2b-checkpoint-v1"
+EXPORT_FORMAT = "a2b-generator-v1"
+CHECKPOINTS = "checkpoints"
+BEST = "best"
+_STEP_RE = re.compile(r"^step-(\d+)$")
+
+
+# ---------------------------------------------------------------------------------------------
+# Nested state <-> (JSON skeleton, flat tensor dict)
+
+def flatten_state(obj: Any, prefix: str = "", tensors: Optional[dict] = None) -> tuple[Any, dict]:
+    """Replace every tensor in a nested dict/list by a reference; return (skeleton, tensors)."""
+    tensors = {} if tensors is None else tensors
+    if isinstance(obj, torch.Tensor):
+        tensors[prefix] = obj.detach().to("cpu").contiguous().clone()
+        return {"__tensor__": prefix}, tensors
+    if isinstance(obj, dict):
+        items = [[k, flatten_state(v, f"{prefix}/{k}", tensors)[0]] for k, v in obj.items()]
+        if all(isinstance(k, str) for k, _ in items):
+            return {"__dict__": {k: v for k, v in items}}, tensors
+        return {"__items__": items}, tensors   # non-string keys (optimizer state is keyed by int)
+    if isinstance(obj, (list, tuple)):
+        return {"__list__": [flatten_state(v, f"{prefix}/{i}", tensors)[0] for i, v in enumerate(obj)]}, tensors
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj, tensors
+    raise TypeError(f"cannot checkpoint {type(obj).__name__} at {prefix!r}")
+
+
+def unflatten_state(skeleton: Any, tensors: dict) -> Any:
+    if isinstance(skeleton, dict):
+        if "__tensor__" in skeleton:
+            return tensors[skeleton["__tensor__"]]
+        if "__dict__" in skeleton:
+            return {k: unflatten_state(v, tensors) for k, v in skeleton["__dict__"].items()}
+        if "__items__" in skeleton:
+            return {k: unflatten_state(v, tensors) for k, v in skeleton["__items__"]}
+        if "__list__" in skeleton:
+            return [unflatten_state(v, tensors) for v in skeleton["__list__"]]
+    return skeleton
+
+
+def _share(keys: list[str], tensors: dict, world_size: int) -> list[list[str]]:
+    """Deterministic split of tensor keys into world_size groups of similar byte size."""
+    groups: list[list[str]] = [[] for _ in range(world_size)]
+    sizes = [0] * world_size
+    for key in sorted(keys, key=lambda k: (-tensors[k].numel() * tensors[k].element_size(), k)):
+        i = min(range(world_size), key=lambda r: (sizes[r], r))
+        groups[i].append(key)
+        sizes[i] += tensors[key].numel() * tensors[key].element_size()
+    return groups
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_checkpoint(target: Path, *, global_state: dict, rank_state: dict, rank_tensors: dict,
+                    meta: dict, rank: int, world_size: int, barrier: Callable[[], None]) -> Path:
+    """Write one checkpoint collectively (every rank calls this with the same target and meta)."""
+    target = Path(target)
+    tmp = target.parent / f".tmp-{target.name}"
+    if rank == 0:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    barrier()
+    skeleton, tensors = flatten_state(global_state)
+    mine = _share(list(tensors), tensors, world_size)[rank]
+    save_file({k: tensors[k] for k in mine}, str(tmp / f"state-{rank:05d}-of-{world_size:05d}.safetensors"))
+    save_file({k: v.detach().cpu().contiguous() for k, v in rank_tensors.items()},
+              str(tmp / f"rank-{rank:05d}.safetensors"))
+    _write_json(tmp / f"rank-{rank:05d}.json", rank_state)
+    if os.environ.get("A2B_FAULT_KILL_IN_CHECKPOINT") == str(meta.get("step")) and rank == 0:
+        # Fault injection for the crash-safety test: die like a SIGKILL'd job, mid-write.
+        os.kill(os.getpid(), signal.SIGKILL)
+    barrier()
+    if rank == 0:
+        _write_json(tmp / "meta.json", {**meta, "format": FORMAT, "world_size": world_size, "skeleton": skeleton})
+        old = target.parent / f".old-{target.name}"
+        if target.exists():  # replacing (only `best` is ever replaced): move aside, swap, delete
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(target, old)
+        os.replace(tmp, target)
+        if old.exists():
+            shutil.rmtree(old)
+    barrier()
+    return target
+
+
+def step_dir(run_dir: str | Path, step: int) -> Path:
+    return Path(run_dir) / CHECKPOINTS / f"step-{step:09d}"
+
+
+def prune(run_dir: str | Path, keep_last: int) -> None:
+    """Keep the newest ``keep_last`` complete checkpoints; drop leftovers of interrupted writes."""
+    root = Path(run_dir) / CHECKPOINTS
+    complete = list_checkpoints(run_dir)
+    for path in complete[:-keep_last]:
+        shutil.rmtree(path, ignore_errors=True)
+    newest = complete[-1].name if complete else ""
+    for path in root.glob(".tmp-*"):
+        if path.name[len(".tmp-"):] < newest:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding and reading
+
+def is_complete(path: Path) -> bool:
+    meta = path / "meta.json"
+    if not meta.is_file():
+        return False
+    try:
+        data = json.loads(meta.read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    ws = data.get("world_size", 0)
+    return data.get("format") == FORMAT and all(
+        (path / f"state-{r:05d}-of-{ws:05d}.safetensors").is_file() for r in range(ws))
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete step checkpoints of a run, oldest first (by the step stored in meta.json)."""
+    root = Path(run_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if _STEP_RE.match(p.name) and is_complete(p)]
+    return sorted(found, key=lambda p: read_meta(p)["step"])
+
+
+def latest_checkpoint(run_dir: str | Path) -> Optional[Path]:
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder, or a run folder meaning its newest complete checkpoint."""
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"checkpoint {p} does not exist")
+    if p.is_dir() and is_complete(p):
+        return p
+    if p.is_dir():
+        newest = latest_checkpoint(p)
+        if newest is not None:
+            return newest
+        raise UserError(f"{p} holds no complete checkpoint (expected {p}/{CHECKPOINTS}/step-*/meta.json "
+                        "or a checkpoint folder such as a run's best/)")
+    raise UserError(f"{p} is not a checkpoint folder or run folder")
+
+
+def read_meta(path: Path) -> dict:
+    return json.loads((Path(path) / "meta.json").read_text())
+
+
+def load_checkpoint(path: str | Path, rank: int, *, prefixes: Optional[tuple[str, ...]] = None
+                    ) -> tuple[dict, dict, Optional[dict], dict]:
+    """Read a checkpoint: (global_state, meta, this rank's json state or None, this rank's tensors).
+
+    ``prefixes`` limits the global tensors read (for example ("/G",) for the generator only).
+    The rank's own state is returned only when the checkpoint was written by a world that had
+    this rank; callers decide whether it still applies (same world size).
+    """
+    path = Path(path)
+    meta = read_meta(path)
+    ws = meta["world_size"]
+    tensors: dict[str, torch.Tensor] = {}
+    for r in range(ws):
+        with safe_open(str(path / f"state-{r:05d}-of-{ws:05d}.safetensors"), framework="pt") as f:
+            for key in f.keys():
+                if prefixes is None or key.startswith(prefixes):
+                    tensors[key] = f.get_tensor(key)
+    skeleton = meta["skeleton"]
+    if prefixes is not None:
+        keep = {p.strip("/").split("/")[0] for p in prefixes}
+        skeleton = {"__dict__": {k: v for k, v in skeleton["__dict__"].items() if k in keep}}
+    state = unflatten_state(skeleton, tensors)
+    rank_json, rank_tensors = None, {}
+    if rank < ws and (path / f"rank-{rank:05d}.json").is_file():
+        rank_json = json.loads((path / f"rank-{rank:05d}.json").read_text())
+        with safe_open(str(path / f"rank-{rank:05d}.safetensors"), framework="pt") as f:
+            rank_tensors = {k: f.get_tensor(k) for k in f.keys()}
+    return state, meta, rank_json, rank_tensors
+
+
+# ---------------------------------------------------------------------------------------------
+# Generator for evaluation, detection and export
+
+def load_generator(path: str | Path, *, device: str | torch.device = "cpu"):
+    """(Generator in eval mode, Config) from an export file, a checkpoint folder or a run folder."""
+    from a2b_dist.nets import build_generator
+
+    p = Path(path)
+    if p.is_file():
+        try:
+            blob = torch.load(p, map_location="cpu", weights_only=True)
+        except Exception as e:  # not a torch file, or one that needs unpickling of code
+            raise UserError(f"{p} is not an a2b export file ({type(e).__name__}: {e})") from None
+        if not isinstance(blob, dict) or blob.get("format") != EXPORT_FORMAT:
+            raise UserError(f"{p} is not an a2b export file (expected format {EXPORT_FORMAT!r}; "
+                            "make one with `a2b export CKPT OUT.pt`)")
+        cfg, weights = from_dict(blob["config"], str(p)), blob["generator"]
+    else:
+        ckpt = resolve_checkpoint(p)
+        state, meta, _, _ = load_checkpoint(ckpt, 0, prefixes=("/G/",))
+        cfg, weights = from_dict(meta["config"], str(ckpt)), state["G"]
+    gen = build_generator(cfg.model, cfg.data.channels)
+    gen.load_state_dict(weights)
+    return gen.to(device).eval(), cfg
+
+
+def export_generator(checkpoint: str | Path, out: str | Path) -> Path:
+    """Write generator weights + config to one file loadable with torch.load(weights_only=True)."""
+    ckpt = resolve_checkpoint(checkpoint)
+    state, meta, _, _ = load_checkpoint(ckpt, 0, prefixes=("/G/",))
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    torch.save({"format": EXPORT_FORMAT, "generator": state["G"], "config": meta["config"],
+                "step": meta["step"], "source": str(ckpt)}, tmp)
+    os.replace(tmp, out)
+    return out
+
+
+def checkpoint_config(path: str | Path) -> Config:
+    return from_dict(read_meta(resolve_checkpoint(path))["config"])
+
+
+def meta_for(cfg: Config, step: int, **extra: Any) -> dict:
+    return {"step": step, "config": to_dict(cfg), **extra}

@@ -1,0 +1,509 @@
+"""A2B-GAN training loop: one loop for a laptop CPU, one GPU, or many nodes.
+
+    a2b train --config configs/test.yaml                       # one process
+    a2b train --config configs/demo.yaml train.steps=500       # dotted overrides
+    accelerate launch --multi_gpu --num_processes 2 --num_machines 1 \
+        -m a2b_dist.train --config configs/test.yaml            # DDP (2 CPU processes over gloo here)
+    python jobs/submit.py --partition gpu --nodes 4 --config configs/covid.yaml   # SLURM
+
+One step = one paper iteration: ``optim.n_critic`` critic updates (each on a fresh batch of A and B),
+then one generator update on the last of those batches (StarGAN's order). ``train.batch_size`` is
+the global batch, split evenly over the processes. The learning rate is a pure function of the step
+(constant, then linear decay over the last ``optim.decay_steps``), so resuming needs no scheduler state.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from a2b_dist import checkpoint as ckpt
+from a2b_dist import losses as L
+from a2b_dist.config import Config, ConfigError, save_config, to_dict
+from a2b_dist.errors import UserError
+from a2b_dist.nets import build_critic, build_generator
+
+# Under fp16 a loss-scale overflow makes a step's losses inf (GradScaler skips it); more than this
+# many in a row is a real divergence.
+MAX_FP16_OVERFLOWS = 20
+LOSS_TERMS = ("loss_d", "wasserstein", "gp", "loss_g", "adv_g", "rec", "idt", "focus")
+
+
+class NonFiniteLoss(UserError):
+    """A loss became NaN or infinite; nothing was saved over the last good checkpoint."""
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (seed, rank, purpose...), stable across runs and platforms."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint64)[0] >> 1)
+
+
+def requires_grad(module: torch.nn.Module, flag: bool) -> None:
+    for p in module.parameters():
+        p.requires_grad_(flag)
+
+
+@dataclass
+class Models:
+    """The two networks as created (``G``, ``D``: canonical state_dicts) and as trained (DDP-wrapped)."""
+    G: torch.nn.Module
+    D: torch.nn.Module
+    G_train: torch.nn.Module
+    D_train: torch.nn.Module
+    opt_g: torch.optim.Optimizer
+    opt_d: torch.optim.Optimizer
+
+
+class A2BUpdates:
+    """The two phases of a step. The maths lives in a2b_dist.losses; this holds who calls what.
+
+    DDP rules (shared/DESIGN.md): one forward of the wrapped critic per critic update (real, fake and
+    interpolates in one batch), the gradient penalty through autograd.grad and one ordinary backward;
+    the generator never runs its DDP wrapper in a critic update, and the critic runs unwrapped and
+    frozen in a generator update, so DDP never all-reduces critic gradients there.
+    """
+
+    def __init__(self, cfg: Config, models: Models, accelerator, gp_generator: torch.Generator):
+        self.cfg, self.m, self.acc, self.gp_gen = cfg, models, accelerator, gp_generator
+        self.memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+
+    def _scale(self) -> Optional[torch.Tensor]:
+        scaler = self.acc.scaler
+        return scaler.get_scale() if scaler is not None and scaler.is_enabled() else None
+
+    def critic_loss(self, a: torch.Tensor, b: torch.Tensor, alpha: Optional[torch.Tensor] = None
+                    ) -> tuple[torch.Tensor, dict]:
+        with torch.no_grad(), self.acc.autocast():
+            b_int, mask = self.m.G(a)                        # unwrapped: no DDP forward
+            fake = L.blend_healthy(a, b_int, mask).float()  # Eq. 1: B' of the mixed images
+        if alpha is None:
+            alpha = torch.rand(a.shape[0], 1, 1, 1, generator=self.gp_gen, device=self.gp_gen.device)
+        alpha = alpha.to(a.device)
+        x_hat = L.interpolate(b, fake, alpha).detach().requires_grad_(True)
+        with self.acc.autocast():
+            out = self.m.D_train(torch.cat([b, fake, x_hat]).contiguous(memory_format=self.memory_format))
+        d_real, d_fake, d_hat = out.split(a.shape[0])
+        wasserstein = L.critic_wasserstein(d_fake, d_real)                  # Eq. 3
+        gp = L.gradient_penalty(d_hat, x_hat, self._scale())                 # Eq. 4's penalty
+        loss = wasserstein + self.cfg.loss.lambda_gp * gp                    # Eq. 4 = Eq. 9
+        return loss, {"loss_d": loss.detach(), "wasserstein": wasserstein.detach(), "gp": gp.detach()}
+
+    def critic_update(self, a: torch.Tensor, b: torch.Tensor, alpha: Optional[torch.Tensor] = None) -> dict:
+        self.m.opt_d.zero_grad(set_to_none=True)
+        loss, stats = self.critic_loss(a, b, alpha)
+        self.acc.backward(loss)
+        self.m.opt_d.step()
+        return stats
+
+    def generator_loss(self, a: torch.Tensor, b: torch.Tensor, step: int) -> tuple[torch.Tensor, dict]:
+        cfg = self.cfg.loss
+        n = a.shape[0]
+        with self.acc.autocast():
+            b_int, mask = self.m.G_train(torch.cat([a, b]).contiguous(memory_format=self.memory_format))
+            b_int_a, b_int_b = b_int.split(n)
+            m_a, m_b = mask.split(n)
+            b_prime_a = L.blend_healthy(a, b_int_a, m_a)                       # Eq. 1
+            b_prime_b = L.blend_healthy(b, b_int_b, m_b)
+            a_prime = L.blend_reconstruction(a, b_int_a, m_a)                 # Eq. 2
+            d_a, d_b = self.m.D(torch.cat([b_prime_a, b_prime_b])).split(n)   # unwrapped, frozen critic
+        adv = L.generator_adversarial(d_a, d_b)                                # Eq. 5
+        rec = L.reconstruction_loss(a, a_prime)                                # Eq. 7
+        idt = L.identity_loss(b_int_b, b)                                      # Eq. 6
+        focus = L.focus_loss(mask, cfg.lambda_fs, cfg.lambda_fz, cfg.focus_eps)  # Eq. 8, both paths
+        ramp = min(1.0, step / cfg.focus_warmup_steps) if cfg.focus_warmup_steps else 1.0
+        loss = adv + cfg.lambda_rec * rec + cfg.lambda_id * idt + cfg.lambda_f * ramp * focus  # Eq. 10
+        return loss, {"loss_g": loss.detach(), "adv_g": adv.detach(), "rec": rec.detach(),
+                      "idt": idt.detach(), "focus": focus.detach()}
+
+    def generator_update(self, a: torch.Tensor, b: torch.Tensor, step: int) -> dict:
+        requires_grad(self.m.D, False)
+        try:
+            self.m.opt_g.zero_grad(set_to_none=True)
+            loss, stats = self.generator_loss(a, b, step)
+            self.acc.backward(loss)
+            self.m.opt_g.step()
+        finally:
+            requires_grad(self.m.D, True)
+        return stats
+
+
+def make_accelerator(cfg: Config):
+    from accelerate import Accelerator
+
+    cpu = cfg.train.cpu or not torch.cuda.is_available()
+    # The config's precision wins over `accelerate launch --mixed_precision` (Accelerator's argument
+    # overrides the launcher); fp16 autocast needs a GPU, so on CPU it is refused with a message.
+    if cfg.train.mixed_precision == "fp16" and cpu:
+        raise ConfigError("train.mixed_precision=fp16 needs a GPU; on CPU use bf16 or no")
+    # No DDP buffer options: the networks hold no buffers (InstanceNorm keeps no running statistics,
+    # checked in build_models), so DDP has nothing to broadcast in either network's forward.
+    return Accelerator(cpu=cpu, mixed_precision=cfg.train.mixed_precision,
+                       step_scheduler_with_optimizer=False)
+
+
+def build_models(cfg: Config, accelerator) -> Models:
+    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+    G = build_generator(cfg.model, cfg.data.channels)
+    D = build_critic(cfg.model, cfg.data.channels, cfg.data.image_size)
+    assert not list(G.buffers()) and not list(D.buffers()), "DDP set-up assumes buffer-free networks"
+    if cfg.train.channels_last:
+        G, D = G.to(memory_format=torch.channels_last), D.to(memory_format=torch.channels_last)
+    o = cfg.optim
+    opt_g = torch.optim.Adam(G.parameters(), lr=o.lr_g, betas=(o.beta1, o.beta2))
+    opt_d = torch.optim.Adam(D.parameters(), lr=o.lr_d, betas=(o.beta1, o.beta2))
+    # torch.compile covers the generator only: the critic's gradient penalty needs double backward,
+    # which compiled graphs do not support.
+    G_fwd = torch.compile(G) if cfg.train.compile else G
+    G_train, D_train, opt_g, opt_d = accelerator.prepare(G_fwd, D, opt_g, opt_d)
+    G.to(accelerator.device), D.to(accelerator.device)
+    return Models(G, D, G_train, D_train, opt_g, opt_d)
+
+
+def _global_state(models: Models, accelerator) -> dict:
+    state = {"G": models.G.state_dict(), "D": models.D.state_dict(),
+             "opt_g": models.opt_g.state_dict(), "opt_d": models.opt_d.state_dict()}
+    if accelerator.scaler is not None:
+        state["scaler"] = accelerator.scaler.state_dict()
+    return state
+
+
+def record_launch(run_dir: Path, accelerator, argv: list[str]) -> None:
+    """Append versions, command line and world size for this (re)start to the run folder."""
+    import accelerate
+    import webdataset
+
+    info = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "argv": argv, "cwd": os.getcwd(),
+            "host": socket.gethostname(), "world_size": accelerator.num_processes,
+            "device": str(accelerator.device), "mixed_precision": accelerator.mixed_precision,
+            "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                         "accelerate": accelerate.__version__, "webdataset": webdataset.__version__,
+                         "numpy": np.__version__},
+            "slurm_job_id": os.environ.get("SLURM_JOB_ID")}
+    with open(run_dir / "launches.jsonl", "a") as f:
+        f.write(json.dumps(info) + "\n")
+
+
+class MetricsLog:
+    """metrics.jsonl (one JSON object per line) and TensorBoard scalars, main process only."""
+
+    def __init__(self, run_dir: Path, enabled: bool):
+        self.enabled = enabled
+        self.path = run_dir / "metrics.jsonl"
+        self.tb = None
+        if enabled:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.tb = SummaryWriter(str(run_dir / "tb"))
+            except ImportError:  # tensorboard is optional at run time
+                self.tb = None
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key != "step":
+                    self.tb.add_scalar(key, value, record["step"])
+            self.tb.flush()
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _open_streams(cfg: Config, rank: int, world: int):
+    from a2b_dist.data import TrainStream, read_manifest
+
+    root = Path(cfg.data.root)
+    per_rank = cfg.train.batch_size // world
+    streams = {}
+    for tag, role in enumerate(("mixed", "healthy")):
+        role_dir = root / role
+        if not (role_dir / "manifest.json").is_file():
+            raise UserError(
+                f"no {role} shards at {role_dir} (data.root={cfg.data.root}). Build them first, for "
+                f"example: python shards/build.py simulated --source mnist5k --size {cfg.data.image_size} "
+                f"--out {cfg.data.root}")
+        read_manifest(role_dir, image_size=cfg.data.image_size, channels=cfg.data.channels)
+        streams[role] = TrainStream(
+            role_dir, batch_size=per_rank, image_size=cfg.data.image_size, channels=cfg.data.channels,
+            seed=derive_seed(cfg.train.seed, tag), rank=rank, world_size=world,
+            num_workers=cfg.data.num_workers, shuffle_buffer=cfg.data.shuffle_buffer,
+            skip_corrupt=cfg.data.skip_corrupt)
+    return streams
+
+
+def _sample_batch(cfg: Config, n: int = 8) -> Optional[torch.Tensor]:
+    """A fixed batch for sample grids: the first images of the val role (else the mixed role)."""
+    from a2b_dist.data import eval_batches
+
+    for role in ("val", "mixed"):
+        role_dir = Path(cfg.data.root) / role
+        if (role_dir / "manifest.json").is_file():
+            for batch in eval_batches(role_dir, batch_size=n, image_size=cfg.data.image_size,
+                                      channels=cfg.data.channels):
+                return batch["image"]
+    return None
+
+
+@torch.no_grad()
+def save_samples(G: torch.nn.Module, x: torch.Tensor, path: Path) -> torch.Tensor:
+    """Grid: rows input, B_int, mask, B', difference map; one column per image."""
+    from torchvision.utils import save_image
+
+    was_training = G.training
+    G.eval()
+    b_int, mask = G(x)
+    b_prime = L.blend_healthy(x, b_int, mask)
+    diff = L.anomaly_map(x, b_prime)
+    G.train(was_training)
+    c = x.shape[1]
+    to01 = lambda t: (t.float().clamp(-1, 1) + 1) / 2  # noqa: E731
+    rows = [to01(x), to01(b_int), mask.float().expand(-1, c, -1, -1),
+            to01(b_prime), (diff / 2).clamp(0, 1).expand(-1, c, -1, -1)]
+    grid = torch.cat(rows)
+    tmp = path.with_name(path.stem + ".tmp.png")
+    save_image(grid.cpu(), str(tmp), nrow=x.shape[0], padding=1)
+    os.replace(tmp, path)
+    return grid
+
+
+def _resume_path(cfg: Config, resume: str) -> Optional[Path]:
+    if resume == "none":
+        return None
+    if resume == "auto":
+        return ckpt.latest_checkpoint(cfg.train.run_dir)
+    return ckpt.resolve_checkpoint(resume)
+
+
+def train(cfg: Config, *, resume: str = "auto", argv: Optional[list[str]] = None,
+          stop_requested: Optional[Callable[[], bool]] = None, until_step: Optional[int] = None,
+          on_evaluation: Optional[Callable[[int, dict, Optional[Path]], None]] = None) -> dict:
+    """Train (or resume) A2B-GAN as configured; returns {"step", "stopped", "run_dir", "best"}.
+
+    ``stop_requested`` is polled on every rank after each step (only one rank needs to say yes: the
+    answer is agreed through the per-step all-reduce); then all ranks save one checkpoint together
+    and return with stopped=True. ``until_step`` stops the same way after that step (a time-boxed
+    session; the schedule still follows train.steps). ``on_evaluation(step, metrics, checkpoint)`` runs on the main
+    process after each model-selection evaluation (the sweep reports through it).
+    """
+    # Set up processes, folders and logging.
+    accelerator = make_accelerator(cfg)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    main = accelerator.is_main_process
+    if cfg.train.batch_size % world:
+        raise ConfigError(f"train.batch_size={cfg.train.batch_size} must be divisible by the "
+                          f"number of processes ({world})")
+    run_dir = Path(cfg.train.run_dir)
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "samples").mkdir(exist_ok=True)
+        save_config(cfg, str(run_dir / "config.yaml"))
+        record_launch(run_dir, accelerator, argv if argv is not None else sys.argv)
+    accelerator.wait_for_everyone()
+    device = accelerator.device
+
+    # Data, models, optimizers.
+    streams = _open_streams(cfg, rank, world)
+    models = build_models(cfg, accelerator)
+    gp_gen = torch.Generator(device=device).manual_seed(derive_seed(cfg.train.seed, rank, 7))
+    updates = A2BUpdates(cfg, models, accelerator, gp_gen)
+    sample_x = _sample_batch(cfg) if main and cfg.train.sample_every else None
+
+    # Resume from the newest complete checkpoint (or the one given).
+    step, best = 0, None
+    start_from = _resume_path(cfg, resume)
+    if start_from is not None:
+        state, meta, rank_json, rank_tensors = ckpt.load_checkpoint(start_from, rank)
+        models.G.load_state_dict(state["G"])
+        models.D.load_state_dict(state["D"])
+        models.opt_g.load_state_dict(state["opt_g"])
+        models.opt_d.load_state_dict(state["opt_d"])
+        if accelerator.scaler is not None and "scaler" in state:
+            accelerator.scaler.load_state_dict(state["scaler"])
+        step = int(meta["step"])
+        best = meta.get("best")
+        same_world = meta["world_size"] == world and rank_json is not None
+        if same_world:
+            gp_gen.set_state(rank_tensors["gp_rng"])
+            for role, stream in streams.items():
+                stream.load_state_dict(rank_json["streams"][role], step)
+        else:  # another world size: every rank's randomness is reseeded from (seed, rank, step)
+            gp_gen.manual_seed(derive_seed(cfg.train.seed, rank, 7, step))
+            for role, stream in streams.items():
+                stream.load_state_dict({}, step)
+        accelerator.print(f"resumed from {start_from} at step {step}"
+                          + ("" if same_world else f" (written by {meta['world_size']} processes, "
+                                                  f"now {world}: data streams and RNG reseeded)"))
+    if step >= cfg.train.steps:
+        accelerator.print(f"nothing to do: step {step} >= train.steps={cfg.train.steps}")
+        return {"step": step, "stopped": False, "run_dir": str(run_dir), "best": best}
+
+    def save(target: Path, **extra) -> Path:
+        rank_state = {"streams": {role: s.state_dict() for role, s in streams.items()}, "step": step}
+        return ckpt.save_checkpoint(
+            target, global_state=_global_state(models, accelerator), rank_state=rank_state,
+            rank_tensors={"gp_rng": gp_gen.get_state()},
+            meta=ckpt.meta_for(cfg, step, best=best, **extra), rank=rank, world_size=world,
+            barrier=accelerator.wait_for_everyone)
+
+    log = MetricsLog(run_dir, main)
+    iters = {role: iter(s) for role, s in streams.items()}
+    fmt = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+    images_per_step = cfg.optim.n_critic * 2 * cfg.train.batch_size
+    window = {"t0": time.perf_counter(), "wait": 0.0, "steps": 0}
+    sums = torch.zeros(len(LOSS_TERMS), device=device, dtype=torch.float64)
+    last_good = ckpt.latest_checkpoint(run_dir)
+    stopped = False
+    fp16 = accelerator.scaler is not None and accelerator.scaler.is_enabled()
+    overflow_streak = 0
+
+    def next_batch(role: str) -> torch.Tensor:
+        t = time.perf_counter()
+        x = next(iters[role])
+        window["wait"] += time.perf_counter() - t
+        return x.to(device, non_blocking=True).contiguous(memory_format=fmt)
+
+    from tqdm.auto import tqdm
+    bar = tqdm(total=cfg.train.steps, initial=step, disable=not main, dynamic_ncols=True, desc="train")
+    models.G_train.train(), models.D_train.train()
+    try:
+        while step < cfg.train.steps:
+            # Learning rates for this step (paper: linear decay over the last optim.decay_steps).
+            lr_g = L.linear_decay_lr(cfg.optim.lr_g, step, cfg.train.steps, cfg.optim.decay_steps)
+            lr_d = L.linear_decay_lr(cfg.optim.lr_d, step, cfg.train.steps, cfg.optim.decay_steps)
+            for group in models.opt_g.param_groups:
+                group["lr"] = lr_g
+            for group in models.opt_d.param_groups:
+                group["lr"] = lr_d
+
+            # Critic updates (Eq. 4), each on a fresh batch of A (mixed) and B (healthy).
+            for _ in range(cfg.optim.n_critic):
+                a, b = next_batch("mixed"), next_batch("healthy")
+                stats = updates.critic_update(a, b)
+            # Generator update (Eq. 10) on the last batch.
+            stats.update(updates.generator_update(a, b, step))
+            step += 1
+
+            # Agree across ranks: loss sums for logging, non-finite losses, stop requests.
+            flag = 1.0 if ((stop_requested is not None and stop_requested())
+                           or (until_step is not None and step >= until_step)) else 0.0
+            vec = torch.stack([stats[k].double() for k in LOSS_TERMS] + [torch.tensor(flag, device=device,
+                                                                                      dtype=torch.float64)])
+            if world > 1:
+                dist.all_reduce(vec)
+            vec[: len(LOSS_TERMS)] /= world
+            if torch.isfinite(vec).all():
+                overflow_streak = 0
+                sums += vec[: len(LOSS_TERMS)]
+                window["steps"] += 1
+            elif fp16 and overflow_streak < MAX_FP16_OVERFLOWS:
+                # fp16: GradScaler skipped this update and lowered its scale; that is its job.
+                overflow_streak += 1
+            else:
+                bad = [k for k, v in zip(LOSS_TERMS, vec.tolist()) if not math.isfinite(v)]
+                raise NonFiniteLoss(
+                    f"step {step}: loss term {', '.join(bad)} is not finite; stopped without saving. "
+                    f"The last good checkpoint is {last_good or 'none (no checkpoint yet)'}; lower the "
+                    f"learning rates or use train.mixed_precision=no/bf16 and resume from it.")
+            stopped = vec[-1].item() > 0
+            bar.update(1)
+
+            # Log, sample, evaluate, checkpoint.
+            if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+                elapsed = time.perf_counter() - window["t0"]
+                means = (sums / max(window["steps"], 1)).tolist()
+                record = {"step": step, "time": time.time(), "lr_g": lr_g, "lr_d": lr_d,
+                          **{k: v for k, v in zip(LOSS_TERMS, means)},
+                          "images_per_s": images_per_step * window["steps"] / max(elapsed, 1e-9),
+                          "data_wait_share": window["wait"] / max(elapsed, 1e-9)}
+                skipped = sum(getattr(s, "skipped", 0) for s in streams.values())
+                if skipped:
+                    record["skipped_corrupt"] = skipped
+                log.write(record)
+                bar.set_postfix(loss_d=f"{means[0]:.3f}", loss_g=f"{means[3]:.3f}")
+                sums.zero_()
+                window.update(t0=time.perf_counter(), wait=0.0, steps=0)
+            if main and sample_x is not None and cfg.train.sample_every and step % cfg.train.sample_every == 0:
+                save_samples(models.G, sample_x.to(device), run_dir / "samples" / f"step-{step:09d}.png")
+            improved = False
+            if cfg.eval.every and (step % cfg.eval.every == 0 or step == cfg.train.steps):
+                metrics = evaluate_for_selection(cfg, models.G, accelerator)
+                value = metrics[cfg.eval.metric]
+                improved = _better(cfg.eval.metric, value, best)
+                if improved:
+                    best = {"metric": cfg.eval.metric, "value": value, "step": step}
+                log.write({"step": step, "eval": metrics, "best": best})
+            at_end = step == cfg.train.steps
+            if improved:
+                save(run_dir / ckpt.BEST, selection=best)
+            if step % cfg.train.checkpoint_every == 0 or at_end or stopped:
+                last_good = save(ckpt.step_dir(run_dir, step))
+                if main:
+                    ckpt.prune(run_dir, cfg.train.keep_last)
+                accelerator.wait_for_everyone()
+            if improved and on_evaluation is not None and main:
+                on_evaluation(step, {**metrics, "best": best}, last_good)
+            if stopped:
+                accelerator.print(f"stop requested: saved {last_good} at step {step}")
+                break
+    finally:
+        bar.close()
+        log.close()
+    accelerator.wait_for_everyone()
+    return {"step": step, "stopped": stopped, "run_dir": str(run_dir), "best": best}
+
+
+def _better(metric: str, value: float, best: Optional[dict]) -> bool:
+    from a2b_dist.evaluate import HIGHER_IS_BETTER
+
+    if best is None or best.get("metric") != metric:
+        return True
+    return value > best["value"] if HIGHER_IS_BETTER[metric] else value < best["value"]
+
+
+def evaluate_for_selection(cfg: Config, G: torch.nn.Module, accelerator) -> dict:
+    from a2b_dist.evaluate import selection_metric
+
+    return selection_metric(G, cfg, device=accelerator.device, rank=accelerator.process_index,
+                            world_size=accelerator.num_processes)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """`a2b train --config X [section.field=value ...] [--resume auto|none|PATH]`."""
+    import argparse
+
+    from a2b_dist.config import load_config
+
+    parser = argparse.ArgumentParser(prog="a2b train", description="Train A2B-GAN from WebDataset shards.")
+    parser.add_argument("--config", required=True, help="YAML preset, e.g. configs/demo.yaml")
+    parser.add_argument("--resume", default="auto",
+                        help="auto: newest complete checkpoint in train.run_dir (default); none; or a path")
+    parser.add_argument("--until-step", type=int, default=None,
+                        help="stop after this step with a checkpoint (resume later with --resume auto)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides such as loss.lambda_rec=2")
+    args = parser.parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    launch_argv = [sys.argv[0], *(argv if argv is not None else sys.argv[1:])]
+    train(cfg, resume=args.resume, until_step=args.until_step, argv=launch_argv)
+    return 0
+
+
+if __name__ == "__main__":
+    from a2b_dist.cli import run_guarded
+
+    sys.exit(run_guarded(main, sys.argv[1:]))
+

@@ -1,0 +1,111 @@
+"""Each loss term of Eq. 1-10 against a hand computation on small tensors."""
+import math
+
+import pytest
+import torch
+
+from a2b_dist import losses as L
+
+
+def test_blends_eq1_eq2():
+    x = torch.tensor([[[[1.0, -1.0]]]])
+    b_int = torch.tensor([[[[0.0, 0.5]]]])
+    m = torch.tensor([[[[0.25, 1.0]]]])
+    # Eq. 1: B' = B_int*M + x*(1-M) = [0*0.25 + 1*0.75, 0.5*1 + (-1)*0]
+    assert torch.allclose(L.blend_healthy(x, b_int, m), torch.tensor([[[[0.75, 0.5]]]]))
+    # Eq. 2: A' = x*M + B_int*(1-M) = [1*0.25 + 0*0.75, -1*1 + 0.5*0]
+    assert torch.allclose(L.blend_reconstruction(x, b_int, m), torch.tensor([[[[0.25, -1.0]]]]))
+
+
+def test_critic_and_generator_adversarial_eq3_eq5():
+    d_fake = torch.tensor([[[[1.0, 3.0]]], [[[5.0, 7.0]]]])   # mean 4
+    d_real = torch.tensor([[[[2.0]]], [[[0.0]]]])              # mean 1
+    assert L.critic_wasserstein(d_fake, d_real).item() == pytest.approx(3.0)
+    assert L.generator_adversarial(d_fake, d_real).item() == pytest.approx(-5.0)
+
+
+def test_identity_and_reconstruction_l1_eq6_eq7():
+    a = torch.zeros(1, 1, 2, 2)
+    b = torch.tensor([[[[1.0, -1.0], [0.5, 0.0]]]])
+    assert L.identity_loss(b, a).item() == pytest.approx((1 + 1 + 0.5 + 0) / 4)
+    assert L.reconstruction_loss(a, b).item() == pytest.approx(0.625)
+
+
+def test_focus_loss_eq8_by_hand():
+    m = torch.tensor([[[[0.0, 1.0], [0.5, 0.5]]], [[[1.0, 1.0], [1.0, 1.0]]]])
+    fs, fz, eps = 2.0, 0.5, 0.01
+    # image 1: mean 0.5 -> size 0.25; 1/(|M-0.5|+eps) = 1/0.51, 1/0.51, 1/0.01, 1/0.01
+    z1 = (2 / 0.51 + 2 / 0.01) / 4
+    # image 2: mean 1 -> size 1; all 1/0.51
+    z2 = 1 / 0.51
+    expected = ((fs * 0.25 + fz * z1) + (fs * 1.0 + fz * z2)) / 2
+    assert L.focus_loss(m, fs, fz, eps).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_gradient_penalty_linear_critic_has_known_norm():
+    # D(x) = sum(w * x): grad wrt x is w everywhere, norm ||w||; penalty (||w|| - 1)^2.
+    w = torch.tensor([[[[3.0, 4.0]]]])
+    x_hat = torch.randn(5, 1, 1, 2, requires_grad=True)
+    d_hat = (x_hat * w).sum(dim=(1, 2, 3))
+    gp = L.gradient_penalty(d_hat, x_hat)
+    assert gp.item() == pytest.approx((5.0 - 1.0) ** 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_gradient_penalty_under_precisions(dtype):
+    """A small conv critic under autocast (bf16/fp16 on CPU) matches the fp32 penalty; the fp16 path
+    with a large loss scale (the AMP recipe) gives the same value as without it."""
+    torch.manual_seed(0)
+    critic = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, 1, 1), torch.nn.LeakyReLU(0.01),
+                                 torch.nn.Conv2d(4, 1, 3, 1, 1))
+    x = torch.randn(3, 1, 8, 8)
+
+    def penalty(autocast_dtype, scale=None):
+        x_hat = x.clone().requires_grad_(True)
+        ctx = (torch.autocast("cpu", dtype=autocast_dtype) if autocast_dtype is not torch.float32
+               else torch.autocast("cpu", enabled=False))
+        with ctx:
+            d = critic(x_hat)
+        return L.gradient_penalty(d, x_hat, scale)
+
+    ref = penalty(torch.float32).item()
+    got = penalty(dtype).item()
+    tol = {torch.float32: 1e-6, torch.bfloat16: 3e-2, torch.float16: 5e-3}[dtype]
+    assert got == pytest.approx(ref, rel=tol, abs=tol)
+    if dtype is torch.float16:
+        scaled = penalty(dtype, scale=torch.tensor(2.0 ** 10)).item()
+        assert scaled == pytest.approx(got, rel=1e-3)
+        assert math.isfinite(scaled)
+        # Too large a scale overflows fp16 to inf/nan: GradScaler then skips the step and lowers
+        # the scale, which is why the trainer tolerates short runs of such steps under fp16.
+        assert not math.isfinite(penalty(dtype, scale=torch.tensor(2.0 ** 24)).item())
+
+
+def test_gradient_penalty_is_differentiable_wrt_critic_weights():
+    critic = torch.nn.Conv2d(1, 1, 3, 1, 1, bias=False)
+    x_hat = torch.randn(2, 1, 4, 4, requires_grad=True)
+    gp = L.gradient_penalty(critic(x_hat), x_hat)
+    gp.backward()
+    assert critic.weight.grad is not None and critic.weight.grad.abs().sum() > 0
+
+
+def test_anomaly_map_and_scores():
+    x = torch.zeros(2, 3, 2, 2)
+    bp = torch.zeros(2, 3, 2, 2)
+    bp[0, :, 0, 0] = 1.0         # one pixel differs by 1 in every channel
+    bp[1, 0] = 0.3               # channel 0 differs by 0.3 everywhere
+    diff = L.anomaly_map(x, bp)
+    assert diff.shape == (2, 1, 2, 2)
+    assert torch.allclose(diff[0, 0], torch.tensor([[1.0, 0.0], [0.0, 0.0]]))
+    assert torch.allclose(diff[1], torch.full((1, 2, 2), 0.1))
+    assert torch.allclose(L.anomaly_score(diff), torch.tensor([0.25, 0.1]))
+    assert torch.allclose(L.anomaly_score(diff, "topk", 25.0), torch.tensor([1.0, 0.1]))
+
+
+def test_linear_decay_schedule():
+    assert L.linear_decay_lr(1e-4, 0, 10, 4) == 1e-4
+    assert L.linear_decay_lr(1e-4, 5, 10, 4) == 1e-4
+    assert L.linear_decay_lr(1e-4, 6, 10, 4) == pytest.approx(1e-4)
+    assert L.linear_decay_lr(1e-4, 8, 10, 4) == pytest.approx(0.5e-4)
+    assert L.linear_decay_lr(1e-4, 9, 10, 4) == pytest.approx(0.25e-4)
+    assert L.linear_decay_lr(1e-4, 3, 10, 0) == 1e-4

@@ -1,0 +1,156 @@
+"""End-to-end trainer tests: real processes, real tar shards, real DDP over gloo on CPU."""
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from a2b_dist import checkpoint as ckpt
+from a2b_dist.losses import linear_decay_lr
+
+ROOT = Path(__file__).resolve().parents[1]
+ACCELERATE = str(Path(sys.executable).parent / "accelerate")
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def run(cmd, env=None, check=True):
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env or ENV, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{cmd} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def train_cmd(nproc: int, *args: str) -> list[str]:
+    if nproc == 1:
+        return [sys.executable, "-m", "a2b_dist.cli", "train", "--config", "configs/test.yaml", *args]
+    return [ACCELERATE, "launch", "--multi_gpu", "--num_processes", str(nproc), "--num_machines", "1",
+            "--dynamo_backend", "no", "-m", "a2b_dist.train", "--config", "configs/test.yaml", *args]
+
+
+def final_weights(run_dir: Path) -> dict:
+    path = ckpt.latest_checkpoint(run_dir)
+    state, meta, _, _ = ckpt.load_checkpoint(path, 0)
+    return {"step": meta["step"], "G": state["G"], "D": state["D"]}
+
+
+def assert_same_weights(x: dict, y: dict):
+    assert x["step"] == y["step"]
+    for net in ("G", "D"):
+        for key in x[net]:
+            assert torch.equal(x[net][key], y[net][key]), f"{net}.{key} differs"
+
+
+def test_single_process_run_folder(sim_shards, tmp_path):
+    run_dir = tmp_path / "run"
+    run(train_cmd(1, f"data.root={sim_shards}", f"train.run_dir={run_dir}"))
+    names = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert names == ["step-000000004", "step-000000008"]
+    assert all(ckpt.is_complete(run_dir / "checkpoints" / n) for n in names)
+    for name in ("config.yaml", "launches.jsonl", "samples/step-000000004.png", "samples/step-000000008.png"):
+        assert (run_dir / name).is_file(), name
+    launch = json.loads((run_dir / "launches.jsonl").read_text().splitlines()[0])
+    assert launch["versions"]["torch"] == torch.__version__ and "train" in " ".join(launch["argv"])
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [2, 4, 6, 8]
+    for r in records:
+        for key in ("loss_d", "gp", "loss_g", "rec", "idt", "focus", "images_per_s", "data_wait_share"):
+            assert key in r
+        # The rate applied in update number `step` (1-based): linear decay over the last 4 of 8.
+        assert r["lr_g"] == pytest.approx(linear_decay_lr(1e-4, r["step"] - 1, 8, 4))
+    assert records[-1]["lr_g"] == pytest.approx(0.25e-4)
+
+
+def test_ddp_two_processes_bf16(sim_shards, tmp_path):
+    run_dir = tmp_path / "ddp"
+    run(train_cmd(2, f"data.root={sim_shards}", f"train.run_dir={run_dir}", "train.mixed_precision=bf16"))
+    launch = json.loads((run_dir / "launches.jsonl").read_text().splitlines()[0])
+    assert launch["world_size"] == 2 and launch["mixed_precision"] == "bf16"
+    meta = ckpt.read_meta(ckpt.latest_checkpoint(run_dir))
+    assert meta["step"] == 8 and meta["world_size"] == 2
+    # Each rank wrote its own share of the global state.
+    assert (ckpt.latest_checkpoint(run_dir) / "state-00001-of-00002.safetensors").is_file()
+
+
+def test_ddp_gradients_equal_single_process(tmp_path):
+    one, two = tmp_path / "one.safetensors", tmp_path / "two.safetensors"
+    run([sys.executable, "tests/ddp_grad_check.py", str(one), "configs/test.yaml"])
+    run([ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+         "--dynamo_backend", "no", "tests/ddp_grad_check.py", str(two), "configs/test.yaml"])
+    g1, g2 = load_file(str(one)), load_file(str(two))
+    assert g1["world"].item() == 1 and g2["world"].item() == 2
+    keys = [k for k in g1 if k.startswith(("D/", "G/"))]
+    assert any(k.startswith("D/") for k in keys) and any(k.startswith("G/") for k in keys)
+    for key in keys:
+        assert g1[key].abs().sum() > 0, f"{key} got no gradient"
+        torch.testing.assert_close(g2[key], g1[key], rtol=1e-4, atol=1e-5, msg=key)
+    assert g1["critic_untouched"].item() and g2["critic_untouched"].item()
+
+
+def test_resume_is_exact(sim_shards, tmp_path):
+    common = [f"data.root={sim_shards}", "train.checkpoint_every=2", "data.num_workers=1"]
+    run(train_cmd(1, *common, f"train.run_dir={tmp_path / 'full'}"))
+    run(train_cmd(1, *common, f"train.run_dir={tmp_path / 'split'}", "--until-step", "3"))
+    assert ckpt.read_meta(ckpt.latest_checkpoint(tmp_path / "split"))["step"] == 3
+    out = run(train_cmd(1, *common, f"train.run_dir={tmp_path / 'split'}"))
+    assert "at step 3" in out.stdout + out.stderr
+    assert_same_weights(final_weights(tmp_path / "full"), final_weights(tmp_path / "split"))
+
+
+@pytest.mark.parametrize("first, second", [(2, 1), (1, 2)])
+def test_resume_across_world_sizes(sim_shards, tmp_path, first, second):
+    args = [f"data.root={sim_shards}", f"train.run_dir={tmp_path / 'run'}"]
+    run(train_cmd(first, *args, "--until-step", "4"))
+    out = run(train_cmd(second, *args))
+    assert f"written by {first} processes, now {second}" in out.stdout + out.stderr
+    meta = ckpt.read_meta(ckpt.latest_checkpoint(tmp_path / "run"))
+    assert meta["step"] == 8 and meta["world_size"] == second
+
+
+def test_kill_during_checkpoint_keeps_previous(sim_shards, tmp_path):
+    run_dir = tmp_path / "run"
+    args = [f"data.root={sim_shards}", f"train.run_dir={run_dir}"]
+    # Fault injection: the process SIGKILLs itself after writing part of the step-8 checkpoint.
+    proc = run(train_cmd(1, *args), env={**ENV, "A2B_FAULT_KILL_IN_CHECKPOINT": "8"}, check=False)
+    assert proc.returncode == -signal.SIGKILL
+    assert (run_dir / "checkpoints" / ".tmp-step-000000008").is_dir()
+    assert ckpt.read_meta(ckpt.latest_checkpoint(run_dir))["step"] == 4
+    out = run(train_cmd(1, *args))
+    assert "at step 4" in out.stdout + out.stderr
+    assert ckpt.read_meta(ckpt.latest_checkpoint(run_dir))["step"] == 8
+    assert not (run_dir / "checkpoints" / ".tmp-step-000000008").exists()
+
+
+def test_non_finite_loss_stops_without_saving(sim_shards, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = run(train_cmd(1, f"data.root={sim_shards}", f"train.run_dir={run_dir}", "optim.lr_g=1.0",
+                         "optim.lr_d=1.0", "loss.lambda_gp=1e30"), check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "is not finite" in proc.stderr and "step " in proc.stderr and "Traceback" not in proc.stderr
+    assert ckpt.latest_checkpoint(run_dir) is None
+
+
+def test_missing_shards_message(tmp_path):
+    proc = run(train_cmd(1, f"data.root={tmp_path / 'none'}", f"train.run_dir={tmp_path / 'run'}"), check=False)
+    assert proc.returncode == 2
+    assert "python shards/build.py simulated" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_export_loads_with_weights_only(sim_shards, tmp_path):
+    run_dir = tmp_path / "run"
+    run(train_cmd(1, f"data.root={sim_shards}", f"train.run_dir={run_dir}", "train.steps=2",
+                  "optim.decay_steps=1", "train.checkpoint_every=2"))
+    out = tmp_path / "g.pt"
+    run([sys.executable, "-m", "a2b_dist.cli", "export", str(run_dir), str(out)])
+    blob = torch.load(out, weights_only=True)
+    assert blob["format"] == ckpt.EXPORT_FORMAT and blob["step"] == 2
+    g_export, cfg = ckpt.load_generator(out)
+    g_run, _ = ckpt.load_generator(run_dir)
+    x = torch.rand(2, cfg.data.channels, cfg.data.image_size, cfg.data.image_size) * 2 - 1
+    with torch.no_grad():
+        for t1, t2 in zip(g_export(x), g_run(x)):
+            assert torch.equal(t1, t2)
