@@ -1,0 +1,228 @@
+"""Samples from a folder of image files (plus a labels CSV) or from an .npz of arrays (MedMNIST)."""
+from __future__ import annotations
+
+import csv
+import hashlib
+import re
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+
+from .images import IMAGE_SUFFIXES, image_bit_depth, load_image, load_mask, prepare_image
+from .manifest import ROLES, DataError
+from .write import RoleSpec, Sample
+
+
+def find_images(images_dir: Path) -> list[str]:
+    """Relative POSIX paths of every PNG/JPEG/TIFF under images_dir, sorted."""
+    found = [p for p in images_dir.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+    return sorted(p.relative_to(images_dir).as_posix() for p in found)
+
+
+def path_key(relative: str) -> str:
+    """A stable, unique key from a relative path: readable stem plus 8 hex of the path's sha1."""
+    stem = re.sub(r"[^A-Za-z0-9_-]+", "_", relative.rsplit(".", 1)[0]).strip("_")[-80:]
+    return f"{stem}-{hashlib.sha1(relative.encode('utf-8')).hexdigest()[:8]}"
+
+
+def folder_role(
+    images_dir: str | Path,
+    *,
+    role: str,
+    size: int,
+    channels: int,
+    labels_csv: Optional[str | Path] = None,
+    seed: int = 0,
+) -> tuple[RoleSpec, dict, int]:
+    """One role from image files: (samples, source description, bit depth 8 or 16).
+
+    Without a CSV every image found recursively is a sample (healthy and mixed only); with one,
+    the CSV's rows are the samples. Sample order is shuffled by the seed so that each shard is a
+    random subset (a training batch is drawn from few shards at a time).
+    """
+    images_dir = Path(images_dir)
+    if role not in ROLES:
+        raise DataError(f"--role {role!r} is not one of {', '.join(ROLES)}")
+    if not images_dir.is_dir():
+        raise DataError(f"--images {images_dir}: no such folder")
+    if labels_csv is None:
+        if role in ("val", "test"):
+            raise DataError(f"--role {role} needs --labels CSV with columns path,label[,mask]")
+        rows = [(rel, None, None) for rel in find_images(images_dir)]
+        if not rows:
+            raise DataError(f"--images {images_dir}: no PNG, JPEG or TIFF files found ({', '.join(IMAGE_SUFFIXES)})")
+    else:
+        rows = _read_labels(Path(labels_csv), images_dir, role)
+
+    depths = {image_bit_depth(images_dir / rel) for rel, _, _ in rows}
+    bit_depth = max(depths)
+    if bit_depth == 16 and channels == 3:
+        raise DataError(f"--images {images_dir} holds 16-bit images, which can be stored with --channels 1 only")
+    order = np.random.default_rng(seed).permutation(len(rows))
+    samples = _folder_samples(images_dir, [rows[i] for i in order], role, size, channels, bit_depth)
+    source = {
+        "kind": "folder",
+        "images": str(images_dir.resolve()),
+        "labels_csv": str(Path(labels_csv).resolve()) if labels_csv else None,
+        "files": len(rows),
+        "source_bit_depths": sorted(depths),
+        "resize": "shorter side to size (bilinear, antialiased), centre crop; masks nearest",
+    }
+    return RoleSpec(samples), source, bit_depth
+
+
+def _folder_samples(images_dir, rows, role, size, channels, bit_depth) -> Iterator[Sample]:
+    for rel, label, mask_rel in rows:
+        image = load_image(images_dir / rel, size, channels)
+        if bit_depth == 16 and image.dtype == np.uint8:
+            image = image.astype(np.uint16) * 257  # exact: v/255 == 257v/65535, same tensor values
+        origin = {"path": rel}
+        if label is not None:
+            origin["label"] = label
+        if mask_rel:
+            origin["mask"] = mask_rel
+        yield Sample(
+            key=path_key(rel),
+            image=image,
+            label=None if role == "mixed" else label,
+            mask=load_mask(images_dir / mask_rel, size) if mask_rel else None,
+            origin=origin,
+        )
+
+
+def _read_labels(path: Path, images_dir: Path, role: str) -> list[tuple[str, Optional[int], Optional[str]]]:
+    if not path.is_file():
+        raise DataError(f"--labels {path}: no such file")
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        columns = reader.fieldnames or []
+        if "path" not in columns or "label" not in columns:
+            raise DataError(f"--labels {path}: needs a header with columns path,label[,mask]; found {columns}")
+        rows, seen = [], set()
+        for line, row in enumerate(reader, start=2):
+            where = f"--labels {path}, line {line}"
+            rel = (row["path"] or "").strip()
+            if not rel or not (images_dir / rel).is_file():
+                raise DataError(f"{where}: image {rel!r} not found under {images_dir}")
+            if rel in seen:
+                raise DataError(f"{where}: {rel!r} is listed twice")
+            seen.add(rel)
+            text = (row["label"] or "").strip()
+            if text in ("0", "1"):
+                label = int(text)
+            elif text == "" and role == "mixed":
+                label = None
+            else:
+                raise DataError(f"{where}: label {text!r} should be 0 (healthy) or 1 (anomalous)")
+            if role == "healthy" and label == 1:
+                raise DataError(f"{where}: the healthy role takes healthy images only, found label 1")
+            mask = (row.get("mask") or "").strip() or None
+            if mask and not (images_dir / mask).is_file():
+                raise DataError(f"{where}: mask {mask!r} not found under {images_dir}")
+            rows.append((rel, label, mask))
+    if not rows:
+        raise DataError(f"--labels {path}: no rows")
+    return rows
+
+
+def parse_split(text: str, total: int) -> dict[str, int]:
+    """'healthy=0.4,mixed=0.4,val=100,test=0.1' -> counts; a value with a dot is a fraction of total."""
+    counts = {}
+    for part in text.split(","):
+        role, eq, value = part.strip().partition("=")
+        if not eq or role not in ROLES or role in counts:
+            raise DataError(f"--split {text!r}: expected role=count or role=fraction for roles {', '.join(ROLES)}, each once")
+        try:
+            number = float(value) if "." in value else int(value)
+        except ValueError:
+            raise DataError(f"--split {text!r}: {value!r} for {role} is neither a count nor a fraction") from None
+        if number < 0 or (isinstance(number, float) and number > 1):
+            raise DataError(f"--split {text!r}: {role}={value} must be a count >= 0 or a fraction in [0, 1]")
+        counts[role] = int(number * total) if isinstance(number, float) else number
+    if sum(counts.values()) > total:
+        raise DataError(f"--split {text!r} asks for {sum(counts.values())} samples, the file holds {total}")
+    return {role: n for role, n in counts.items() if n > 0}
+
+
+def npz_roles(
+    file: str | Path,
+    *,
+    images_key: str,
+    labels_key: str,
+    size: int,
+    channels: int,
+    split: str = "healthy=0.4,mixed=0.4,val=0.05,test=0.15",
+    seed: int = 0,
+) -> tuple[dict[str, RoleSpec], dict, int]:
+    """Roles from arrays (MedMNIST layout): label 0 is healthy, any other label anomalous.
+
+    The samples are shuffled by the seed; healthy takes the first label-0 samples it needs, then
+    mixed, val and test take consecutive runs of the remaining shuffled samples, so they keep the
+    file's anomaly rate. Counts or fractions (of all samples) come from ``split``.
+    """
+    file = Path(file)
+    if not file.is_file():
+        raise DataError(f"--file {file}: no such file")
+    try:
+        arrays = np.load(file, allow_pickle=False)  # never unpickle what a data file holds
+    except (OSError, ValueError) as exc:
+        raise DataError(f"--file {file}: not a readable .npz without pickles ({exc})") from None
+    for option, key in (("--images-key", images_key), ("--labels-key", labels_key)):
+        if key not in arrays.files:
+            raise DataError(f"{option} {key!r}: not in {file}, which holds {', '.join(arrays.files)}")
+    images, labels = arrays[images_key], arrays[labels_key]
+    if images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[3] not in (1, 3)):
+        raise DataError(f"--images-key {images_key!r}: expected (N, H, W) or (N, H, W, C) with C 1 or 3, found {images.shape}")
+    if images.dtype not in (np.uint8, np.uint16):
+        raise DataError(f"--images-key {images_key!r}: expected uint8 or uint16, found {images.dtype}")
+    if images.dtype == np.uint16 and channels == 3:
+        raise DataError(f"--images-key {images_key!r} holds 16-bit images, which can be stored with --channels 1 only")
+    if labels.ndim == 2 and labels.shape[1] == 1:
+        labels = labels[:, 0]
+    if labels.ndim != 1 or len(labels) != len(images) or not np.issubdtype(labels.dtype, np.integer):
+        raise DataError(f"--labels-key {labels_key!r}: expected {len(images)} integer labels, found {labels.dtype} {labels.shape}")
+
+    counts = parse_split(split, len(images))
+    order = np.random.default_rng(seed).permutation(len(images))
+    normals = order[labels[order] == 0]
+    need = counts.get("healthy", 0)
+    if need > len(normals):
+        raise DataError(f"--split healthy={need}: the file holds only {len(normals)} label-0 samples")
+    healthy = normals[:need]
+    rest = order[~np.isin(order, healthy)]
+    picked, start = {"healthy": healthy}, 0
+    for role in ("mixed", "val", "test"):
+        n = counts.get(role, 0)
+        if start + n > len(rest):
+            raise DataError(f"--split {split!r}: not enough samples left for {role}={n}")
+        picked[role], start = rest[start : start + n], start + n
+    stem = re.sub(r"[^A-Za-z0-9_-]+", "_", file.stem)
+    roles = {
+        role: RoleSpec(_npz_samples(images, labels, indices, role, size, channels, f"{stem}-{images_key}", file.name))
+        for role, indices in picked.items()
+        if len(indices)
+    }
+    source = {
+        "kind": "npz",
+        "file": str(file.resolve()),
+        "images_key": images_key,
+        "labels_key": labels_key,
+        "split": split,
+        "counts": {role: len(i) for role, i in picked.items() if len(i)},
+        "labels": "0 is healthy, any other value anomalous (the original value is in each json)",
+        "resize": "shorter side to size (bilinear, antialiased), centre crop",
+    }
+    return roles, source, 16 if images.dtype == np.uint16 else 8
+
+
+def _npz_samples(images, labels, indices, role, size, channels, prefix, file_name) -> Iterator[Sample]:
+    for index in indices:
+        index = int(index)
+        original = int(labels[index])
+        yield Sample(
+            key=re.sub(r"[^A-Za-z0-9_-]+", "_", f"{prefix}-{index:06d}"),
+            image=prepare_image(images[index], size, channels),
+            label=None if role == "mixed" else int(original != 0),
+            origin={"file": file_name, "index": index, "label": original},
+        )

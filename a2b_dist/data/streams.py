@@ -1,0 +1,484 @@
+"""Readers over role folders: an infinite, resumable training stream and an exactly-once eval pass.
+
+Training (``TrainStream``). Each (rank, worker) reads its own infinite sequence of blocks. Block b
+draws one shard, with replacement and weighted by sample count (resampled shards: no rank ever
+runs out, so DDP never hangs on uneven shards), from an RNG seeded by
+(seed, rank, worker, origin, b), and streams that shard through a shuffle buffer driven by the
+same RNG. A position is (block, offset) per worker; every batch carries its worker's position
+after the batch, and the DataLoader hands batches over round-robin in worker order, so the main
+process knows every worker's position from the batches it consumed. Resuming replays at most one
+shard's raw bytes (no decoding) to reach the offset. ``origin`` is 0 for a fresh stream and the
+step at which a stream was reseeded because a saved state did not fit (another world size).
+
+Evaluation (``eval_batches``). Samples are numbered across the shards in manifest order; rank r
+of W takes the contiguous run [r * n // W, (r + 1) * n // W), split the same way over its
+workers, so across all ranks every sample is read exactly once, whatever the shard counts.
+
+Nothing inside a shard is unpickled: only the ``png``/``mask.png`` fields are decoded (Pillow),
+``cls`` is parsed as ASCII; every other field is ignored.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tarfile
+import warnings
+import zlib
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import numpy as np
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from .images import decode_png, to_tensor
+from .manifest import DataError, open_role, split_member
+
+STATE_FORMAT = "a2b-trainstream/1"
+
+
+# Reading shards.
+
+class _BrokenShard(Exception):
+    def __init__(self, path: str, last_key: Optional[str], reason: BaseException):
+        super().__init__(f"{path}: truncated or unreadable tar after key {last_key!r} ({reason})")
+
+
+class _CorruptSample(Exception):
+    pass
+
+
+def _shard_samples(path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {field: bytes}) in file order. A sample cut off by a truncation is not yielded."""
+    key, fields, last = None, {}, None
+    try:
+        with open(path, "rb") as stream:
+            for member in wds.tariterators.tar_file_iterator(stream):
+                member_key, field = split_member(member["fname"])
+                if member_key != key:
+                    if key is not None:
+                        yield key, fields
+                        last = key
+                    key, fields = member_key, {}
+                fields[field] = member["data"]
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
+        raise _BrokenShard(path, last, exc) from None
+    if key is not None:
+        yield key, fields
+
+
+def _decode_image(fields: dict, image_size: int, channels: int) -> np.ndarray:
+    if "png" not in fields:
+        raise _CorruptSample(f"no png field (fields: {', '.join(sorted(fields)) or 'none'})")
+    try:
+        array = decode_png(fields["png"])
+    except Exception as exc:  # Pillow raises many types on bad bytes
+        raise _CorruptSample(f"png does not decode ({type(exc).__name__}: {exc})") from None
+    if array.shape != (channels, image_size, image_size):
+        raise _CorruptSample(f"png is {array.shape}, expected {(channels, image_size, image_size)}")
+    return array
+
+
+def _decode_eval(fields: dict, image_size: int, channels: int) -> tuple[np.ndarray, int, Optional[np.ndarray]]:
+    image = _decode_image(fields, image_size, channels)
+    label = -1
+    if "cls" in fields:
+        text = fields["cls"].decode("ascii", "replace").strip()
+        if text not in ("0", "1"):
+            raise _CorruptSample(f"cls is {text!r}, expected 0 or 1")
+        label = int(text)
+    mask = None
+    if "mask.png" in fields:
+        try:
+            mask = decode_png(fields["mask.png"])
+        except Exception as exc:
+            raise _CorruptSample(f"mask.png does not decode ({type(exc).__name__}: {exc})") from None
+        if mask.shape != (1, image_size, image_size):
+            raise _CorruptSample(f"mask.png is {mask.shape}, expected {(1, image_size, image_size)}")
+    return image, label, mask
+
+
+def _corrupt(path: str, key: str, reason: Exception) -> DataError:
+    return DataError(f"{path}: sample {key!r}: {reason} (skip_corrupt=True skips and counts such samples)")
+
+
+def _shuffled(items: Iterator, size: int, rng: np.random.Generator) -> Iterator:
+    """A deterministic shuffle buffer: holds up to `size` items; a shard that fits is fully permuted."""
+    buffer = []
+    for item in items:
+        if len(buffer) < size:
+            buffer.append(item)
+            continue
+        j = int(rng.integers(size))
+        buffer[j], item = item, buffer[j]
+        yield item
+    for j in rng.permutation(len(buffer)):
+        yield buffer[j]
+
+
+# Training stream.
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise DataError(f"{name} must be an integer >= {minimum}, not {value!r}")
+
+
+class _WorkerStream:
+    """One worker's infinite sequence of blocks; yields (array, block, offset after it)."""
+
+    def __init__(self, plan: dict, worker: int):
+        self.plan, self.worker = plan, worker
+        self.skipped = 0
+
+    def block_rng(self, block: int) -> tuple[int, np.random.Generator]:
+        p = self.plan
+        rng = np.random.default_rng([p["seed"], p["rank"], self.worker, p["origin"], block])
+        return int(rng.choice(len(p["shards"]), p=p["weights"])), rng
+
+    def samples(self, block: int, offset: int) -> Iterator[tuple[np.ndarray, int, int]]:
+        p = self.plan
+        idle_blocks = 0
+        while True:
+            shard, rng = self.block_rng(block)
+            path, expected = p["shards"][shard]
+            delivered, good = 0, 0
+            missing = 0
+
+            def read():
+                nonlocal delivered, missing
+                try:
+                    for item in _shard_samples(path):
+                        delivered += 1
+                        yield item
+                except _BrokenShard as exc:
+                    if not p["skip_corrupt"]:
+                        raise DataError(f"{exc} (skip_corrupt=True skips and counts the lost samples)") from None
+                    missing = max(0, expected - delivered)
+
+            for n, (key, fields) in enumerate(_shuffled(read(), p["shuffle_buffer"], rng), start=1):
+                if n <= offset:
+                    continue  # resuming: replay the block's order without decoding
+                try:
+                    array = _decode_image(fields, p["image_size"], p["channels"])
+                except _CorruptSample as exc:
+                    if not p["skip_corrupt"]:
+                        raise _corrupt(path, key, exc) from None
+                    self.skipped += 1
+                    continue
+                good += 1
+                yield array, block, n
+            self.skipped += missing
+            idle_blocks = idle_blocks + 1 if good == 0 and offset == 0 else 0
+            if idle_blocks >= 10 * len(p["shards"]) + 10:
+                raise DataError(f"{p['role_dir']}: no decodable sample in {idle_blocks} shard reads in a row")
+            block, offset = block + 1, 0
+
+
+class _TrainWorkers(IterableDataset):
+    """Runs in each DataLoader worker (or in-process): batches of one logical worker stream."""
+
+    def __init__(self, plan: dict):
+        super().__init__()
+        self.plan = plan
+
+    def __iter__(self):
+        p = self.plan
+        info = get_worker_info()
+        # Logical worker ids are rotated so that, after a resume, the first batch comes from the
+        # worker whose turn it was; the DataLoader always starts its round-robin at worker 0.
+        worker = ((info.id if info else 0) + p["first_worker"]) % p["streams"]
+        stream = _WorkerStream(p, worker)
+        block, offset = p["positions"][worker]
+        images = []
+        for array, block, offset in stream.samples(block, offset):
+            images.append(to_tensor(array))
+            if len(images) == p["batch_size"]:
+                yield {"image": torch.stack(images), "worker": worker, "position": [block, offset], "skipped": stream.skipped}
+                images = []
+
+
+class TrainStream:
+    """Infinite shuffled batches (batch_size, C, H, W) float32 in [-1, 1] for one rank; resumable.
+
+    Different per rank and per worker, reproducible from (seed, rank, worker, position).
+    ``state_dict()`` is the position after the last batch yielded; ``load_state_dict(state, step)``
+    continues exactly from it, or reseeds from (seed, rank, worker, step) with a warning when the
+    state was saved under another layout (world size, rank, workers, shards, shuffle buffer).
+    """
+
+    def __init__(
+        self,
+        role_dir: str | os.PathLike,
+        *,
+        batch_size: int,
+        image_size: int,
+        channels: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        num_workers: int = 0,
+        shuffle_buffer: int = 256,
+        skip_corrupt: bool = False,
+    ):
+        _check_int("batch_size", batch_size, 1)
+        _check_int("seed", seed, 0)
+        _check_int("world_size", world_size, 1)
+        _check_int("rank", rank, 0)
+        if rank >= world_size:
+            raise DataError(f"rank {rank} is outside world_size {world_size}")
+        _check_int("num_workers", num_workers, 0)
+        _check_int("shuffle_buffer", shuffle_buffer, 1)
+        role_dir = Path(role_dir)
+        self.manifest = open_role(role_dir, image_size=image_size, channels=channels, skip_corrupt=skip_corrupt)
+        shards = [(str(role_dir / s["name"]), s["samples"]) for s in self.manifest["shards"]]
+        counts = np.array([n for _, n in shards], dtype=np.float64)
+        if counts.sum() == 0:
+            raise DataError(f"{role_dir / 'manifest.json'}: the role holds no samples")
+        self.num_workers = num_workers
+        self.streams = max(1, num_workers)
+        self._plan = {
+            "role_dir": str(role_dir),
+            "shards": shards,
+            "weights": counts / counts.sum(),
+            "batch_size": batch_size,
+            "image_size": image_size,
+            "channels": channels,
+            "seed": seed,
+            "rank": rank,
+            "world_size": world_size,
+            "streams": self.streams,
+            "shuffle_buffer": shuffle_buffer,
+            "skip_corrupt": skip_corrupt,
+        }
+        listing = json.dumps([[s["name"], s["samples"], s["sha256"]] for s in self.manifest["shards"]])
+        self._shards_id = hashlib.sha256(listing.encode()).hexdigest()[:16]
+        self._reset(origin=0, skipped=0)
+
+    def _reset(self, origin: int, skipped: int) -> None:
+        self._origin = origin
+        self._positions = [[0, 0] for _ in range(self.streams)]
+        self._next_worker = 0
+        self._skipped_before = skipped
+        self._skipped_now = [0] * self.streams
+
+    @property
+    def skipped(self) -> int:
+        """Corrupt or lost samples skipped so far (only with skip_corrupt)."""
+        return self._skipped_before + sum(self._skipped_now)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        self._skipped_before, self._skipped_now = self.skipped, [0] * self.streams
+        dataset = _TrainWorkers(
+            dict(self._plan, origin=self._origin, positions=[list(p) for p in self._positions], first_worker=self._next_worker)
+        )
+        if self.num_workers == 0:
+            batches = iter(dataset)
+        else:
+            batches = iter(DataLoader(dataset, batch_size=None, num_workers=self.num_workers))
+        for batch in batches:
+            worker = batch["worker"]
+            self._positions[worker] = list(batch["position"])
+            self._next_worker = (worker + 1) % self.streams
+            self._skipped_now[worker] = batch["skipped"]
+            yield batch["image"]  # (B, C, H, W)
+
+    def _layout(self) -> dict:
+        p = self._plan
+        return {
+            "format": STATE_FORMAT,
+            "seed": p["seed"],
+            "rank": p["rank"],
+            "world_size": p["world_size"],
+            "streams": self.streams,
+            "shuffle_buffer": p["shuffle_buffer"],
+            "shards": self._shards_id,
+        }
+
+    def state_dict(self) -> dict:
+        """The position after the last batch yielded; JSON-serialisable."""
+        return dict(
+            self._layout(),
+            origin=self._origin,
+            next_worker=self._next_worker,
+            positions=[list(p) for p in self._positions],
+            skipped=self.skipped,
+        )
+
+    def load_state_dict(self, state: dict, step: int) -> None:
+        """Continue exactly from a saved state, or reseed from (seed, rank, worker, step) if it does not fit."""
+        _check_int("step", step, 0)
+        state = state if isinstance(state, dict) else {}
+        differs = [f"{k} {state.get(k)!r} -> {v!r}" for k, v in self._layout().items() if state.get(k) != v]
+        positions = state.get("positions")
+        valid = (
+            isinstance(positions, list)
+            and len(positions) == self.streams
+            and all(isinstance(p, list) and len(p) == 2 and all(isinstance(v, int) and v >= 0 for v in p) for p in positions)
+            and isinstance(state.get("origin"), int)
+            and isinstance(state.get("next_worker"), int)
+            and 0 <= state["next_worker"] < self.streams
+        )
+        skipped = state.get("skipped", 0) if isinstance(state.get("skipped"), int) else 0
+        if differs or not valid:
+            reason = ", ".join(differs) if differs else "malformed positions"
+            warnings.warn(
+                f"TrainStream for {self._plan['role_dir']}: the saved stream state does not fit ({reason}); "
+                f"reseeding from (seed, rank, worker, step={step}), so the sample order differs from an "
+                f"uninterrupted run"
+            )
+            self._reset(origin=step, skipped=skipped)
+            return
+        self._reset(origin=state["origin"], skipped=skipped)
+        self._positions = [list(p) for p in positions]
+        self._next_worker = state["next_worker"]
+
+
+# Evaluation pass.
+
+class _EvalWorkers(IterableDataset):
+    def __init__(self, plan: dict):
+        super().__init__()
+        self.plan = plan
+
+    def __iter__(self):
+        p = self.plan
+        info = get_worker_info()
+        worker = info.id if info else 0
+        skipped = 0
+        batch: list[tuple] = []
+        for path, start, stop in p["ranges"][worker]:
+            index = -1
+            try:
+                for index, (key, fields) in enumerate(_shard_samples(path)):
+                    if index < start:
+                        continue
+                    if index >= stop:
+                        break
+                    try:
+                        batch.append((key, *_decode_eval(fields, p["image_size"], p["channels"])))
+                    except _CorruptSample as exc:
+                        if not p["skip_corrupt"]:
+                            raise _corrupt(path, key, exc) from None
+                        skipped += 1
+                        continue
+                    if len(batch) == p["batch_size"]:
+                        yield _collate(batch, worker, skipped, p["image_size"])
+                        batch = []
+            except _BrokenShard as exc:
+                if not p["skip_corrupt"]:
+                    raise DataError(f"{exc} (skip_corrupt=True skips and counts the lost samples)") from None
+                skipped += stop - max(start, index + 1)
+                continue
+            if index + 1 < stop:  # the shard holds fewer samples than its manifest says
+                if not p["skip_corrupt"]:
+                    raise DataError(f"{path}: ends after {index + 1} samples, the manifest lists at least {stop}")
+                skipped += stop - max(start, index + 1)
+        if batch:
+            yield _collate(batch, worker, skipped, p["image_size"])
+        yield {"done": True, "worker": worker, "skipped": skipped}
+
+
+def _collate(batch: list[tuple], worker: int, skipped: int, image_size: int) -> dict:
+    keys, images, labels, masks = zip(*batch)
+    blank = np.zeros((1, image_size, image_size), np.uint8)
+    return {
+        "image": torch.stack([to_tensor(x) for x in images]),  # (B, C, H, W)
+        "label": torch.tensor(labels, dtype=torch.int64),  # (B,), -1 unknown
+        "mask": torch.from_numpy(np.stack([blank if m is None else m for m in masks]) > 0).float(),  # (B, 1, H, W)
+        "has_mask": torch.tensor([m is not None for m in masks], dtype=torch.bool),  # (B,)
+        "key": list(keys),
+        "worker": worker,
+        "skipped": skipped,
+    }
+
+
+class EvalBatches:
+    """Iterator over one rank's share of a role, in a fixed order; ``skipped`` counts skipped samples."""
+
+    def __init__(self, plan: dict, num_workers: int, samples: int):
+        self._plan, self._num_workers = plan, num_workers
+        self.samples = samples  # this rank's share, skipped ones included
+        self._skipped = [0] * max(1, num_workers)
+        self._iterator: Optional[Iterator[dict]] = None
+
+    @property
+    def skipped(self) -> int:
+        return sum(self._skipped)
+
+    def __iter__(self) -> "EvalBatches":
+        return self
+
+    def __next__(self) -> dict:
+        if self._iterator is None:
+            self._iterator = self._run()
+        return next(self._iterator)
+
+    def _run(self) -> Iterator[dict]:
+        dataset = _EvalWorkers(self._plan)
+        if self._num_workers == 0:
+            batches = iter(dataset)
+        else:
+            batches = iter(DataLoader(dataset, batch_size=None, num_workers=self._num_workers))
+        for batch in batches:
+            self._skipped[batch["worker"]] = batch["skipped"]
+            if batch.get("done"):
+                continue
+            yield {k: batch[k] for k in ("image", "label", "mask", "has_mask", "key")}
+        if self.skipped:
+            warnings.warn(f"{self._plan['role_dir']}: skipped {self.skipped} corrupt or lost samples of {self.samples}")
+
+
+def eval_batches(
+    role_dir: str | os.PathLike,
+    *,
+    batch_size: int,
+    image_size: Optional[int] = None,
+    channels: Optional[int] = None,
+    rank: int = 0,
+    world_size: int = 1,
+    num_workers: int = 0,
+    skip_corrupt: bool = False,
+) -> EvalBatches:
+    """A finite pass over this rank's share of a role; all ranks together see every sample once.
+
+    Batches are dicts: image float32 (B, C, H, W) in [-1, 1]; label int64 (B,), -1 where unknown;
+    mask float32 (B, 1, H, W) in {0, 1}, zeros where absent; has_mask bool (B,); key list[str].
+    """
+    _check_int("batch_size", batch_size, 1)
+    _check_int("world_size", world_size, 1)
+    _check_int("rank", rank, 0)
+    if rank >= world_size:
+        raise DataError(f"rank {rank} is outside world_size {world_size}")
+    _check_int("num_workers", num_workers, 0)
+    role_dir = Path(role_dir)
+    manifest = open_role(role_dir, image_size=image_size, channels=channels, skip_corrupt=skip_corrupt)
+    total = manifest["samples"]
+    lo, hi = total * rank // world_size, total * (rank + 1) // world_size
+    workers = max(1, num_workers)
+    ranges = []
+    for w in range(workers):
+        w_lo, w_hi = lo + (hi - lo) * w // workers, lo + (hi - lo) * (w + 1) // workers
+        ranges.append(_shard_ranges(role_dir, manifest["shards"], w_lo, w_hi))
+    plan = {
+        "role_dir": str(role_dir),
+        "ranges": ranges,
+        "batch_size": batch_size,
+        "image_size": manifest["image_size"],
+        "channels": manifest["channels"],
+        "skip_corrupt": skip_corrupt,
+    }
+    return EvalBatches(plan, num_workers, hi - lo)
+
+
+def _shard_ranges(role_dir: Path, shards: list[dict], lo: int, hi: int) -> list[tuple[str, int, int]]:
+    """Global sample range [lo, hi) -> (shard path, first local index, stop) per shard touched."""
+    out, first = [], 0
+    for shard in shards:
+        last = first + shard["samples"]
+        start, stop = max(lo, first), min(hi, last)
+        if start < stop:
+            out.append((str(role_dir / shard["name"]), start - first, stop - first))
+        first = last
+    return out

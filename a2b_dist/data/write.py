@@ -1,0 +1,204 @@
+"""Write samples into role folders of WebDataset shards plus manifest.json, all or nothing.
+
+Every role is written into a temporary folder next to its target (``.healthy.partial-*``), each
+shard under a temporary name renamed once complete; the folders are renamed into place only after
+every role of the build succeeded, so a failed build leaves no half-written output.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Optional
+
+import numpy as np
+import webdataset as wds
+
+from .images import encode_png
+from .manifest import FORMAT, MANIFEST, ROLES, DataError, sha256_file, shard_name
+
+KEY_PATTERN = re.compile(r"^[A-Za-z0-9_-]+$")  # no dots (WebDataset splits the key at the first dot)
+
+
+@dataclass
+class Sample:
+    key: str                          # unique and stable within the build, [A-Za-z0-9_-]
+    image: np.ndarray                 # (C, H, W) uint8 or uint16
+    label: Optional[int] = None       # 0 healthy, 1 anomalous, None unknown
+    mask: Optional[np.ndarray] = None  # (H, W) {0, 1}, ground truth where known
+    origin: dict = field(default_factory=dict)  # written as the json field
+
+
+@dataclass
+class RoleSpec:
+    samples: Iterable[Sample]
+    info: dict = field(default_factory=dict)  # extra manifest entries for this role
+
+
+def write_roles(
+    out_root: str | os.PathLike,
+    roles: Mapping[str, RoleSpec],
+    *,
+    image_size: int,
+    channels: int,
+    bit_depth: int,
+    source: dict,
+    seed: Optional[int],
+    command: str,
+    maxcount: int = 1000,
+    maxsize: int = 1_000_000_000,
+    overwrite: bool = False,
+) -> dict[str, dict]:
+    """Write each role to ``out_root/<role>/``; returns the manifests by role."""
+    if maxcount < 1:
+        raise DataError(f"maxcount must be at least 1, not {maxcount}")
+    if maxsize < 1:
+        raise DataError(f"maxsize must be at least 1 byte, not {maxsize}")
+    out_root = Path(out_root)
+    for role in roles:
+        if role not in ROLES:
+            raise DataError(f"role {role!r} is not one of {', '.join(ROLES)}")
+        if (out_root / role).exists() and not overwrite:
+            raise DataError(f"{out_root / role} already exists; remove it, or pass --overwrite")
+    out_root.mkdir(parents=True, exist_ok=True)
+
+    staged: dict[str, Path] = {}
+    manifests: dict[str, dict] = {}
+    seen_keys: set[str] = set()
+    try:
+        for role, spec in roles.items():
+            staged[role] = Path(tempfile.mkdtemp(prefix=f".{role}.partial-", dir=out_root))
+            os.chmod(staged[role], 0o777 & ~_umask())  # mkdtemp makes 0700; shards are shared data
+            writer = _RoleWriter(staged[role], role, image_size, channels, bit_depth, maxcount, maxsize, seen_keys)
+            for sample in spec.samples:
+                writer.add(sample)
+            manifest = writer.finish()
+            manifest.update(source=source, seed=seed, command=command, **spec.info)
+            (staged[role] / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+            manifests[role] = manifest
+        for role, path in staged.items():
+            _replace(path, out_root / role)
+    finally:
+        for path in staged.values():
+            shutil.rmtree(path, ignore_errors=True)
+    return manifests
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _replace(staged: Path, target: Path) -> None:
+    old = None
+    if target.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        os.rename(target, old / target.name)
+    os.rename(staged, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+class _RoleWriter:
+    """Rotates shards by sample count and byte size; checks each sample against the role."""
+
+    def __init__(self, folder, role, image_size, channels, bit_depth, maxcount, maxsize, seen_keys):
+        self.folder, self.role = folder, role
+        self.shape = (channels, image_size, image_size)
+        self.dtype = {8: np.uint8, 16: np.uint16}.get(bit_depth)
+        if self.dtype is None:
+            raise DataError(f"bit depth must be 8 or 16, not {bit_depth}")
+        self.image_size, self.channels, self.bit_depth = image_size, channels, bit_depth
+        self.maxcount, self.maxsize = maxcount, maxsize
+        self.seen_keys = seen_keys
+        self.shards: list[dict] = []
+        self.labels: Counter = Counter()
+        self.masks = 0
+        self._tar = None
+
+    def add(self, sample: Sample) -> None:
+        record = self._encode(sample)
+        size = sum(512 + -(-len(v) // 512) * 512 for k, v in record.items() if k != "__key__")
+        if self._tar is not None and (self._count >= self.maxcount or self._bytes + size > self.maxsize):
+            self._close_shard()
+        if self._tar is None:
+            self._open_shard()
+        self._tar.write(record)
+        self._count += 1
+        self._bytes += size
+        self.labels["unknown" if sample.label is None or self.role == "mixed" else str(sample.label)] += 1
+        self.masks += sample.mask is not None
+
+    def finish(self) -> dict:
+        if self._tar is not None:
+            self._close_shard()
+        if not self.shards:
+            raise DataError(f"role {self.role}: no samples to write")
+        return {
+            "format": FORMAT,
+            "role": self.role,
+            "samples": sum(s["samples"] for s in self.shards),
+            "labels": dict(sorted(self.labels.items())),
+            "masks": self.masks,
+            "image_size": self.image_size,
+            "channels": self.channels,
+            "bit_depth": self.bit_depth,
+            "fields": {
+                "png": "image, lossless PNG (16-bit images as 16-bit PNG)",
+                "cls": "label as ascii 0/1 (absent in the mixed role)",
+                "mask.png": "ground-truth mask, 8-bit PNG 0/255 (only where known)",
+                "json": "origin of the sample",
+            },
+            "shards": self.shards,
+        }
+
+    def _encode(self, sample: Sample) -> dict:
+        where = f"role {self.role}, key {sample.key!r}"
+        if not KEY_PATTERN.match(sample.key):
+            raise DataError(f"{where}: keys may hold only letters, digits, '_' and '-'")
+        if sample.key in self.seen_keys:
+            raise DataError(f"{where}: duplicate key")
+        self.seen_keys.add(sample.key)
+        image = sample.image
+        if image.shape != self.shape or image.dtype != self.dtype:
+            raise DataError(f"{where}: image is {image.shape} {image.dtype}, the role holds {self.shape} {np.dtype(self.dtype)}")
+        record: dict[str, Any] = {"__key__": sample.key, "png": encode_png(image)}
+        if self.role == "mixed":
+            pass  # unannotated by definition: no cls even where the truth is known
+        elif sample.label in (0, 1):
+            if self.role == "healthy" and sample.label != 0:
+                raise DataError(f"{where}: the healthy role takes label 0 only, found {sample.label}")
+            record["cls"] = str(sample.label).encode("ascii")
+        elif self.role == "healthy" and sample.label is None:
+            record["cls"] = b"0"
+        else:
+            raise DataError(f"{where}: the {self.role} role needs a label 0 or 1, found {sample.label!r}")
+        if sample.mask is not None:
+            if sample.mask.shape != self.shape[1:]:
+                raise DataError(f"{where}: mask is {sample.mask.shape}, images are {self.shape[1:]}")
+            record["mask.png"] = encode_png((np.asarray(sample.mask) > 0).astype(np.uint8)[None] * 255)
+        record["json"] = json.dumps(sample.origin, sort_keys=True).encode("utf-8")
+        return record
+
+    def _open_shard(self) -> None:
+        self._name = shard_name(self.role, len(self.shards))
+        self._partial = self.folder / (self._name + ".partial")
+        # mtime 0 and fixed owner: the same build gives byte-identical shards (same sha256).
+        self._tar = wds.TarWriter(str(self._partial), encoder=False, mtime=0.0, user="a2b", group="a2b")
+        self._count = 0
+        self._bytes = 1024  # the end-of-archive blocks
+
+    def _close_shard(self) -> None:
+        self._tar.close()
+        self._tar = None
+        final = self.folder / self._name
+        os.replace(self._partial, final)
+        self.shards.append(
+            {"name": self._name, "samples": self._count, "bytes": final.stat().st_size, "sha256": sha256_file(final)}
+        )

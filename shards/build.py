@@ -1,0 +1,153 @@
+#!/usr/bin/env python
+"""Build WebDataset shards + manifest.json per role; the format is in shards/README.md.
+
+    python shards/build.py simulated --source mnist5k --size 32 --out data/demo --seed 0
+    python shards/build.py folder --images xrays/normal --role healthy --out data/xray --size 256 --channels 1
+    python shards/build.py folder --images xrays/test --labels xrays/test.csv --role test --out data/xray --size 256 --channels 1
+    python shards/build.py npz --file pneumoniamnist.npz --images-key train_images --labels-key train_labels \
+        --out data/pneumonia --size 28 --channels 1 --split healthy=0.4,mixed=0.4,val=0.05,test=0.15
+
+Each role lands in OUT/<role>/ all at once: a failed build leaves no output folder behind.
+"""
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+
+from a2b_dist.data.manifest import ROLES, DataError  # noqa: E402
+from a2b_dist.data.simulate import SOURCES, simulated_roles  # noqa: E402
+from a2b_dist.data.sources import folder_role, npz_roles  # noqa: E402
+from a2b_dist.data.write import write_roles  # noqa: E402
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} must be at least 1")
+    return value
+
+
+def seed_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} must be >= 0")
+    return value
+
+
+def byte_size(text: str) -> int:
+    """'500000000', '500M', '1G' -> bytes."""
+    units = {"k": 10**3, "m": 10**6, "g": 10**9}
+    try:
+        if text[-1:].lower() in units:
+            value = int(float(text[:-1]) * units[text[-1].lower()])
+        else:
+            value = int(float(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size in bytes (e.g. 1000000, 500M, 1G)") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} must be at least 1 byte")
+    return value
+
+
+def unit_fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{text} must be in (0, 1]")
+    return value
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that prints one line, names the argument, and exits 2 (no usage dump)."""
+
+    def error(self, message: str) -> None:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="shards/build.py", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    def common(sub, channels: bool = True) -> None:
+        sub.add_argument("--out", required=True, type=Path, help="folder that receives one subfolder per role")
+        sub.add_argument("--size", required=True, type=positive_int, help="side of the square images, px")
+        if channels:
+            sub.add_argument("--channels", required=True, type=int, choices=(1, 3))
+        sub.add_argument("--seed", type=seed_int, default=0, help="shuffles the sample order (and splits)")
+        sub.add_argument("--maxcount", type=positive_int, default=1000, help="samples per shard at most")
+        sub.add_argument("--maxsize", type=byte_size, default=1_000_000_000, help="bytes per shard at most (1G)")
+        sub.add_argument("--overwrite", action="store_true", help="replace existing role folders")
+
+    folder = commands.add_parser("folder", help="image files (PNG, JPEG, TIFF) found recursively")
+    folder.add_argument("--images", required=True, type=Path)
+    folder.add_argument("--labels", type=Path, help="CSV with columns path,label[,mask]; required for val/test")
+    folder.add_argument("--role", required=True, choices=ROLES)
+    common(folder)
+
+    npz = commands.add_parser("npz", help="arrays in an .npz (MedMNIST layout)")
+    npz.add_argument("--file", required=True, type=Path)
+    npz.add_argument("--images-key", required=True)
+    npz.add_argument("--labels-key", required=True)
+    npz.add_argument("--split", default="healthy=0.4,mixed=0.4,val=0.05,test=0.15",
+                     help="role=count or role=fraction (of all samples), comma-separated")
+    common(npz)
+
+    sim = commands.add_parser("simulated", help="the paper's section 4.3 squares on packaged images")
+    sim.add_argument("--source", required=True, choices=SOURCES)
+    sim.add_argument("--scale", type=unit_fraction, default=1.0, help="shrink every role (small test sets)")
+    common(sim, channels=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
+    command = shlex.join(["python", "shards/build.py", *argv])
+    started = time.perf_counter()
+    try:
+        if args.command == "folder":
+            spec, source, bit_depth = folder_role(
+                args.images, role=args.role, size=args.size, channels=args.channels, labels_csv=args.labels, seed=args.seed
+            )
+            roles, channels = {args.role: spec}, args.channels
+        elif args.command == "npz":
+            roles, source, bit_depth = npz_roles(
+                args.file, images_key=args.images_key, labels_key=args.labels_key,
+                size=args.size, channels=args.channels, split=args.split, seed=args.seed,
+            )
+            channels = args.channels
+        else:
+            roles, source = simulated_roles(args.source, args.size, args.seed, args.scale)
+            bit_depth, channels = 8, 1
+        manifests = write_roles(
+            args.out, roles, image_size=args.size, channels=channels, bit_depth=bit_depth, source=source,
+            seed=args.seed, command=command, maxcount=args.maxcount, maxsize=args.maxsize, overwrite=args.overwrite,
+        )
+    except DataError as exc:
+        print(f"shards/build.py {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("shards/build.py: interrupted; no output written", file=sys.stderr)
+        return 130
+    for role, manifest in manifests.items():
+        labels = ", ".join(f"{k}: {v}" for k, v in manifest["labels"].items())
+        print(f"{args.out / role}: {manifest['samples']} samples ({labels}), {len(manifest['shards'])} shards")
+    print(f"built in {time.perf_counter() - started:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
