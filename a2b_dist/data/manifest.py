@@ -70,6 +70,22 @@ def count_samples(path: Path) -> int:
     return keys
 
 
+def _intact_prefix(path: Path) -> str:
+    """Where a damaged shard stops being readable, in words, naming the key where the data ends."""
+    keys: list[str] = []
+    try:
+        with tarfile.open(path, mode="r|") as tar:
+            for member in tar:
+                key, _ = split_member(member.name)
+                if not keys or keys[-1] != key:
+                    keys.append(key)
+                tar.extractfile(member).read()
+        return f"all {len(keys)} samples readable, last key {keys[-1]!r}" if keys else "no samples"
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        where = f"the data ends in or after key {keys[-1]!r}" if keys else "no sample is readable"
+        return f"{where}: {exc}"
+
+
 def read_manifest(
     role_dir: str | os.PathLike,
     *,
@@ -152,7 +168,10 @@ def _open_role(role_dir, *, image_size, channels, verify) -> tuple[dict, list[st
             raise DataError(f"{file}: shard listed in {path} is missing")
         size = file.stat().st_size
         if size != shard["bytes"]:
-            damaged.append(f"{file}: {size} bytes, {path} lists {shard['bytes']} (truncated or rewritten?)")
+            damaged.append(
+                f"{file}: {size} bytes, {path} lists {shard['bytes']} (truncated or rewritten; "
+                f"{_intact_prefix(file)})"
+            )
             continue
         if verify in ("count", "sha256"):
             try:

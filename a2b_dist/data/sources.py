@@ -167,11 +167,14 @@ def npz_roles(
     try:
         arrays = np.load(file, allow_pickle=False)  # never unpickle what a data file holds
     except (OSError, ValueError) as exc:
-        raise DataError(f"--file {file}: not a readable .npz without pickles ({exc})") from None
+        raise DataError(f"--file {file}: not a readable .npz ({exc})") from None
     for option, key in (("--images-key", images_key), ("--labels-key", labels_key)):
         if key not in arrays.files:
             raise DataError(f"{option} {key!r}: not in {file}, which holds {', '.join(arrays.files)}")
-    images, labels = arrays[images_key], arrays[labels_key]
+    try:
+        images, labels = arrays[images_key], arrays[labels_key]
+    except (OSError, ValueError) as exc:  # object arrays would need unpickling: refused
+        raise DataError(f"--file {file}: not readable without unpickling ({exc})") from None
     if images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[3] not in (1, 3)):
         raise DataError(f"--images-key {images_key!r}: expected (N, H, W) or (N, H, W, C) with C 1 or 3, found {images.shape}")
     if images.dtype not in (np.uint8, np.uint16):

@@ -65,6 +65,7 @@ def write_roles(
             raise DataError(f"role {role!r} is not one of {', '.join(ROLES)}")
         if (out_root / role).exists() and not overwrite:
             raise DataError(f"{out_root / role} already exists; remove it, or pass --overwrite")
+    created = not out_root.exists()
     out_root.mkdir(parents=True, exist_ok=True)
 
     staged: dict[str, Path] = {}
@@ -86,6 +87,8 @@ def write_roles(
     finally:
         for path in staged.values():
             shutil.rmtree(path, ignore_errors=True)
+        if created and not any(out_root.iterdir()):
+            out_root.rmdir()  # a failed build leaves nothing behind, not even the folder it made
     return manifests
 
 

@@ -1,0 +1,30 @@
+"""Fixtures shared by the test files: small simulated shards built by the real command."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BUILD = ROOT / "shards" / "build.py"
+
+
+def build_shards(*args: str) -> subprocess.CompletedProcess:
+    """Run `python shards/build.py ARGS`; raise with its stderr if it fails."""
+    proc = subprocess.run([sys.executable, str(BUILD), *args], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise AssertionError(f"shards/build.py {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def sim_shards(tmp_path_factory) -> Path:
+    """OUT with healthy/ mixed/ val/ test/ from the simulated protocol at 32 px, scaled to 5%:
+    healthy 80, mixed 56 + 24 anomalous, val 5 + 5, test 40 + 40; at most 30 samples a shard,
+    so every role but val spans several shards of uneven size. Treat it as read-only."""
+    out = tmp_path_factory.mktemp("sim-shards") / "sim"
+    build_shards("simulated", "--source", "mnist5k", "--size", "32", "--scale", "0.05",
+                 "--maxcount", "30", "--seed", "0", "--out", str(out))
+    return out
