@@ -118,6 +118,23 @@ def _shuffled(items: Iterator, size: int, rng: np.random.Generator) -> Iterator:
         yield buffer[j]
 
 
+def _in_worker(batches: Iterator[dict]) -> Iterator[dict]:
+    """In a DataLoader worker, hand a DataError to the main process as a record and end cleanly:
+    the main process raises it with the worker's own message (a worker that raises instead
+    takes seconds to join, and its error arrives wrapped in a worker traceback)."""
+    try:
+        yield from batches
+    except DataError as exc:
+        if get_worker_info() is None:
+            raise
+        yield {"error": str(exc)}
+
+
+def _raise_error_record(batch: dict) -> None:
+    if "error" in batch:
+        raise DataError(batch["error"])
+
+
 # Training stream.
 
 def _check_int(name: str, value: Any, minimum: int) -> None:
@@ -184,6 +201,9 @@ class _TrainWorkers(IterableDataset):
         self.plan = plan
 
     def __iter__(self):
+        return _in_worker(self._batches())
+
+    def _batches(self):
         p = self.plan
         info = get_worker_info()
         # Logical worker ids are rotated so that, after a resume, the first batch comes from the
@@ -278,6 +298,7 @@ class TrainStream:
         else:
             batches = iter(DataLoader(dataset, batch_size=None, num_workers=self.num_workers))
         for batch in batches:
+            _raise_error_record(batch)
             worker = batch["worker"]
             self._positions[worker] = list(batch["position"])
             self._next_worker = (worker + 1) % self.streams
@@ -343,6 +364,9 @@ class _EvalWorkers(IterableDataset):
         self.plan = plan
 
     def __iter__(self):
+        return _in_worker(self._batches())
+
+    def _batches(self):
         p = self.plan
         info = get_worker_info()
         worker = info.id if info else 0
@@ -422,6 +446,7 @@ class EvalBatches:
         else:
             batches = iter(DataLoader(dataset, batch_size=None, num_workers=self._num_workers))
         for batch in batches:
+            _raise_error_record(batch)
             self._skipped[batch["worker"]] = batch["skipped"]
             if batch.get("done"):
                 continue

@@ -71,6 +71,7 @@ def write_roles(
     staged: dict[str, Path] = {}
     manifests: dict[str, dict] = {}
     seen_keys: set[str] = set()
+    writer = None
     try:
         for role, spec in roles.items():
             staged[role] = Path(tempfile.mkdtemp(prefix=f".{role}.partial-", dir=out_root))
@@ -85,6 +86,8 @@ def write_roles(
         for role, path in staged.items():
             _replace(path, out_root / role)
     finally:
+        if writer is not None:
+            writer.abort()
         for path in staged.values():
             shutil.rmtree(path, ignore_errors=True)
         if created and not any(out_root.iterdir()):
@@ -160,6 +163,12 @@ class _RoleWriter:
             },
             "shards": self.shards,
         }
+
+    def abort(self) -> None:
+        """Close an open shard without keeping it (the staging folder is removed anyway)."""
+        if self._tar is not None:
+            self._tar.close()
+            self._tar = None
 
     def _encode(self, sample: Sample) -> dict:
         where = f"role {self.role}, key {sample.key!r}"
