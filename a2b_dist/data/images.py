@@ -82,14 +82,21 @@ def prepare_mask(array: np.ndarray, size: int) -> np.ndarray:
 
 def to_tensor(array: np.ndarray) -> torch.Tensor:
     """(C, H, W) uint8/uint16 -> float32 in [-1, 1] (divided by 255 or 65535 from the dtype)."""
+    return torch.from_numpy(to_float(array))
+
+
+def to_float(array: np.ndarray) -> np.ndarray:
+    """to_tensor's arithmetic in numpy (single-threaded: loader workers stay off torch's thread pool)."""
     if array.dtype == np.uint8:
-        top = 255.0
+        half = np.float32(255 / 2)
     elif array.dtype == np.uint16:
-        top = 65535.0
+        half = np.float32(65535 / 2)
     else:
         raise DataError(f"to_tensor takes uint8 or uint16 arrays, not {array.dtype}")
-    x = torch.from_numpy(np.ascontiguousarray(array).astype(np.float32))
-    return x.div_(top / 2).sub_(1.0)
+    x = array.astype(np.float32)
+    x /= half
+    x -= np.float32(1)
+    return x
 
 
 def encode_png(array: np.ndarray) -> bytes:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import numbers
 import os
 import tarfile
 import warnings
@@ -33,7 +34,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .images import decode_png, to_tensor
+from .images import decode_png, to_float
 from .manifest import DataError, open_role, split_member
 
 STATE_FORMAT = "a2b-trainstream/1"
@@ -137,9 +138,10 @@ def _raise_error_record(batch: dict) -> None:
 
 # Training stream.
 
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+def _check_int(name: str, value: Any, minimum: int) -> int:
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < minimum:
         raise DataError(f"{name} must be an integer >= {minimum}, not {value!r}")
+    return int(value)
 
 
 class _WorkerStream:
@@ -213,9 +215,10 @@ class _TrainWorkers(IterableDataset):
         block, offset = p["positions"][worker]
         images = []
         for array, block, offset in stream.samples(block, offset):
-            images.append(to_tensor(array))
+            images.append(to_float(array))
             if len(images) == p["batch_size"]:
-                yield {"image": torch.stack(images), "worker": worker, "position": [block, offset], "skipped": stream.skipped}
+                batch = torch.from_numpy(np.stack(images))  # (B, C, H, W)
+                yield {"image": batch, "worker": worker, "position": [block, offset], "skipped": stream.skipped}
                 images = []
 
 
@@ -242,14 +245,14 @@ class TrainStream:
         shuffle_buffer: int = 256,
         skip_corrupt: bool = False,
     ):
-        _check_int("batch_size", batch_size, 1)
-        _check_int("seed", seed, 0)
-        _check_int("world_size", world_size, 1)
-        _check_int("rank", rank, 0)
+        batch_size = _check_int("batch_size", batch_size, 1)
+        seed = _check_int("seed", seed, 0)
+        world_size = _check_int("world_size", world_size, 1)
+        rank = _check_int("rank", rank, 0)
         if rank >= world_size:
             raise DataError(f"rank {rank} is outside world_size {world_size}")
-        _check_int("num_workers", num_workers, 0)
-        _check_int("shuffle_buffer", shuffle_buffer, 1)
+        num_workers = _check_int("num_workers", num_workers, 0)
+        shuffle_buffer = _check_int("shuffle_buffer", shuffle_buffer, 1)
         role_dir = Path(role_dir)
         self.manifest = open_role(role_dir, image_size=image_size, channels=channels, skip_corrupt=skip_corrupt)
         shards = [(str(role_dir / s["name"]), s["samples"]) for s in self.manifest["shards"]]
@@ -329,7 +332,7 @@ class TrainStream:
 
     def load_state_dict(self, state: dict, step: int) -> None:
         """Continue exactly from a saved state, or reseed from (seed, rank, worker, step) if it does not fit."""
-        _check_int("step", step, 0)
+        step = _check_int("step", step, 0)
         state = state if isinstance(state, dict) else {}
         differs = [f"{k} {state.get(k)!r} -> {v!r}" for k, v in self._layout().items() if state.get(k) != v]
         positions = state.get("positions")
@@ -408,7 +411,7 @@ def _collate(batch: list[tuple], worker: int, skipped: int, image_size: int) -> 
     keys, images, labels, masks = zip(*batch)
     blank = np.zeros((1, image_size, image_size), np.uint8)
     return {
-        "image": torch.stack([to_tensor(x) for x in images]),  # (B, C, H, W)
+        "image": torch.from_numpy(np.stack([to_float(x) for x in images])),  # (B, C, H, W)
         "label": torch.tensor(labels, dtype=torch.int64),  # (B,), -1 unknown
         "mask": torch.from_numpy(np.stack([blank if m is None else m for m in masks]) > 0).float(),  # (B, 1, H, W)
         "has_mask": torch.tensor([m is not None for m in masks], dtype=torch.bool),  # (B,)
