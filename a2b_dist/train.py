@@ -297,8 +297,9 @@ def train(cfg: Config, *, resume: str = "auto", argv: Optional[list[str]] = None
     ``stop_requested`` is polled on every rank after each step (only one rank needs to say yes: the
     answer is agreed through the per-step all-reduce); then all ranks save one checkpoint together
     and return with stopped=True. ``until_step`` stops the same way after that step (a time-boxed
-    session; the schedule still follows train.steps). ``on_evaluation(step, metrics, checkpoint)`` runs on the main
-    process after each model-selection evaluation (the sweep reports through it).
+    session; the schedule still follows train.steps). ``on_evaluation(step, metrics, checkpoint)``
+    runs on the main process after each model-selection evaluation and its checkpoint, if any (the
+    sweep reports through it; it gets the newest complete checkpoint).
     """
     # Set up processes, folders and logging.
     accelerator = make_accelerator(cfg)
@@ -439,14 +440,15 @@ def train(cfg: Config, *, resume: str = "auto", argv: Optional[list[str]] = None
                 window.update(t0=time.perf_counter(), wait=0.0, steps=0)
             if main and sample_x is not None and cfg.train.sample_every and step % cfg.train.sample_every == 0:
                 save_samples(models.G, sample_x.to(device), run_dir / "samples" / f"step-{step:09d}.png")
-            improved = False
+            improved = evaluated = False
             if cfg.eval.every and (step % cfg.eval.every == 0 or step == cfg.train.steps):
                 metrics = evaluate_for_selection(cfg, models.G, accelerator)
+                evaluated = True
                 value = metrics[cfg.eval.metric]
                 improved = _better(cfg.eval.metric, value, best)
                 if improved:
                     best = {"metric": cfg.eval.metric, "value": value, "step": step}
-                log.write({"step": step, "eval": metrics, "best": best})
+                log.write({"step": step, **{f"eval/{k}": v for k, v in metrics.items()}, "best": best})
             at_end = step == cfg.train.steps
             if improved:
                 save(run_dir / ckpt.BEST, selection=best)
@@ -455,7 +457,7 @@ def train(cfg: Config, *, resume: str = "auto", argv: Optional[list[str]] = None
                 if main:
                     ckpt.prune(run_dir, cfg.train.keep_last)
                 accelerator.wait_for_everyone()
-            if improved and on_evaluation is not None and main:
+            if evaluated and on_evaluation is not None and main:
                 on_evaluation(step, {**metrics, "best": best}, last_good)
             if stopped:
                 accelerator.print(f"stop requested: saved {last_good} at step {step}")

@@ -59,7 +59,7 @@ def assert_same_weights(x: dict, y: dict):
 
 def test_single_process_run_folder(sim_shards, tmp_path):
     run_dir = tmp_path / "run"
-    run(train_cmd(1, f"data.root={sim_shards}", f"train.run_dir={run_dir}"))
+    run(train_cmd(1, f"data.root={sim_shards}", f"train.run_dir={run_dir}", "eval.every=4"))
     names = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     assert names == ["step-000000004", "step-000000008"]
     assert all(ckpt.is_complete(run_dir / "checkpoints" / n) for n in names)
@@ -67,8 +67,15 @@ def test_single_process_run_folder(sim_shards, tmp_path):
         assert (run_dir / name).is_file(), name
     launch = json.loads((run_dir / "launches.jsonl").read_text().splitlines()[0])
     assert launch["versions"]["torch"] == torch.__version__ and "train" in " ".join(launch["argv"])
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = [r for r in lines if "loss_d" in r]
     assert [r["step"] for r in records] == [2, 4, 6, 8]
+    # Model selection every 4 steps: val AUC appended, the best kept in best/ beside the last K.
+    evals = [r for r in lines if "eval/val_auc" in r]
+    assert [r["step"] for r in evals] == [4, 8]
+    best = max(evals, key=lambda r: (r["eval/val_auc"], -r["step"]))
+    assert evals[-1]["best"]["step"] == best["step"]
+    assert ckpt.is_complete(run_dir / "best") and ckpt.read_meta(run_dir / "best")["step"] == best["step"]
     for r in records:
         for key in ("loss_d", "gp", "loss_g", "rec", "idt", "focus", "images_per_s", "data_wait_share"):
             assert key in r
