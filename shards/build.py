@@ -139,6 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     except DataError as exc:
         print(f"shards/build.py {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # unwritable --out, disk full: the message names the file
+        print(f"shards/build.py {args.command}: error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("shards/build.py: interrupted; no output written", file=sys.stderr)
         return 130
