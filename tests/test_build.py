@@ -241,8 +241,7 @@ def test_simulated_build_is_reproducible(tmp_path):
 @pytest.mark.parametrize(
     "args, named",
     [
-        (["simulated", "--source", "mnist5k", "--size", "0"], "--size"),
-        (["simulated", "--source", "cifar", "--size", "32"], "--source"),
+        (["simulated", "--source", "mnist5k", "--size", "0"], "--size"),  # argparse
         (["folder", "--images", "/no/such/folder", "--role", "healthy", "--size", "16", "--channels", "1"], "--images"),
     ],
 )
@@ -252,6 +251,24 @@ def test_bad_arguments_give_one_line_and_exit_2(tmp_path, args, named):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and named in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "args, named",
+    [
+        (["simulated", "--source", "cifar", "--size", "32"], "--source"),
+        (["simulated", "--source", "digits", "--size", "32", "--scale", "2"], "--scale"),
+        (["npz", "--file", "x.npz", "--images-key", "a", "--labels-key", "b", "--size", "8", "--channels", "2"],
+         "--channels"),
+        (["folder", "--images", ".", "--role", "patients", "--size", "8", "--channels", "1"], "--role"),
+        (["simulated", "--source", "digits", "--size", "8", "--maxsize", "lots"], "--maxsize"),
+    ],
+)
+def test_argument_errors_name_the_argument(tmp_path, capsys, args, named):
+    with pytest.raises(SystemExit) as exit_:
+        build.main(args + ["--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and named in err and len(err.strip().splitlines()) == 1
 
 
 def test_val_and_test_need_labels(tmp_path, capsys):
