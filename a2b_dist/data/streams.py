@@ -346,7 +346,7 @@ class TrainStream:
         )
         skipped = state.get("skipped", 0) if isinstance(state.get("skipped"), int) else 0
         if differs or not valid:
-            reason = ", ".join(differs) if differs else "malformed positions"
+            reason = "no saved state" if not state else ", ".join(differs) if differs else "malformed positions"
             warnings.warn(
                 f"TrainStream for {self._plan['role_dir']}: the saved stream state does not fit ({reason}); "
                 f"reseeding from (seed, rank, worker, step={step}), so the sample order differs from an "
