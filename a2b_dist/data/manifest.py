@@ -120,7 +120,7 @@ def open_role(
     if damaged and not skip_corrupt:
         raise DataError(damaged[0] + " (skip_corrupt=True reads what is left and counts the rest as skipped)")
     for problem in damaged:
-        warnings.warn(problem + "; skip_corrupt is on: its unreadable samples will be skipped and counted")
+        warnings.warn(problem + "; skip_corrupt is on: its unreadable samples will be skipped and counted", stacklevel=3)
     return manifest
 
 

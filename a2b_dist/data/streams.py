@@ -350,7 +350,8 @@ class TrainStream:
             warnings.warn(
                 f"TrainStream for {self._plan['role_dir']}: the saved stream state does not fit ({reason}); "
                 f"reseeding from (seed, rank, worker, step={step}), so the sample order differs from an "
-                f"uninterrupted run"
+                f"uninterrupted run",
+                stacklevel=2,
             )
             self._reset(origin=step, skipped=skipped)
             return
