@@ -23,11 +23,53 @@ def eval_shards(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture()
-def eval_config(eval_shards, tmp_path) -> Config:
+def make_config(root: Path, run_dir: Path) -> Config:
+    """32 px, 1 channel, a tiny generator (width 8, one residual block)."""
     cfg = Config()
-    cfg.data.root, cfg.data.image_size, cfg.data.channels, cfg.data.num_workers = str(eval_shards), 32, 1, 0
+    cfg.data.root, cfg.data.image_size, cfg.data.channels, cfg.data.num_workers = str(root), 32, 1, 0
     cfg.model.width, cfg.model.res_blocks = 8, 1
     cfg.eval.batch_size = 16
-    cfg.train.run_dir = str(tmp_path / "run")
+    cfg.train.run_dir = str(run_dir)
     return validate(cfg)
+
+
+def export_generator(path: Path, cfg: Config, seed: int = 0, step: int = 7) -> Path:
+    """A randomly initialised generator in the `a2b export` format."""
+    import dataclasses
+
+    import torch
+
+    from a2b_dist.nets import build_generator
+
+    torch.manual_seed(seed)
+    gen = build_generator(cfg.model, cfg.data.channels)
+    torch.save({"format": "a2b-generator-v1", "generator": gen.state_dict(),
+                "config": dataclasses.asdict(cfg), "step": step}, path)
+    return path
+
+
+@pytest.fixture()
+def eval_config(eval_shards, tmp_path) -> Config:
+    return make_config(eval_shards, tmp_path / "run")
+
+
+@pytest.fixture(scope="session")
+def standin_fid_weights(tmp_path_factory) -> Path:
+    """A file shaped like pytorch-fid's Inception weights (every key, random values): pytorch-fid's
+    own FID Inception structure, built without its download, saved as a plain state dict."""
+    from unittest import mock
+
+    import torch
+    import torchvision
+    from pytorch_fid import inception
+
+    with mock.patch.object(inception, "load_state_dict_from_url", lambda *a, **k: None), \
+            mock.patch.object(torchvision.models.Inception3, "load_state_dict", lambda self, *a, **k: None):
+        torch.manual_seed(0)
+        net = inception.fid_inception_v3()
+        for m in net.modules():  # variance-preserving, so features (and distances) are of order 1
+            if isinstance(m, torch.nn.Conv2d):
+                torch.nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+    path = tmp_path_factory.mktemp("fid-weights") / "pt_inception-2015-12-05-6726825d.pth"
+    torch.save(net.state_dict(), path)
+    return path
