@@ -465,7 +465,7 @@ def _display(img: np.ndarray) -> tuple[np.ndarray, Optional[str]]:
     return (u[0], "gray") if u.shape[0] == 1 else (u.transpose(1, 2, 0), None)
 
 
-def plot_panel(path: str | os.PathLike, key: str, label: int, score: float, arrays: dict) -> None:
+def plot_panel(path: str | os.PathLike, key: str, label: Optional[int], score: float, arrays: dict) -> None:
     """input | healthy translation B' | mask M | difference map over the input (ground truth outlined)."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, 4, figsize=(10, 2.9))
@@ -483,7 +483,7 @@ def plot_panel(path: str | os.PathLike, key: str, label: int, score: float, arra
     for ax, title in zip(axes, ("input", "healthy translation B'", "mask M", "|x - B'| on input")):
         ax.set_title(title, fontsize=9)
         ax.axis("off")
-    fig.suptitle(f"{key}  label {label}  score {score:.4g}", fontsize=9)
+    fig.suptitle(f"{key}  " + (f"label {label}  " if label is not None else "") + f"score {score:.4g}", fontsize=9)
     _save_figure(fig, Path(path))
     plt.close(fig)
 
@@ -607,6 +607,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     generator, cfg = load_generator(args.checkpoint, device=device)
     size, channels = cfg.data.image_size, cfg.data.channels
     manifest = read_manifest(args.shards, image_size=size, channels=channels)
+    if args.fid:  # fail before the long passes when the Inception weights are missing
+        from a2b_dist import fid
+        fid.find_weights(args.fid_weights or cfg.eval.fid_weights)
     score = args.score or cfg.eval.score
     topk = args.topk_percent if args.topk_percent is not None else cfg.eval.topk_percent
     batch_size = args.batch_size or cfg.eval.batch_size
@@ -630,7 +633,6 @@ def main(argv: Optional[list[str]] = None) -> int:
         metrics.pop("references")
 
     if args.fid:
-        from a2b_dist import fid
         metrics["fid"] = fid.translation_fid(
             generator, args.shards, args.healthy, device=device, rank=rank, world_size=world,
             samples=args.fid_samples or cfg.eval.fid_samples, dims=args.fid_dims or cfg.eval.fid_dims,

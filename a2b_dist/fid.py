@@ -45,23 +45,22 @@ def hub_weights_path() -> Path:
 def find_weights(configured: Optional[str | os.PathLike] = None) -> Path:
     """The Inception weights file: the configured path (a file, or a folder holding it), else the
     torch hub cache. Raises UserError saying where to put the file when it is absent."""
-    how = (f"Download it on a machine with internet access from {WEIGHTS_URL} (this program never "
-           f"downloads), then either put it at {hub_weights_path()} (the torch hub cache, "
-           "<torch.hub.get_dir()>/checkpoints/) or pass its path with --fid-weights PATH "
-           "(config: eval.fid_weights).")
+    hub = hub_weights_path()
+    fetch = (f"This program never downloads: fetch {WEIGHTS_URL} on a machine with internet access")
     if configured:
         path = Path(configured).expanduser()
         if path.is_dir():
             path = path / WEIGHTS_FILE
         if not path.is_file():
-            raise UserError(f"FID weights not found: {path} (from --fid-weights / eval.fid_weights) does not "
-                            f"exist. FID needs pytorch-fid's Inception weights {WEIGHTS_FILE}. {how}")
+            raise UserError(f"FID weights not found: {path} (from --fid-weights / eval.fid_weights) does not exist. "
+                            f"{fetch} and pass its path with --fid-weights PATH (config: eval.fid_weights), "
+                            f"or put it at {hub} (the torch hub cache) and leave the option out.")
         return path
-    path = hub_weights_path()
-    if not path.is_file():
-        raise UserError(f"FID weights not found: FID needs pytorch-fid's Inception weights {WEIGHTS_FILE} "
-                        f"and {path} does not exist. {how}")
-    return path
+    if not hub.is_file():
+        raise UserError(f"FID weights not found: FID needs pytorch-fid's Inception weights at {hub} "
+                        f"(the torch hub cache, <torch.hub.get_dir()>/checkpoints/). {fetch} and put the file "
+                        "there, or pass its path with --fid-weights PATH (config: eval.fid_weights).")
+    return hub
 
 
 @contextlib.contextmanager

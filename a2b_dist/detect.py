@@ -1,0 +1,165 @@
+"""`a2b detect`: anomaly scores (and optionally maps) for a folder of new images.
+
+    a2b detect --checkpoint runs/demo --images scans/ --out runs/demo/detect \
+        --threshold runs/demo/eval/metrics.json --maps
+
+Images (PNG, JPEG, TIFF; 8- or 16-bit; searched recursively) get the shards' preprocessing
+(a2b_dist.data.load_image) at the checkpoint's image size and channels. Writes scores.csv sorted by
+score, highest first (path relative to --images, score, and flagged when a threshold is given), and
+with --maps one panel per image in maps/. A threshold from metrics.json (its Youden threshold) brings
+that evaluation's score kind with it, so the two are comparable.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from a2b_dist import losses
+from a2b_dist.errors import UserError
+from a2b_dist.evaluate import SCORE_KINDS, _safe_name, plot_panel, write_atomic
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+
+
+def find_images(folder: str | Path) -> list[Path]:
+    """Image files under ``folder`` (recursive, by suffix, any case), sorted."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"--images {folder} is not a folder")
+    paths = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not paths:
+        raise UserError(f"--images {folder} holds no {'/'.join(s[1:].upper() for s in IMAGE_SUFFIXES[:3])}"
+                        "/TIFF files (searched recursively)")
+    return paths
+
+
+def parse_threshold(value: Optional[str]) -> tuple[Optional[float], Optional[dict]]:
+    """--threshold: a number, or metrics.json (or the folder holding it) from `a2b evaluate`.
+    Returns (threshold, the metrics dict when it came from one)."""
+    if value is None:
+        return None, None
+    try:
+        return float(value), None
+    except ValueError:
+        pass
+    path = Path(value)
+    if path.is_dir():
+        path = path / "metrics.json"
+    if not path.is_file():
+        raise UserError(f"--threshold {value}: not a number and no such metrics.json file")
+    try:
+        metrics = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"--threshold {path}: not readable JSON ({e})") from None
+    threshold = metrics.get("threshold") if isinstance(metrics, dict) else None
+    if not isinstance(threshold, (int, float)):
+        raise UserError(f"--threshold {path}: holds no threshold (a metrics.json from `a2b evaluate` on a role "
+                        "with both healthy and anomalous images has one)")
+    return float(threshold), metrics
+
+
+def load_batch(paths: list[Path], size: int, channels: int) -> torch.Tensor:
+    """(B, C, size, size) in [-1, 1], the shards' preprocessing; an unreadable file is a UserError."""
+    from a2b_dist.data import DataError, load_image, to_tensor
+
+    out = []
+    for p in paths:
+        try:
+            out.append(to_tensor(load_image(p, size, channels)))
+        except (DataError, OSError, ValueError) as e:
+            raise UserError(f"{p}: cannot be read as an image ({e}); remove or replace it") from None
+    return torch.stack(out)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="a2b detect", description="Anomaly scores and maps for a folder of images.")
+    p.add_argument("--checkpoint", required=True, help="export .pt, checkpoint folder, or run folder")
+    p.add_argument("--images", required=True, help="folder of PNG/JPEG/TIFF images (searched recursively)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--threshold", default=None,
+                   help="flag images with score >= this: a number, or metrics.json from `a2b evaluate` "
+                        "(its Youden threshold and score kind)")
+    p.add_argument("--maps", action="store_true", help="write a panel per image: input | B' | mask | map")
+    p.add_argument("--score", choices=SCORE_KINDS, default=None,
+                   help="score kind (default: the metrics.json's, else the checkpoint's eval.score)")
+    p.add_argument("--topk-percent", type=float, default=None, help="for --score topk")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    return p
+
+
+@torch.no_grad()
+def main(argv: Optional[list[str]] = None) -> int:
+    from a2b_dist.checkpoint import load_generator
+
+    args = build_parser().parse_args(argv)
+    paths = find_images(args.images)
+    if not Path(args.checkpoint).exists():
+        raise UserError(f"--checkpoint {args.checkpoint} does not exist")
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, not {args.batch_size}")
+    threshold, metrics = parse_threshold(args.threshold)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    generator, cfg = load_generator(args.checkpoint, device=device)
+    generator.eval()
+
+    # The score must be the one the threshold was chosen for.
+    score, topk = cfg.eval.score, cfg.eval.topk_percent
+    if metrics is not None:
+        score, topk = metrics.get("score", score), metrics.get("topk_percent", topk)
+        if args.score is not None and args.score != score:
+            raise UserError(f"--score {args.score} differs from the {score!r} score the threshold in "
+                            f"{args.threshold} was chosen for; leave --score out or pass a number as --threshold")
+        if args.topk_percent is not None and score == "topk" and args.topk_percent != topk:
+            raise UserError(f"--topk-percent {args.topk_percent} differs from the {topk} of {args.threshold}")
+    else:
+        score = args.score or score
+        topk = args.topk_percent if args.topk_percent is not None else topk
+    if not 0 < topk <= 100:
+        raise UserError(f"--topk-percent must be in (0, 100], not {topk}")
+
+    out = Path(args.out)
+    (out / "maps" if args.maps else out).mkdir(parents=True, exist_ok=True)
+    root = Path(args.images)
+    rows: list[tuple[str, float]] = []
+    for start in range(0, len(paths), args.batch_size):
+        chunk = paths[start:start + args.batch_size]
+        x = load_batch(chunk, cfg.data.image_size, cfg.data.channels).to(device)   # (B, C, H, W)
+        b_int, m = generator(x)
+        b_prime = losses.blend_healthy(x, b_int, m)                                 # Eq. 1
+        diff = losses.anomaly_map(x, b_prime)                                       # (B, 1, H, W)
+        values = losses.anomaly_score(diff, score, topk).cpu().numpy()
+        for i, p in enumerate(chunk):
+            rel = p.relative_to(root).as_posix()
+            rows.append((rel, float(values[i])))
+            if args.maps:
+                plot_panel(out / "maps" / f"{_safe_name(rel)}.png", rel, None, float(values[i]), {
+                    "x": x[i].cpu().numpy(), "b_prime": b_prime[i].cpu().numpy(),
+                    "mask": m[i, 0].cpu().numpy(), "diff": diff[i, 0].cpu().numpy(), "gt": None})
+
+    rows.sort(key=lambda r: (-r[1], r[0]))
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["path", "score"] + (["flagged"] if threshold is not None else []))
+    for rel, value in rows:
+        writer.writerow([rel, f"{value:.6g}"] + ([int(value >= threshold)] if threshold is not None else []))
+    write_atomic(out / "scores.csv", buf.getvalue())
+
+    flagged = sum(v >= threshold for _, v in rows) if threshold is not None else None
+    print(f"scored {len(rows)} images ({score} score)"
+          + (f"; {flagged} flagged at threshold {threshold:.6g}" if threshold is not None else ""))
+    print(f"wrote {out / 'scores.csv'}" + (f" and {len(rows)} panels in {out / 'maps'}" if args.maps else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    from a2b_dist.cli import run_guarded
+
+    sys.exit(run_guarded(main, sys.argv[1:]))
