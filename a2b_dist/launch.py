@@ -1,0 +1,320 @@
+"""Run the trainer as a submitit task (SLURM, this machine, or in-process) and report on the job.
+
+    task = TrainingTask(to_dict(cfg), resume="auto", max_requeues=3)
+    executor.submit(task)                  # jobs/submit.py does this; each task runs train()
+
+One task per GPU. Each task exports the torch.distributed variables from SLURM (submitit's
+TorchDistributedEnvironment; A2B_MASTER_ADDR / A2B_MASTER_PORT override the rendezvous) and calls
+``a2b_dist.train.train``, the same function as ``a2b train``; Accelerate then starts NCCL on GPUs or
+gloo on CPUs.
+
+Preemption and time limits (shared/DESIGN.md rule 8; jobs/README.md has the whole story):
+submitit installs a USR2 handler that would call ``checkpoint()``, requeue the job and exit on the
+spot, in the middle of a step. The task replaces it, once training code is running, by a handler that
+only raises a flag. ``train`` polls the flag after every step and all-reduces it, so whichever rank got
+the signal, all ranks stop at the same step boundary and write one checkpoint together. Only then
+does rank 0 call submitit's original handler, which calls ``checkpoint()`` (a fresh task that resumes
+from disk), writes it as the job's new submission, runs ``scontrol requeue`` once and exits.
+
+The run folder records what happened, for ``jobs/status.py`` and for tests: ``jobs.jsonl`` (one line
+per submission, start, stop, requeue, end) and ``replicas/rank-*.json`` (a digest of the weights each
+rank holds when training returns; equal digests mean the DDP replicas agree).
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+import submitit
+import torch
+
+from a2b_dist import checkpoint as ckpt
+from a2b_dist.config import from_dict
+
+JOBS_FILE = "jobs.jsonl"
+REPLICAS = "replicas"
+
+
+# ---------------------------------------------------------------------------------------------
+# Inside a task: distributed environment, the stop flag, the replicas' weights
+
+def export_distributed_env() -> submitit.helpers.TorchDistributedEnvironment:
+    """Set RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT (and CUDA_VISIBLE_DEVICES) for this task.
+
+    The rendezvous host is the job's first node unless A2B_MASTER_ADDR names another (for clusters
+    whose node names do not resolve); A2B_MASTER_PORT likewise, else a port derived from the job id.
+    Variables inherited from the submitting shell are overwritten: they describe another job.
+    """
+    env = submitit.helpers.TorchDistributedEnvironment()
+    env.master_addr = os.environ.get("A2B_MASTER_ADDR") or env.master_addr
+    if os.environ.get("A2B_MASTER_PORT"):
+        env.master_port = int(os.environ["A2B_MASTER_PORT"])
+    return env.export(overwrite=True)
+
+
+class StopOnSignal:
+    """A stop flag raised by the preemption signal, and the submitit handler it stands in for."""
+
+    def __init__(self) -> None:
+        self.signum = submitit.JobEnvironment._usr_sig()
+        self.pid = os.getpid()   # forked data-loader workers inherit the handler; they only ignore it
+        self.received: Optional[float] = None
+        self.submitit_handler = signal.getsignal(self.signum)
+        signal.signal(self.signum, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: Any = None) -> None:
+        if os.getpid() != self.pid:
+            return
+        if self.received is None:
+            print(f"a2b: caught {signal.Signals(signum).name}; all ranks save at the next step boundary",
+                  file=sys.stderr, flush=True)
+        self.received = time.time()
+
+    def __call__(self) -> bool:
+        return self.received is not None
+
+    def checkpoint_and_requeue(self) -> None:
+        """Hand the agreed stop to submitit: ``checkpoint()``, new submission, requeue, exit."""
+        if callable(self.submitit_handler):
+            self.submitit_handler(self.signum, None)
+
+
+@contextlib.contextmanager
+def capture_networks() -> Iterator[dict]:
+    """Yield {"G": generator, "D": critic} as the trainer first runs them (a global forward hook)."""
+    from a2b_dist.nets import Critic, Generator
+
+    found: dict = {}
+
+    def hook(module: torch.nn.Module, args: Any) -> None:
+        if isinstance(module, Generator):
+            found.setdefault("G", module)
+        elif isinstance(module, Critic):
+            found.setdefault("D", module)
+        if len(found) == 2:
+            handle.remove()
+
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(hook)
+    try:
+        yield found
+    finally:
+        handle.remove()
+
+
+def state_digest(states: dict) -> str:
+    """SHA-256 over {"G": state_dict, "D": state_dict}: names, dtypes, shapes and bytes."""
+    h = hashlib.sha256()
+    for name in sorted(states):
+        for key in sorted(states[name]):
+            t = states[name][key].detach().to("cpu").contiguous()
+            h.update(f"{name}/{key}:{t.dtype}:{tuple(t.shape)};".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def checkpoint_digest(path: str | Path) -> str:
+    """The digest of a checkpoint's generator and critic weights (as state_digest)."""
+    state, _, _, _ = ckpt.load_checkpoint(path, 0, prefixes=("/G/", "/D/"))
+    return state_digest({"G": state["G"], "D": state["D"]})
+
+
+# ---------------------------------------------------------------------------------------------
+# The task
+
+def _attempt() -> dict:
+    """Who and where this task is: job id, restart count, cluster."""
+    env = submitit.JobEnvironment()
+    return {"job_id": env.job_id, "restart": int(os.environ.get("SLURM_RESTART_COUNT", "0")),
+            "cluster": env.cluster}
+
+
+class TrainingTask(submitit.helpers.Checkpointable):
+    """One rank of a training run; picklable, small (the resolved config as a dict, two options).
+
+    ``resume`` applies to the first start only: a requeued start (SLURM_RESTART_COUNT > 0, or the
+    fresh task ``checkpoint()`` returns) resumes from the newest complete checkpoint in the run folder.
+    """
+
+    def __init__(self, config: dict, resume: str = "auto", max_requeues: int = 3) -> None:
+        self.config = config
+        self.resume = resume
+        self.max_requeues = max_requeues
+
+    def __call__(self) -> dict:
+        from a2b_dist.train import train
+
+        dist_env = export_distributed_env()
+        stop = StopOnSignal()
+        rank = dist_env.rank
+        if "OMP_NUM_THREADS" not in os.environ and os.environ.get("SLURM_CPUS_PER_TASK"):
+            torch.set_num_threads(int(os.environ["SLURM_CPUS_PER_TASK"]))
+        cfg = from_dict(self.config, "submission")
+        run_dir = Path(cfg.train.run_dir)
+        attempt = _attempt()
+        newest = ckpt.latest_checkpoint(run_dir)
+        resume = "auto" if attempt["restart"] > 0 and newest is not None else self.resume
+        if rank == 0:
+            record_event(run_dir, "start", **attempt, world_size=dist_env.world_size,
+                         master=f"{dist_env.master_addr}:{dist_env.master_port}", host=socket.gethostname(),
+                         resume=resume, resume_step=_resume_step(resume, newest))
+        try:
+            with capture_networks() as nets:
+                result = train(cfg, resume=resume, stop_requested=stop,
+                               argv=[sys.argv[0], f"submitit task {attempt['job_id']}", f"resume={resume}"])
+        except Exception as e:
+            if rank == 0:
+                record_event(run_dir, "failed", **attempt, error=f"{type(e).__name__}: {e}")
+            raise
+        if len(nets) == 2:
+            write_replica(run_dir, rank, dist_env.world_size, result["step"], attempt,
+                          state_digest({k: m.state_dict() for k, m in nets.items()}))
+        if not result["stopped"]:
+            if rank == 0:
+                record_event(run_dir, "finished", **attempt, step=result["step"])
+            return result
+        if rank == 0:
+            record_event(run_dir, "stopped", **attempt, step=result["step"],
+                         signal=signal.Signals(stop.signum).name)
+            stop.checkpoint_and_requeue()   # on SLURM: requeues and exits; returns where nothing requeues
+        return result
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> Optional[submitit.helpers.DelayedSubmission]:
+        """The next start of this run: a fresh task that resumes from disk (None: do not requeue)."""
+        cfg = from_dict(self.config, "submission")
+        attempt = _attempt()
+        if attempt["restart"] >= self.max_requeues:
+            record_event(cfg.train.run_dir, "not requeued", **attempt,
+                         reason=f"requeue limit reached ({self.max_requeues}, --max-requeues); resubmit "
+                                f"with --resume auto to continue")
+            return None
+        record_event(cfg.train.run_dir, "requeue", **attempt)
+        return submitit.helpers.DelayedSubmission(TrainingTask(self.config, "auto", self.max_requeues))
+
+
+def _resume_step(resume: str, newest: Optional[Path]) -> Optional[int]:
+    if resume == "none":
+        return None
+    path = newest if resume == "auto" else ckpt.resolve_checkpoint(resume)
+    return None if path is None else int(ckpt.read_meta(path)["step"])
+
+
+# ---------------------------------------------------------------------------------------------
+# The run folder's records
+
+def record_event(run_dir: str | Path, event: str, **fields: Any) -> None:
+    """Append one line to RUN_DIR/jobs.jsonl (submissions and what each start of the job did)."""
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    line = {"event": event, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **fields}
+    with open(Path(run_dir) / JOBS_FILE, "a") as f:
+        f.write(json.dumps(line) + "\n")
+
+
+def read_events(run_dir: str | Path) -> list[dict]:
+    path = Path(run_dir) / JOBS_FILE
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def write_replica(run_dir: Path, rank: int, world_size: int, step: int, attempt: dict, digest: str) -> None:
+    folder = run_dir / REPLICAS
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".rank-{rank:05d}.json.tmp"
+    tmp.write_text(json.dumps({"rank": rank, "world_size": world_size, "step": step, "digest": digest,
+                               **attempt}))
+    os.replace(tmp, folder / f"rank-{rank:05d}.json")
+
+
+def read_replicas(run_dir: str | Path) -> list[dict]:
+    """The newest attempt's replica digests (one per rank), by rank."""
+    files = sorted((Path(run_dir) / REPLICAS).glob("rank-*.json"))
+    found = [json.loads(p.read_text()) for p in files]
+    if not found:
+        return []
+    newest = max((r["job_id"], r["restart"]) for r in found)
+    return sorted((r for r in found if (r["job_id"], r["restart"]) == newest), key=lambda r: r["rank"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Status
+
+def slurm_job_state(job_id: str, run: Callable = subprocess.run) -> dict:
+    """{"state", "nodes", "restarts", "exit_code", "reason", "source"} from sacct, else squeue."""
+    if shutil.which("sacct"):
+        proc = run(["sacct", "-j", str(job_id), "-X", "-n", "-P", "-D", "-o", "State,NodeList,ExitCode,Reason"],
+                   capture_output=True, text=True, timeout=30)
+        rows = [line.split("|") for line in proc.stdout.splitlines() if line.strip()]
+        if proc.returncode == 0 and rows:
+            state, nodes, exit_code, reason = rows[-1]
+            return {"state": state.split()[0], "nodes": nodes, "exit_code": exit_code, "reason": reason,
+                    "restarts": len(rows) - 1, "source": "sacct"}
+    if shutil.which("squeue"):
+        proc = run(["squeue", "-j", str(job_id), "-h", "-o", "%T|%N|%r"], capture_output=True, text=True,
+                   timeout=30)
+        rows = [line.split("|") for line in proc.stdout.splitlines() if line.strip()]
+        if proc.returncode == 0 and rows:
+            state, nodes, reason = rows[0]
+            return {"state": state, "nodes": nodes, "reason": reason, "source": "squeue"}
+    return {"state": "UNKNOWN", "source": "neither sacct nor squeue knows this job"}
+
+
+def run_status(run_dir: str | Path, *, query_slurm: bool = True) -> dict:
+    """What a run folder says about its job, steps, metrics, checkpoints and replicas."""
+    run_dir = Path(run_dir)
+    events = read_events(run_dir)
+    submissions = [e for e in events if e["event"] == "submitted"]
+    job = submissions[-1] if submissions else None
+    if job is not None and job.get("cluster") == "slurm" and query_slurm:
+        job = {**job, **slurm_job_state(job["job_id"])}
+    last_metrics = None
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.is_file():
+        lines = [line for line in metrics.read_text().splitlines() if line.strip()]
+        last_metrics = json.loads(lines[-1]) if lines else None
+    checkpoints = [{"path": str(p), "step": int(ckpt.read_meta(p)["step"])} for p in ckpt.list_checkpoints(run_dir)]
+    replicas = read_replicas(run_dir)
+    return {"run_dir": str(run_dir), "job": job, "events": [e for e in events if e["event"] != "submitted"],
+            "last_step": max([c["step"] for c in checkpoints] + ([last_metrics["step"]] if last_metrics else []),
+                             default=None),
+            "last_metrics": last_metrics, "checkpoints": checkpoints, "replicas": replicas}
+
+
+def format_status(status: dict) -> str:
+    """The status as lines a person reads."""
+    lines = [f"run folder   {status['run_dir']}"]
+    job = status["job"]
+    if job is None:
+        lines.append(f"job          none recorded ({JOBS_FILE} has no submission)")
+    else:
+        state = job.get("state", "(not queried)") if job.get("cluster") == "slurm" else "(not a SLURM job)"
+        keys = ("nodes", "restarts") + (("reason",) if job.get("state") == "PENDING" else ())
+        extra = ", ".join(f"{k} {job[k]}" for k in keys if job.get(k) not in (None, "", "None"))
+        lines.append(f"job          {job['job_id']} on {job['cluster']}: {state}" + (f" ({extra})" if extra else ""))
+        lines.append(f"logs         {job['logs']}")
+    if status["events"]:
+        e = status["events"][-1]
+        detail = ", ".join(f"{k}={v}" for k, v in e.items() if k not in ("event", "time", "cluster"))
+        lines.append(f"last event   {e['time']} {e['event']}: {detail}")
+    lines.append(f"last step    {status['last_step'] if status['last_step'] is not None else 'none yet'}")
+    if status["last_metrics"] is not None:
+        lines.append(f"metrics      {json.dumps(status['last_metrics'])}")
+    cks = status["checkpoints"]
+    lines.append("checkpoints  " + (", ".join(f"step {c['step']}" for c in cks) + f" (newest {cks[-1]['path']})"
+                                    if cks else "none"))
+    reps = status["replicas"]
+    if reps:
+        digests = {r["digest"] for r in reps}
+        agree = "agree" if len(digests) == 1 and len(reps) == reps[0]["world_size"] else "DIFFER"
+        lines.append(f"replicas     {len(reps)} of {reps[0]['world_size']} ranks at step {reps[0]['step']}: "
+                     f"weights {agree} ({', '.join(d[:12] for d in sorted(digests))})")
+    return "\n".join(lines)
