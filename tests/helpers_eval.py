@@ -1,27 +1,12 @@
-"""Fixtures shared by the evaluation, FID and detect tests: small simulated shards and a config."""
+"""Helpers for the evaluation, FID and detect tests: a config over conftest's sim_shards, a generator
+export, and a stand-in for pytorch-fid's Inception weights."""
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from a2b_dist.config import Config, validate
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="session")
-def eval_shards(tmp_path_factory) -> Path:
-    """shards/build.py simulated at 32 px, scaled down: healthy 80, mixed 80, val 10, test 80
-    (test in 3 shards, so ranks read across shard boundaries)."""
-    out = tmp_path_factory.mktemp("eval-shards") / "sim"
-    subprocess.run([sys.executable, str(ROOT / "shards" / "build.py"), "simulated", "--source", "mnist5k",
-                    "--size", "32", "--scale", "0.05", "--maxcount", "30", "--out", str(out)],
-                   check=True, capture_output=True, text=True)
-    return out
-
 
 def make_config(root: Path, run_dir: Path) -> Config:
     """32 px, 1 channel, a tiny generator (width 8, one residual block)."""
@@ -49,8 +34,9 @@ def export_generator(path: Path, cfg: Config, seed: int = 0, step: int = 7) -> P
 
 
 @pytest.fixture()
-def eval_config(eval_shards, tmp_path) -> Config:
-    return make_config(eval_shards, tmp_path / "run")
+def eval_config(sim_shards, tmp_path) -> Config:
+    """A config over conftest's sim_shards with a tiny generator and its own run folder."""
+    return make_config(sim_shards, tmp_path / "run")
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,7 @@ import torch
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from a2b_dist import evaluate as ev
-from helpers_eval import eval_config, eval_shards, export_generator, make_config, standin_fid_weights  # noqa: F401
+from helpers_eval import eval_config, export_generator, make_config, standin_fid_weights  # noqa: F401
 
 
 # ---------------------------------------------------------------------------------------------
@@ -145,7 +145,7 @@ def _tiny_generator(channels=1, seed=0):
     return Generator(channels, width=8, res_blocks=1)
 
 
-def test_selection_metric_val_auc(eval_shards, eval_config):
+def test_selection_metric_val_auc(eval_config):
     gen = _tiny_generator()
     gen.train()
     torch.manual_seed(123)
@@ -177,61 +177,60 @@ def _check_outputs(out: Path, test_dir: Path, processes: int) -> dict:
 
 
 @pytest.fixture(scope="module")
-def one_process(eval_shards, standin_fid_weights, tmp_path_factory):
+def one_process(sim_shards, standin_fid_weights, tmp_path_factory):
     """`a2b evaluate` in this process with references and FID: (its arguments, its output folder)."""
     tmp = tmp_path_factory.mktemp("evaluate")
-    ckpt = export_generator(tmp / "generator.pt", make_config(eval_shards, tmp / "run"))
-    args = ["--checkpoint", str(ckpt), "--shards", str(eval_shards / "test"), "--num-maps", "2",
-            "--batch-size", "16", "--references", "--fid", "--fid-weights", str(standin_fid_weights),
-            "--fid-dims", "64", "--fid-samples", "12"]
-    assert ev.main(args + ["--out", str(tmp / "one"), "--fid-cache", str(tmp / "cache1")]) == 0
+    ckpt = export_generator(tmp / "generator.pt", make_config(sim_shards, tmp / "run"))
+    args = ["--checkpoint", str(ckpt), "--shards", str(sim_shards / "test"), "--num-maps", "1",
+            "--batch-size", "16", "--references"]
+    fid_args = ["--fid", "--fid-weights", str(standin_fid_weights), "--fid-dims", "64", "--fid-samples", "8",
+                "--fid-cache", str(tmp / "cache")]
+    assert ev.main(args + fid_args + ["--out", str(tmp / "one")]) == 0
     return args, tmp / "one"
 
 
-def test_evaluate_one_process(one_process, eval_shards):
+def test_evaluate_one_process(one_process, sim_shards):
     _, out = one_process
-    metrics = _check_outputs(out, eval_shards / "test", 1)
+    metrics = _check_outputs(out, sim_shards / "test", 1)
     assert set(metrics["references"]) == {"greyness", "healthy_distance"}
     assert metrics["pixel_auroc"] is not None and metrics["mask"]["mask_pixel_std"] >= 0
     assert metrics["counts"]["with_ground_truth_masks"] == 80   # the simulator masks every test image
-    assert metrics["fid"]["samples"] == 12 and metrics["fid"]["fid"] > 0
-    assert len(list((out / "maps").glob("*.png"))) == 4           # 2 per class
+    assert metrics["fid"]["samples"] == 8 and metrics["fid"]["fid"] > 0
+    assert sorted(p.name.split("-")[0] for p in (out / "maps").glob("*.png")) == ["anomalous", "healthy"]
     with open(out / "scores.csv") as f:
         header = next(csv.reader(f))
     assert header == ["key", "label", "score", "score_mean", "score_topk", "greyness", "healthy_distance"]
 
 
-def test_evaluate_two_processes_match_one(one_process, eval_shards, tmp_path):
-    """Scores, mask diagnostics and FID (features and reference statistics gathered from both ranks)
-    equal those of one process."""
+def test_evaluate_two_processes_match_one(one_process, sim_shards, tmp_path):
+    """Scores, references and mask diagnostics gathered from both ranks equal those of one process.
+    (FID is left out here for time: test_fid checks that the ranks' shares of its samples add up.)"""
     args, one_out = one_process
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "-m", "a2b_dist.evaluate"]
-    done = subprocess.run(launch + args + ["--out", str(tmp_path / "two"), "--fid-cache", str(tmp_path / "c2")],
+    done = subprocess.run(launch + args + ["--out", str(tmp_path / "two")],
                           env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
-    two = _check_outputs(tmp_path / "two", eval_shards / "test", 2)
+    two = _check_outputs(tmp_path / "two", sim_shards / "test", 2)
     one = json.loads((one_out / "metrics.json").read_text())
     for name in ("auroc", "aupr", "threshold", "pixel_auroc"):
         assert two[name] == pytest.approx(one[name], rel=1e-5)
     for name in ("greyness", "healthy_distance"):
         assert two["references"][name] == pytest.approx(one["references"][name], rel=1e-5)
     assert two["mask"] == pytest.approx(one["mask"], rel=1e-5)
-    assert two["fid"]["samples"] == one["fid"]["samples"] == 12 and not two["fid"]["reference_cached"]
-    assert two["fid"]["fid"] == pytest.approx(one["fid"]["fid"], rel=1e-3)
     assert (one_out / "scores.csv").read_text() == (tmp_path / "two" / "scores.csv").read_text()
 
 
-def test_evaluate_user_errors(eval_shards, eval_config, tmp_path):
+def test_evaluate_user_errors(sim_shards, eval_config, tmp_path):
     from a2b_dist.errors import UserError
 
     ckpt = export_generator(tmp_path / "generator.pt", eval_config)
     with pytest.raises(UserError, match="manifest.json"):
         ev.main(["--checkpoint", str(ckpt), "--shards", str(tmp_path), "--out", str(tmp_path / "o")])
     with pytest.raises(UserError, match="does not exist"):
-        ev.main(["--checkpoint", str(tmp_path / "nope.pt"), "--shards", str(eval_shards / "test"),
+        ev.main(["--checkpoint", str(tmp_path / "nope.pt"), "--shards", str(sim_shards / "test"),
                  "--out", str(tmp_path / "o")])
     with pytest.raises(UserError, match="--healthy"):
-        ev.main(["--checkpoint", str(ckpt), "--shards", str(eval_shards / "test"), "--out", str(tmp_path / "o"),
+        ev.main(["--checkpoint", str(ckpt), "--shards", str(sim_shards / "test"), "--out", str(tmp_path / "o"),
                  "--references", "--healthy", str(tmp_path)])

@@ -9,7 +9,7 @@ from torch import nn
 
 from a2b_dist import fid
 from a2b_dist.errors import UserError
-from helpers_eval import eval_config, eval_shards, standin_fid_weights  # noqa: F401  (fixtures)
+from helpers_eval import eval_config, standin_fid_weights  # noqa: F401  (fixtures)
 
 
 def test_frechet_distance_of_gaussians_closed_form():
@@ -70,15 +70,15 @@ class Identity(nn.Module):
         return x, torch.zeros_like(x[:, :1])
 
 
-def test_full_fid_path_with_standin_weights(eval_shards, standin_fid_weights, tmp_path):
+def test_full_fid_path_with_standin_weights(sim_shards, standin_fid_weights, tmp_path):
     assert fid.inception_input(-torch.ones(2, 1, 8, 8)).shape == (2, 3, 8, 8)
-    common = dict(samples=12, dims=64, weights=standin_fid_weights, seed=3, batch_size=12, image_size=32,
+    common = dict(samples=8, dims=64, weights=standin_fid_weights, seed=3, batch_size=16, image_size=32,
                   channels=1, cache_dir=tmp_path / "cache")
     # B' = x on the healthy role itself, same samples: distance 0; written to the cache on the way.
-    same = fid.translation_fid(Identity(), eval_shards / "healthy", eval_shards / "healthy", **common)
-    assert same["samples"] == same["reference_samples"] == 12 and not same["reference_cached"]
+    same = fid.translation_fid(Identity(), sim_shards / "healthy", sim_shards / "healthy", **common)
+    assert same["samples"] == same["reference_samples"] == 8 and not same["reference_cached"]
     # The test role against healthy: positive; the reference statistics now come from the cache.
-    other = fid.translation_fid(Identity(), eval_shards / "test", eval_shards / "healthy", **common)
+    other = fid.translation_fid(Identity(), sim_shards / "test", sim_shards / "healthy", **common)
     assert other["fid"] > 0 and other["reference_cached"]
     assert abs(same["fid"]) < 1e-4 * other["fid"]
     assert other["reference_cache"] == same["reference_cache"]
@@ -114,3 +114,19 @@ def test_selection_metric_fid(eval_config, standin_fid_weights):
     assert set(out) == {"fid", "fid_samples"} and out["fid"] > 0 and out["fid_samples"] == 8.0
     assert not gen.training and torch.equal(state, torch.get_rng_state())
     assert HIGHER_IS_BETTER["fid"] is False
+
+
+def test_ranks_shares_of_the_fid_samples_add_up(sim_shards, monkeypatch):
+    """Each rank picks from its own part of the role; together they hold exactly the samples one
+    process picks, so the gathered features and the FID do not depend on the number of ranks."""
+    def transform(x):
+        return x.flatten(1).mean(dim=1, keepdim=True).double().numpy()   # a cheap stand-in feature
+
+    common = dict(transform=transform, keep=0.4, seed=5, batch_size=16, device="cpu", image_size=32,
+                  channels=1, num_workers=0, skip_corrupt=False)
+    whole = fid._pick(sim_shards / "test", rank=0, world_size=1, **common)
+    monkeypatch.setattr(fid, "gather_objects", lambda obj, world_size: [obj])   # this rank's share only
+    shares = [fid._pick(sim_shards / "test", rank=r, world_size=2, **common) for r in (0, 1)]
+    assert {k for _, k, _ in whole} == {k for _, k, _ in shares[0]} | {k for _, k, _ in shares[1]}
+    assert not {k for _, k, _ in shares[0]} & {k for _, k, _ in shares[1]}
+    assert all(p < 0.4 for p, _, _ in whole) and 0 < len(whole) < 80
