@@ -178,7 +178,7 @@ class TrainingTask(submitit.helpers.Checkpointable):
         if len(nets) == 2:
             write_replica(run_dir, rank, dist_env.world_size, result["step"], attempt,
                           state_digest({k: m.state_dict() for k, m in nets.items()}))
-        if not result["stopped"]:
+        if not result["stopped"] or result["step"] >= cfg.train.steps:   # a signal at the last step: done
             if rank == 0:
                 record_event(run_dir, "finished", **attempt, step=result["step"])
             return result

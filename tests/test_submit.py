@@ -158,6 +158,23 @@ def local_task_pid(submitter: int, rank: int) -> int:
     raise AssertionError(f"no local task of rank {rank} under jobs/submit.py ({submitter})")
 
 
+def test_checkpoint_returns_a_fresh_task_until_the_requeue_limit(tmp_path, monkeypatch):
+    from a2b_dist.config import load_config, to_dict
+
+    cfg = load_config("configs/test.yaml", [f"train.run_dir={tmp_path}"])
+    monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")
+    monkeypatch.setenv("SLURM_JOB_ID", "7")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "2")
+    task = launch.TrainingTask(to_dict(cfg), resume="none", max_requeues=3)
+    again = task.checkpoint()
+    assert isinstance(again.function, launch.TrainingTask) and again.function is not task
+    assert again.function.resume == "auto" and again.function.config == task.config and not again.args
+    assert launch.TrainingTask(to_dict(cfg), max_requeues=2).checkpoint() is None
+    assert [(e["event"], e["job_id"], e["restart"]) for e in events(tmp_path)] == [
+        ("requeue", "7", 2), ("not requeued", "7", 2)]
+    assert "--max-requeues" in events(tmp_path)[1]["reason"]
+
+
 def test_local_cluster_two_ddp_tasks_survive_preemption(sim_shards, tmp_path):
     """`--cluster local --gpus-per-node 2`: two gloo tasks through submitit's local executor. USR2 to
     rank 0 mid-run: both ranks stop at one step and save it; only then does submitit's handler call
