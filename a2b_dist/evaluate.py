@@ -20,6 +20,7 @@ import io
 import json
 import math
 import os
+import random
 import sys
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
@@ -361,9 +362,7 @@ def selection_metric(generator: torch.nn.Module, cfg, *, device: str | torch.dev
     """
     was_training = generator.training
     devices = [torch.device(device).index or 0] if torch.device(device).type == "cuda" else []
-    np_state = np.random.get_state()
-    import random
-    py_state = random.getstate()
+    np_state, py_state = np.random.get_state(), random.getstate()
     generator.eval()
     try:
         # fork_rng: whatever the data loaders draw from torch's global RNG is put back afterwards.
@@ -475,7 +474,8 @@ def plot_panel(path: str | os.PathLike, key: str, label: Optional[int], score: f
     axes[1].imshow(b, cmap=cmap, vmin=0, vmax=1)
     axes[2].imshow(arrays["mask"], cmap="viridis", vmin=0, vmax=1)
     axes[3].imshow(x, cmap=cmap, vmin=0, vmax=1)
-    heat = axes[3].imshow(arrays["diff"], cmap="inferno", alpha=0.55, vmin=0, vmax=max(float(arrays["diff"].max()), 1e-6))
+    # One colour scale for every panel (|x - B'| in the [-1, 1] image units), so panels compare.
+    heat = axes[3].imshow(arrays["diff"], cmap="inferno", alpha=0.55, vmin=0, vmax=1)
     fig.colorbar(heat, ax=axes[3], fraction=0.046, pad=0.04)
     if arrays["gt"] is not None and arrays["gt"].any():
         for ax in (axes[0], axes[2], axes[3]):
@@ -644,6 +644,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     if accelerator.is_main_process:
         out = Path(args.out)
         (out / "maps").mkdir(parents=True, exist_ok=True)
+        for stale in [*(out / "maps").glob("healthy-*.png"), *(out / "maps").glob("anomalous-*.png")]:
+            stale.unlink()  # panels of an earlier run into the same folder
         write_scores_csv(out / "scores.csv", result, score)
         plot_roc(out / "roc.png", result, score)
         by_key = {k: i for i, k in enumerate(result["key"])}
