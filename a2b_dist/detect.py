@@ -23,7 +23,7 @@ import torch
 
 from a2b_dist import losses
 from a2b_dist.errors import UserError
-from a2b_dist.evaluate import SCORE_KINDS, _safe_name, plot_panel, write_atomic
+from a2b_dist.evaluate import SCORE_KINDS, safe_name, plot_panel, write_atomic
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 
@@ -140,7 +140,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             rel = p.relative_to(root).as_posix()
             rows.append((rel, float(values[i])))
             if args.maps:
-                plot_panel(out / "maps" / f"{_safe_name(rel)}.png", rel, None, float(values[i]), {
+                plot_panel(out / "maps" / f"{safe_name(rel)}.png", rel, None, float(values[i]), {
                     "x": x[i].cpu().numpy(), "b_prime": b_prime[i].cpu().numpy(),
                     "mask": m[i, 0].cpu().numpy(), "diff": diff[i, 0].cpu().numpy(), "gt": None})
 

@@ -33,7 +33,6 @@ from a2b_dist import losses
 from a2b_dist.errors import UserError
 
 SCORE_KINDS = ("mean", "topk")
-REFERENCE_KINDS = ("greyness", "healthy_distance")
 HIGHER_IS_BETTER = {"val_auc": True, "fid": False}
 
 
@@ -512,7 +511,8 @@ def plot_masks(path: str | os.PathLike, panels: dict) -> None:
     plt.close(fig)
 
 
-def _safe_name(key: str) -> str:
+def safe_name(key: str) -> str:
+    """A key or relative path as a file name: anything but letters, digits, - _ . becomes _."""
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in key)
 
 
@@ -651,7 +651,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         by_key = {k: i for i, k in enumerate(result["key"])}
         for cls, entries in result["panels"].items():
             for key, arrays in entries:
-                plot_panel(out / "maps" / f"{'anomalous' if cls else 'healthy'}-{_safe_name(key)}.png",
+                plot_panel(out / "maps" / f"{'anomalous' if cls else 'healthy'}-{safe_name(key)}.png",
                            key, cls, float(result["scores"][score][by_key[key]]), arrays)
         if result["panels"][0] or result["panels"][1]:
             plot_masks(out / "masks.png", result["panels"])
