@@ -17,6 +17,7 @@ checkpoint untouched. Everything is safetensors or JSON: loading never unpickles
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -264,6 +265,20 @@ def export_generator(checkpoint: str | Path, out: str | Path) -> Path:
                 "step": meta["step"], "source": str(ckpt)}, tmp)
     os.replace(tmp, out)
     return out
+
+
+def state_digest(states: dict) -> str:
+    """SHA-256 over {"G": state_dict, "D": state_dict}: names, dtypes, shapes and bytes.
+
+    Equal digests on every rank mean the DDP replicas hold identical weights.
+    """
+    h = hashlib.sha256()
+    for name in sorted(states):
+        for key in sorted(states[name]):
+            t = states[name][key].detach().to("cpu").contiguous()
+            h.update(f"{name}/{key}:{t.dtype}:{tuple(t.shape)};".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def checkpoint_config(path: str | Path) -> Config:

@@ -22,8 +22,6 @@ rank holds when training returns; equal digests mean the DDP replicas agree).
 """
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -33,7 +31,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Optional
 
 import submitit
 import torch
@@ -89,43 +87,10 @@ class StopOnSignal:
             self.submitit_handler(self.signum, None)
 
 
-@contextlib.contextmanager
-def capture_networks() -> Iterator[dict]:
-    """Yield {"G": generator, "D": critic} as the trainer first runs them (a global forward hook)."""
-    from a2b_dist.nets import Critic, Generator
-
-    found: dict = {}
-
-    def hook(module: torch.nn.Module, args: Any) -> None:
-        if isinstance(module, Generator):
-            found.setdefault("G", module)
-        elif isinstance(module, Critic):
-            found.setdefault("D", module)
-        if len(found) == 2:
-            handle.remove()
-
-    handle = torch.nn.modules.module.register_module_forward_pre_hook(hook)
-    try:
-        yield found
-    finally:
-        handle.remove()
-
-
-def state_digest(states: dict) -> str:
-    """SHA-256 over {"G": state_dict, "D": state_dict}: names, dtypes, shapes and bytes."""
-    h = hashlib.sha256()
-    for name in sorted(states):
-        for key in sorted(states[name]):
-            t = states[name][key].detach().to("cpu").contiguous()
-            h.update(f"{name}/{key}:{t.dtype}:{tuple(t.shape)};".encode())
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
 def checkpoint_digest(path: str | Path) -> str:
     """The digest of a checkpoint's generator and critic weights (as state_digest)."""
     state, _, _, _ = ckpt.load_checkpoint(path, 0, prefixes=("/G/", "/D/"))
-    return state_digest({"G": state["G"], "D": state["D"]})
+    return ckpt.state_digest({"G": state["G"], "D": state["D"]})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -168,16 +133,13 @@ class TrainingTask(submitit.helpers.Checkpointable):
                          master=f"{dist_env.master_addr}:{dist_env.master_port}", host=socket.gethostname(),
                          resume=resume, resume_step=_resume_step(resume, newest))
         try:
-            with capture_networks() as nets:
-                result = train(cfg, resume=resume, stop_requested=stop,
-                               argv=[sys.argv[0], f"submitit task {attempt['job_id']}", f"resume={resume}"])
+            result = train(cfg, resume=resume, stop_requested=stop,
+                           argv=[sys.argv[0], f"submitit task {attempt['job_id']}", f"resume={resume}"])
         except Exception as e:
             if rank == 0:
                 record_event(run_dir, "failed", **attempt, error=f"{type(e).__name__}: {e}")
             raise
-        if len(nets) == 2:
-            write_replica(run_dir, rank, dist_env.world_size, result["step"], attempt,
-                          state_digest({k: m.state_dict() for k, m in nets.items()}))
+        write_replica(run_dir, rank, dist_env.world_size, result["step"], attempt, result["weights_digest"])
         if not result["stopped"] or result["step"] >= cfg.train.steps:   # a signal at the last step: done
             if rank == 0:
                 record_event(run_dir, "finished", **attempt, step=result["step"])

@@ -30,7 +30,7 @@ import torch.distributed as dist
 
 from a2b_dist import checkpoint as ckpt
 from a2b_dist import losses as L
-from a2b_dist.config import Config, ConfigError, save_config, to_dict
+from a2b_dist.config import Config, ConfigError, save_config
 from a2b_dist.errors import UserError
 from a2b_dist.nets import build_critic, build_generator
 
@@ -292,7 +292,10 @@ def _resume_path(cfg: Config, resume: str) -> Optional[Path]:
 def train(cfg: Config, *, resume: str = "auto", argv: Optional[list[str]] = None,
           stop_requested: Optional[Callable[[], bool]] = None, until_step: Optional[int] = None,
           on_evaluation: Optional[Callable[[int, dict, Optional[Path]], None]] = None) -> dict:
-    """Train (or resume) A2B-GAN as configured; returns {"step", "stopped", "run_dir", "best"}.
+    """Train (or resume) A2B-GAN as configured.
+
+    Returns {"step", "stopped", "run_dir", "best", "weights_digest"} on every rank; the digest
+    (checkpoint.state_digest of both networks) is equal on all ranks when the replicas agree.
 
     ``stop_requested`` is polled on every rank after each step (only one rank needs to say yes: the
     answer is agreed through the per-step all-reduce); then all ranks save one checkpoint together
@@ -351,7 +354,8 @@ def train(cfg: Config, *, resume: str = "auto", argv: Optional[list[str]] = None
                                                   f"now {world}: data streams and RNG reseeded)"))
     if step >= cfg.train.steps:
         accelerator.print(f"nothing to do: step {step} >= train.steps={cfg.train.steps}")
-        return {"step": step, "stopped": False, "run_dir": str(run_dir), "best": best}
+        digest = ckpt.state_digest({"G": models.G.state_dict(), "D": models.D.state_dict()})
+        return {"step": step, "stopped": False, "run_dir": str(run_dir), "best": best, "weights_digest": digest}
 
     def save(target: Path, **extra) -> Path:
         rank_state = {"streams": {role: s.state_dict() for role, s in streams.items()}, "step": step}
@@ -466,7 +470,8 @@ def train(cfg: Config, *, resume: str = "auto", argv: Optional[list[str]] = None
         bar.close()
         log.close()
     accelerator.wait_for_everyone()
-    return {"step": step, "stopped": stopped, "run_dir": str(run_dir), "best": best}
+    digest = ckpt.state_digest({"G": models.G.state_dict(), "D": models.D.state_dict()})
+    return {"step": step, "stopped": stopped, "run_dir": str(run_dir), "best": best, "weights_digest": digest}
 
 
 def _better(metric: str, value: float, best: Optional[dict]) -> bool:
