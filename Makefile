@@ -31,7 +31,10 @@ demo-data: $(STAMP)
 
 demo: demo-data
 	$(VENV)/bin/a2b train --config configs/demo.yaml train.run_dir=$(DEMO_RUN) data.root=$(DEMO_DATA)
-	$(VENV)/bin/a2b evaluate --checkpoint $(DEMO_RUN) --shards $(DEMO_DATA)/test --out $(DEMO_RUN)/eval --references
+	$(VENV)/bin/a2b evaluate --checkpoint $(DEMO_RUN)/best --shards $(DEMO_DATA)/test --out $(DEMO_RUN)/eval --references
+	@$(PY) -c "import json; m = json.load(open('$(DEMO_RUN)/eval/metrics.json')); \
+	print('\ndemo: image AUROC %.3f on %d test images (from $(DEMO_RUN)/eval/metrics.json)' % (m['auroc'], m['counts']['samples'])); \
+	print('pictures: $(DEMO_RUN)/eval/maps/ (input | B\' | mask | heat map), $(DEMO_RUN)/eval/roc.png, $(DEMO_RUN)/eval/masks.png, $(DEMO_RUN)/samples/')"
 
 clean:
 	rm -rf $(VENV) build *.egg-info
