@@ -77,6 +77,17 @@ def focus_loss(mask: torch.Tensor, lambda_fs: float, lambda_fz: float, eps: floa
     return (lambda_fs * size + lambda_fz * zero_one).mean()
 
 
+def focus_ramp(step: int, warmup_steps: int) -> float:
+    """Weight of the focus loss at ``step``: 0 -> 1 linearly over ``warmup_steps`` (0: always 1).
+
+    Council GAN switches its focus loss on late; a ramp lets the mask learn where to look before
+    the loss pushes it to be small and binary.
+    """
+    if warmup_steps <= 0:
+        return 1.0
+    return min(1.0, step / warmup_steps)
+
+
 def anomaly_map(x: torch.Tensor, b_prime: torch.Tensor) -> torch.Tensor:
     """Difference map |x - B'| averaged over channels: (B, C, H, W) -> (B, 1, H, W)."""
     return (x.float() - b_prime.float()).abs().mean(dim=1, keepdim=True)

@@ -121,7 +121,7 @@ class A2BUpdates:
         rec = L.reconstruction_loss(a, a_prime)                                # Eq. 7
         idt = L.identity_loss(b_int_b, b)                                      # Eq. 6
         focus = L.focus_loss(mask, cfg.lambda_fs, cfg.lambda_fz, cfg.focus_eps)  # Eq. 8, both paths
-        ramp = min(1.0, step / cfg.focus_warmup_steps) if cfg.focus_warmup_steps else 1.0
+        ramp = L.focus_ramp(step, cfg.focus_warmup_steps)
         loss = adv + cfg.lambda_rec * rec + cfg.lambda_id * idt + cfg.lambda_f * ramp * focus  # Eq. 10
         return loss, {"loss_g": loss.detach(), "adv_g": adv.detach(), "rec": rec.detach(),
                       "idt": idt.detach(), "focus": focus.detach()}

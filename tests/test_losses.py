@@ -109,3 +109,10 @@ def test_linear_decay_schedule():
     assert L.linear_decay_lr(1e-4, 8, 10, 4) == pytest.approx(0.5e-4)
     assert L.linear_decay_lr(1e-4, 9, 10, 4) == pytest.approx(0.25e-4)
     assert L.linear_decay_lr(1e-4, 3, 10, 0) == 1e-4
+
+
+def test_focus_ramp():
+    assert L.focus_ramp(0, 0) == 1.0 and L.focus_ramp(5, 0) == 1.0
+    assert L.focus_ramp(0, 100) == 0.0
+    assert L.focus_ramp(25, 100) == 0.25
+    assert L.focus_ramp(100, 100) == 1.0 and L.focus_ramp(500, 100) == 1.0
