@@ -386,7 +386,8 @@ def run_trial_ddp(params: dict, *, base: dict, runs_dir: str, workers: int, use_
 
     thread = threading.Thread(target=fit, daemon=True)
     thread.start()
-    while True:
+    stop = _ray_stop_event()
+    while stop is None or not stop.is_set():   # once Ray stops the trial it ends this actor and its workers
         try:
             row, checkpoint = results.get(timeout=1.0)
         except (Empty, queue_mod.Empty):

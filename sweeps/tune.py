@@ -39,6 +39,7 @@ SCHEDULERS = ("asha", "pbt", "none")
 METRICS = ("val_auc", "fid")
 SWEEP_FILE = "sweep.json"     # the sweep's base config and space, so --resume runs exactly the same trials
 RUNS = "runs"                  # STORAGE/NAME/runs/<trial_id>: each trial's train.run_dir
+TRIAL_PLACEHOLDER_CPU = 0.01   # what a multi-process trial holds besides its Ray Train workers
 
 
 class _Parser(argparse.ArgumentParser):
@@ -160,10 +161,13 @@ def start_ray(args: argparse.Namespace, gpus: float, cpus: float, workers: int) 
     if gpus > have.get("GPU", 0):
         ray.shutdown()
         raise UserError(f"--gpus-per-trial {gpus:g}: the Ray cluster has {have.get('GPU', 0):g} GPUs")
-    if cpus * workers > have.get("CPU", 0):
+    # A multi-process trial also holds TRIAL_PLACEHOLDER_CPU for itself while its workers run.
+    need = cpus * workers + (TRIAL_PLACEHOLDER_CPU if workers > 1 else 0)
+    if need > have.get("CPU", 0):
         ray.shutdown()
-        raise UserError(f"--cpus-per-trial {cpus:g} x {workers} process(es) is more than the Ray cluster's "
-                        f"{have.get('CPU', 0):g} CPUs")
+        raise UserError(f"--cpus-per-trial {cpus:g}: a trial needs {need:g} CPUs ({workers} process(es)"
+                        + (" and the trial itself" if workers > 1 else "")
+                        + f"), more than the Ray cluster's {have.get('CPU', 0):g}")
 
 
 def make_trainable(base: dict, runs_dir: Path, args: argparse.Namespace, workers: int):
@@ -172,8 +176,9 @@ def make_trainable(base: dict, runs_dir: Path, args: argparse.Namespace, workers
     if workers > 1:
         fn = tune.with_parameters(sweep.run_trial_ddp, base=base, runs_dir=str(runs_dir), workers=workers,
                                   use_gpu=args.gpus_per_trial > 0, cpus_per_worker=args.cpus_per_trial)
-        # The trial itself only waits on Ray Train's workers, which take their own resources.
-        return tune.with_resources(fn, {"cpu": 0})
+        # The trial itself only waits on Ray Train's workers, which take their own resources
+        # (Ray wants some resource per trial).
+        return tune.with_resources(fn, {"cpu": TRIAL_PLACEHOLDER_CPU})
     fn = tune.with_parameters(sweep.run_trial, base=base, runs_dir=str(runs_dir))
     return tune.with_resources(fn, {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial})
 
@@ -212,9 +217,10 @@ def run_tuner(args: argparse.Namespace, exp: Path, base: dict, space: dict[str, 
     import numpy as np
     np.random.seed(seed)
     import ray
-    max_concurrent = None
+    max_concurrent = 0   # no limit: trials wait for their resources
     if workers > 1:
-        per_trial = args.gpus_per_trial if args.gpus_per_trial > 0 else workers * args.cpus_per_trial
+        per_trial = (args.gpus_per_trial if args.gpus_per_trial > 0
+                     else workers * args.cpus_per_trial + TRIAL_PLACEHOLDER_CPU)
         have = ray.cluster_resources().get("GPU" if args.gpus_per_trial > 0 else "CPU", 0)
         max_concurrent = max(1, int(have // per_trial))
     tuner = tune.Tuner(
@@ -223,7 +229,9 @@ def run_tuner(args: argparse.Namespace, exp: Path, base: dict, space: dict[str, 
         tune_config=tune.TuneConfig(
             metric=args.metric, mode="max" if _higher(args.metric) else "min", num_samples=args.num_samples,
             scheduler=make_scheduler(args.scheduler, space, evaluations),
-            search_alg=BasicVariantGenerator(random_state=seed), max_concurrent_trials=max_concurrent,
+            # Trials of several processes: only as many at once as the cluster holds, as each trial's
+            # own placeholder takes almost nothing and its workers queue for the rest.
+            search_alg=BasicVariantGenerator(random_state=seed, max_concurrent=max_concurrent),
             reuse_actors=workers == 1, trial_name_creator=sweep.trial_name,
             trial_dirname_creator=sweep.trial_dirname),
         run_config=tune.RunConfig(
