@@ -421,7 +421,7 @@ def train(cfg: Config, *, resume: str = "auto", argv: Optional[list[str]] = None
             else:
                 bad = [k for k, v in zip(LOSS_TERMS, vec.tolist()) if not math.isfinite(v)]
                 raise NonFiniteLoss(
-                    f"step {step}: loss term {', '.join(bad)} is not finite; stopped without saving. "
+                    f"step {step}: non-finite loss ({', '.join(bad)}); stopped without saving. "
                     f"The last good checkpoint is {last_good or 'none (no checkpoint yet)'}; lower the "
                     f"learning rates or use train.mixed_precision=no/bf16 and resume from it.")
             stopped = vec[-1].item() > 0

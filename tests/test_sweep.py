@@ -173,7 +173,7 @@ def test_bad_arguments(args, words, sim_shards, tmp_path, capsys):
 def test_bad_arguments_from_the_command_line(args, words, sim_shards, tmp_path):
     cmd = tune_cmd("--config", str(ROOT / "configs" / "test.yaml"), f"data.root={sim_shards}",
                    "--storage", str(tmp_path), *args)
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=sweep_env(), timeout=120)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=sweep_env(), timeout=600)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and words in lines[0], proc.stderr
@@ -183,7 +183,7 @@ def test_more_gpus_than_the_cluster_has(sim_shards, tmp_path):
     # Multi-GPU trials go through Ray Train's TorchTrainer; here Ray starts and says it has no GPU.
     proc = subprocess.run(tune_cmd("--config", str(ROOT / "configs" / "test.yaml"), f"data.root={sim_shards}",
                                    "--metric", "val_auc", "--gpus-per-trial", "2", "--storage", str(tmp_path)),
-                          capture_output=True, text=True, env=sweep_env(), timeout=120)
+                          capture_output=True, text=True, env=sweep_env(), timeout=600)
     assert proc.returncode == 2
     assert "error: --gpus-per-trial 2: the Ray cluster has 0 GPUs" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -203,7 +203,7 @@ def test_asha_sweep_killed_then_resumed_and_best_config_trains(sim_shards, tmp_p
 
     # Kill the driver (SIGKILL: no chance to clean up) once Ray has recorded a finished trial
     # while others still run or wait.
-    deadline = time.time() + 180
+    deadline = time.time() + 600
     try:
         while True:
             status = trial_status(exp)
@@ -214,7 +214,7 @@ def test_asha_sweep_killed_then_resumed_and_best_config_trains(sim_shards, tmp_p
             assert time.time() < deadline, f"no trial finished in time:\n{_tail(tmp_path / 'first.log')}"
             time.sleep(0.3)
         os.kill(driver.pid, signal.SIGKILL)
-        driver.wait(timeout=30)
+        driver.wait(timeout=120)
     finally:
         if driver.poll() is None:
             driver.kill()
@@ -234,7 +234,7 @@ def test_asha_sweep_killed_then_resumed_and_best_config_trains(sim_shards, tmp_p
     assert all(len(launches(exp, t)) == 1 for t in done)
 
     proc = subprocess.run(tune_cmd(*args, "--resume"), capture_output=True, text=True, env=sweep_env(),
-                          timeout=240)
+                          timeout=900)
     (tmp_path / "resume.log").write_text(proc.stdout + proc.stderr)
     assert proc.returncode == 0, _tail(tmp_path / "resume.log")
     assert "4 trials of sweep asha, best first (val_auc, higher is better)" in proc.stdout
@@ -269,7 +269,7 @@ def test_asha_sweep_killed_then_resumed_and_best_config_trains(sim_shards, tmp_p
     assert cfg.loss.lambda_rec == pytest.approx(float(rows[0]["loss.lambda_rec"]), rel=1e-3)
     assert cfg.optim.lr_g == cfg.optim.lr_d == pytest.approx(float(rows[0]["optim.lr"]), rel=1e-3)
     train = subprocess.run([sys.executable, "-m", "a2b_dist.cli", "train", "--config", str(exp / "best.yaml")],
-                           capture_output=True, text=True, timeout=180, cwd=tmp_path)
+                           capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert train.returncode == 0, train.stderr[-3000:]
     assert (Path(cfg.train.run_dir) / "checkpoints" / "step-000000006" / "meta.json").is_file()
 
@@ -281,7 +281,7 @@ def test_pbt_sweep_by_fid_with_standin_weights(sim_shards, standin_fid_weights, 
                  f"eval.fid_weights={standin_fid_weights}", "eval.fid_dims=64", "eval.fid_samples=8",
                  "--metric", "fid", "--num-samples", "2", "--scheduler", "pbt", "--seed", "3",
                  "--storage", str(tmp_path / "sweeps"), "--name", "fid"),
-        capture_output=True, text=True, env=sweep_env(), timeout=240)
+        capture_output=True, text=True, env=sweep_env(), timeout=900)
     (tmp_path / "pbt.log").write_text(proc.stdout + proc.stderr)
     assert proc.returncode == 0, _tail(tmp_path / "pbt.log")
     assert "2 trials of sweep fid, best first (fid, lower is better)" in proc.stdout
@@ -306,7 +306,7 @@ def test_multi_process_trial_through_ray_train(sim_shards, tmp_path):
                  "train.steps=4", "--metric", "val_auc", "--num-samples", "1", "--scheduler", "none",
                  "--workers-per-trial", "2", "--cpus-per-trial", "0.5",
                  "--storage", str(tmp_path / "sweeps"), "--name", "ddp"),
-        capture_output=True, text=True, env=sweep_env(), timeout=240)
+        capture_output=True, text=True, env=sweep_env(), timeout=900)
     (tmp_path / "ddp.log").write_text(proc.stdout + proc.stderr)
     assert proc.returncode == 0, _tail(tmp_path / "ddp.log")
     [row] = read_table(exp)
