@@ -99,20 +99,23 @@ def sacct_states(env: dict, job_id: str) -> list[str]:
     return [line.split()[0] for line in out.splitlines() if line.strip()]
 
 
-def wait_done(env: dict, job_id: str, run_dir: Path, timeout: float = 240) -> list[str]:
+def wait_done(env: dict, job_id: str, run_dir: Path, timeout: float = 600) -> list[str]:
+    """Poll sacct until the job ends; the deadline only guards against a hang (not a speed check)."""
     deadline = time.time() + timeout
     while True:
         states = sacct_states(env, job_id)
         if states and states[-1] in DONE:
             return states
-        assert time.time() < deadline, f"job {job_id} still {states} after {timeout} s\n{logs(run_dir)}"
+        if time.time() > deadline:
+            pytest.fail(f"job {job_id} still {states} after {timeout} s (hung?)\n{logs(run_dir)}")
         time.sleep(0.5)
 
 
-def wait_step(run_dir: Path, step: int, timeout: float = 120) -> None:
+def wait_step(run_dir: Path, step: int, timeout: float = 300) -> None:
     deadline = time.time() + timeout
     while not [s for s in metric_steps(run_dir) if s >= step]:
-        assert time.time() < deadline, f"no step {step} after {timeout} s\n{logs(run_dir)}"
+        if time.time() > deadline:
+            pytest.fail(f"no step {step} after {timeout} s (hung?)\n{logs(run_dir)}")
         time.sleep(0.1)
 
 

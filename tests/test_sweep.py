@@ -211,7 +211,8 @@ def test_asha_sweep_killed_then_resumed_and_best_config_trains(sim_shards, tmp_p
             if done and len(status) == 4 and len(done) < 4:
                 break
             assert driver.poll() is None, f"the sweep ended before it could be killed:\n{_tail(tmp_path / 'first.log')}"
-            assert time.time() < deadline, f"no trial finished in time:\n{_tail(tmp_path / 'first.log')}"
+            if time.time() > deadline:   # a hang guard, not a speed check
+                pytest.fail(f"no trial finished in time:\n{_tail(tmp_path / 'first.log')}")
             time.sleep(0.3)
         os.kill(driver.pid, signal.SIGKILL)
         driver.wait(timeout=120)
