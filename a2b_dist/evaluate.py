@@ -9,7 +9,8 @@ Several processes (every sample is scored exactly once across ranks; rank 0 writ
 
 The paper's score (section 3.3, 4) is the mean of the difference map |x - B'|; ``topk`` (the mean of
 the largest topk_percent of the map) is reported beside it. Files written to --out:
-metrics.json, scores.csv, roc.png, masks.png, maps/<class>-<key>.png.
+metrics.json, scores.csv, roc.png, masks.png, maps/<class>-<key>.png; with ``--group-by patient``
+also groups.csv and a ``groups`` entry in metrics.json (AUROC of each group's mean and max score).
 """
 from __future__ import annotations
 
@@ -346,6 +347,50 @@ def summarise_result(result: dict, *, score: str) -> dict:
     }
 
 
+def group_metrics(keys: Sequence[str], labels: np.ndarray, scores: np.ndarray, groups: dict[str, str]) -> dict:
+    """Scores aggregated per group (patient, volume): each group's mean and max image score, its
+    label anomalous when any of its images is (unknown when any is unknown), and image_metrics of
+    both aggregates over the groups. ``groups`` maps each key to its group."""
+    if not len(keys):
+        raise UserError("no scored samples to group")
+    members: dict[str, list[int]] = {}
+    for i, key in enumerate(keys):
+        members.setdefault(groups[key], []).append(i)
+    names = sorted(members)
+    group_labels = np.array([-1 if (labels[members[g]] < 0).any() else int((labels[members[g]] > 0).any())
+                             for g in names], dtype=np.int64)
+    mean = np.array([scores[members[g]].mean() for g in names])
+    top = np.array([scores[members[g]].max() for g in names])
+    return {"groups": len(names), "images_per_group": {"min": min(map(len, members.values())),
+                                                         "max": max(map(len, members.values()))},
+            "mean": image_metrics(group_labels, mean), "max": image_metrics(group_labels, top),
+            "table": [(g, int(group_labels[i]), len(members[g]), float(mean[i]), float(top[i]))
+                      for i, g in enumerate(names)]}
+
+
+def sample_groups(role_dir: str | os.PathLike, field: str) -> dict[str, str]:
+    """key -> the value of ``field`` in each sample's json (``patient``, ``volume``, ``group``)."""
+    from a2b_dist.data.manifest import sample_origins
+
+    out = {}
+    for key, origin in sample_origins(role_dir).items():
+        value = origin.get(field)
+        if value is None or isinstance(value, (dict, list)):
+            raise UserError(f"--group-by {field}: sample {key!r} in {role_dir} has no {field!r} in its json; "
+                            "shards from `shards/build.py dicom` carry patient and group, `nifti` volume and group")
+        out[key] = str(value)
+    return out
+
+
+def write_groups_csv(path: str | os.PathLike, field: str, table: list[tuple]) -> None:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow([field, "label", "images", "score_mean", "score_max"])
+    for name, label, n, mean, top in table:
+        writer.writerow([name, label, n, f"{mean:.6g}", f"{top:.6g}"])
+    write_atomic(path, buf.getvalue())
+
+
 # ---------------------------------------------------------------------------------------------
 # Model selection hook for the trainer
 
@@ -549,6 +594,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="picks the panel and FID samples (default 0)")
     p.add_argument("--num-workers", type=int, default=0, help="loader processes per process (default 0)")
     p.add_argument("--skip-corrupt", action="store_true", help="skip undecodable samples and count them")
+    p.add_argument("--group-by", default=None, metavar="FIELD",
+                   help="also aggregate scores per group named by this field of each sample's json "
+                        "(patient, volume, group): mean and max score, AUROC per group; writes groups.csv")
     return p
 
 
@@ -607,6 +655,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     generator, cfg = load_generator(args.checkpoint, device=device)
     size, channels = cfg.data.image_size, cfg.data.channels
     manifest = read_manifest(args.shards, image_size=size, channels=channels)
+    groups = sample_groups(args.shards, args.group_by) if args.group_by else None  # fail before scoring
     if args.fid:  # fail before the long passes when the Inception weights are missing
         from a2b_dist import fid
         fid.find_weights(args.fid_weights or cfg.eval.fid_weights)
@@ -631,6 +680,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     metrics["counts"]["manifest"] = expected
     if not args.references:
         metrics.pop("references")
+    grouped = None
+    if groups is not None:
+        grouped = group_metrics(result["key"], result["label"], result["scores"][score], groups)
+        metrics["groups"] = {"by": args.group_by, "score": score,
+                             **{k: v for k, v in grouped.items() if k != "table"}}
 
     if args.fid:
         metrics["fid"] = fid.translation_fid(
@@ -647,6 +701,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         for stale in [*(out / "maps").glob("healthy-*.png"), *(out / "maps").glob("anomalous-*.png")]:
             stale.unlink()  # panels of an earlier run into the same folder
         write_scores_csv(out / "scores.csv", result, score)
+        if grouped is not None:
+            write_groups_csv(out / "groups.csv", args.group_by, grouped["table"])
         plot_roc(out / "roc.png", result, score)
         by_key = {k: i for i, k in enumerate(result["key"])}
         for cls, entries in result["panels"].items():
@@ -678,6 +734,10 @@ def _report(metrics: dict, out: Path, expected: Optional[int]) -> None:
     if mask:
         print(f"mask: inside/outside {_fmt(mask['mask_inside_outside_ratio'])}   per-pixel std "
               f"{_fmt(mask['mask_pixel_std'])}   pixel AUROC of M {_fmt(mask['mask_pixel_auroc'])}")
+    if "groups" in metrics:
+        g = metrics["groups"]
+        print(f"per {g['by']} ({g['groups']} groups): AUROC of the mean score {_fmt(g['mean']['auroc'])}   "
+              f"of the max score {_fmt(g['max']['auroc'])}")
     if "fid" in metrics:
         print(f"FID: {metrics['fid']['fid']:.3f} ({metrics['fid']['samples']} samples)")
     print(f"wrote {out}/metrics.json, scores.csv, roc.png, masks.png, maps/")

@@ -6,6 +6,10 @@
     python shards/build.py folder --images xrays/test --labels xrays/test.csv --role test --out data/xray --size 256 --channels 1
     python shards/build.py npz --file pneumoniamnist.npz --images-key train_images --labels-key train_labels \
         --out data/pneumonia --size 28 --channels 1 --split healthy=0.4,mixed=0.4,val=0.05,test=0.15
+    python shards/build.py dicom --images scans/ --labels scans/labels.csv --out data/cxr --size 256 --channels 1 \
+        --split healthy=0.4,mixed=0.4,val=0.05,test=0.15 --window 2048,4096
+    python shards/build.py nifti --volumes brains/ --labels brains/labels.csv --axis 2 --out data/brain \
+        --size 128 --channels 1 --split healthy=0.4,mixed=0.4,val=0.05,test=0.15
 
 Each role lands in OUT/<role>/ all at once: a failed build leaves no output folder behind.
 """
@@ -20,6 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 from a2b_dist.data.manifest import ROLES, DataError  # noqa: E402
+from a2b_dist.data.medical import SliceRule, dicom_roles, nifti_roles, parse_window  # noqa: E402
 from a2b_dist.data.simulate import SOURCES, simulated_roles  # noqa: E402
 from a2b_dist.data.sources import folder_role, npz_roles  # noqa: E402
 from a2b_dist.data.write import write_roles  # noqa: E402
@@ -57,6 +62,24 @@ def byte_size(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not a size in bytes (e.g. 1000000, 500M, 1G)") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text} must be at least 1 byte")
+    return value
+
+
+def pair_of_floats(text: str) -> tuple[float, float]:
+    try:
+        low, high = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not two numbers LOW,HIGH") from None
+    return low, high
+
+
+def share(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{text} must be in [0, 1]")
     return value
 
 
@@ -105,6 +128,35 @@ def build_parser() -> argparse.ArgumentParser:
                      help="role=count or role=fraction (of all samples), comma-separated")
     common(npz)
 
+    group_split = ("whole groups per role: role=count or role=fraction (of all groups), comma-separated; "
+                   "no group (patient, volume) lands in two roles")
+    dicom = commands.add_parser("dicom", help="DICOM files (pydicom), split into roles by patient")
+    dicom.add_argument("--images", required=True, type=Path, help="folder searched recursively for .dcm/.dicom")
+    dicom.add_argument("--labels", type=Path,
+                       help="CSV with columns path,label[,mask][,GROUP]; required for val/test; its rows are the samples")
+    dicom.add_argument("--group-column", help="CSV column holding the patient (default: the header's PatientID)")
+    dicom.add_argument("--window", help="CENTRE,WIDTH on the rescaled values (default: the file's window, "
+                                        "else each image's range)")
+    dicom.add_argument("--bit-depth", type=int, choices=(8, 16), default=16, help="stored levels (default 16)")
+    dicom.add_argument("--split", default="healthy=0.4,mixed=0.4,val=0.05,test=0.15", help=group_split)
+    common(dicom)
+
+    nifti = commands.add_parser("nifti", help="NIfTI volumes (nibabel) cut into 2-D slices, split by volume")
+    nifti.add_argument("--volumes", required=True, type=Path, help="folder searched recursively for .nii/.nii.gz")
+    nifti.add_argument("--labels", type=Path, help="CSV with columns path,label[,mask] per volume; "
+                                                   "a mask volume labels each slice")
+    nifti.add_argument("--axis", type=int, choices=(0, 1, 2), default=2,
+                       help="slice axis after reorientation to RAS: 0 sagittal, 1 coronal, 2 axial (default)")
+    nifti.add_argument("--percentiles", type=pair_of_floats, default=(0.5, 99.5),
+                       help="LOW,HIGH per-volume percentiles mapped to 0 and 1 (default 0.5,99.5)")
+    nifti.add_argument("--foreground-level", type=share, default=0.1,
+                       help="a pixel is foreground above this normalised value (default 0.1)")
+    nifti.add_argument("--min-foreground", type=share, default=0.05,
+                       help="a slice is kept with at least this share of foreground pixels (default 0.05)")
+    nifti.add_argument("--bit-depth", type=int, choices=(8, 16), default=16, help="stored levels (default 16)")
+    nifti.add_argument("--split", default="healthy=0.4,mixed=0.4,val=0.05,test=0.15", help=group_split)
+    common(nifti)
+
     sim = commands.add_parser("simulated", help="the paper's section 4.3 squares on packaged images")
     sim.add_argument("--source", required=True, choices=SOURCES)
     sim.add_argument("--scale", type=unit_fraction, default=1.0, help="shrink every role (small test sets)")
@@ -129,6 +181,20 @@ def main(argv: list[str] | None = None) -> int:
                 size=args.size, channels=args.channels, split=args.split, seed=args.seed,
             )
             channels = args.channels
+        elif args.command == "dicom":
+            roles, source, bit_depth = dicom_roles(
+                args.images, size=args.size, channels=args.channels, split=args.split, labels_csv=args.labels,
+                group_column=args.group_column, window=parse_window(args.window), bit_depth=args.bit_depth,
+                seed=args.seed,
+            )
+            channels = args.channels
+        elif args.command == "nifti":
+            rule = SliceRule(args.percentiles, args.foreground_level, args.min_foreground)
+            roles, source, bit_depth = nifti_roles(
+                args.volumes, size=args.size, channels=args.channels, split=args.split, axis=args.axis,
+                labels_csv=args.labels, rule=rule, bit_depth=args.bit_depth, seed=args.seed,
+            )
+            channels = args.channels
         else:
             roles, source = simulated_roles(args.source, args.size, args.seed, args.scale)
             bit_depth, channels = 8, 1
@@ -147,7 +213,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     for role, manifest in manifests.items():
         labels = ", ".join(f"{k}: {v}" for k, v in manifest["labels"].items())
-        print(f"{args.out / role}: {manifest['samples']} samples ({labels}), {len(manifest['shards'])} shards")
+        groups = f", {len(manifest['groups'])} {manifest.get('group_by', 'group')} groups" if "groups" in manifest else ""
+        print(f"{args.out / role}: {manifest['samples']} samples ({labels}){groups}, {len(manifest['shards'])} shards")
     print(f"built in {time.perf_counter() - started:.1f} s")
     return 0
 

@@ -70,6 +70,55 @@ def count_samples(path: Path) -> int:
     return keys
 
 
+def shared_groups(groups_by_role: dict[str, list[str]], show: int = 5) -> list[str]:
+    """One sentence per pair of roles that share groups (patients, volumes), naming a few of them."""
+    found = []
+    roles = [r for r in ROLES if groups_by_role.get(r)]
+    for i, a in enumerate(roles):
+        for b in roles[i + 1 :]:
+            common = sorted(set(groups_by_role[a]) & set(groups_by_role[b]))
+            if common:
+                more = f" and {len(common) - show} more" if len(common) > show else ""
+                found.append(f"roles {a} and {b} share {len(common)} groups "
+                             f"({', '.join(map(repr, common[:show]))}{more})")
+    return found
+
+
+def _warn_shared_groups(role_dir: Path, manifest: dict) -> None:
+    """Warn when a sibling role folder shares a group (patient, volume) with this one: leakage."""
+    if not manifest.get("groups"):
+        return
+    for role in ROLES:
+        sibling = role_dir.parent / role / MANIFEST
+        if role == manifest["role"] or not sibling.is_file():
+            continue
+        try:
+            other = list(json.loads(sibling.read_text()).get("groups") or [])
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError, TypeError):
+            continue  # that role's own open reports its manifest
+        for problem in shared_groups({manifest["role"]: manifest["groups"], role: other}):
+            warnings.warn(f"LEAKAGE in {role_dir.parent}: {problem}; the same patient or volume in training "
+                          "and evaluation inflates every metric. Rebuild the roles in one call with --split, "
+                          "which assigns whole groups to roles", stacklevel=4)
+
+
+def sample_origins(role_dir: str | os.PathLike) -> dict[str, dict]:
+    """key -> the sample's json field (its origin, with ``group`` where the builder gave one)."""
+    role_dir = Path(role_dir)
+    manifest = json.loads((role_dir / MANIFEST).read_text())
+    out: dict[str, dict] = {}
+    for shard in manifest["shards"]:
+        with tarfile.open(role_dir / shard["name"], mode="r:") as tar:
+            for member in tar:
+                key, ext = split_member(member.name)
+                if ext == "json" and member.isreg():
+                    try:
+                        out[key] = json.loads(tar.extractfile(member).read().decode("utf-8"))
+                    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+                        raise DataError(f"{role_dir / shard['name']}: sample {key!r}: unreadable json ({exc})") from None
+    return out
+
+
 def _intact_prefix(path: Path) -> str:
     """Where a damaged shard stops being readable, in words, naming the key where the data ends."""
     keys: list[str] = []
@@ -161,6 +210,7 @@ def _open_role(role_dir, *, image_size, channels, verify) -> tuple[dict, list[st
             f"was asked for; rebuild with --channels {channels} or use channels={manifest['channels']}"
         )
 
+    _warn_shared_groups(role_dir, manifest)
     damaged = []
     for shard in manifest["shards"]:
         file = role_dir / shard["name"]

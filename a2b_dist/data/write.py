@@ -20,7 +20,7 @@ import numpy as np
 import webdataset as wds
 
 from .images import encode_png
-from .manifest import FORMAT, MANIFEST, ROLES, DataError, sha256_file, shard_name
+from .manifest import FORMAT, MANIFEST, ROLES, DataError, sha256_file, shard_name, shared_groups
 
 KEY_PATTERN = re.compile(r"^[A-Za-z0-9_-]+$")  # no dots (WebDataset splits the key at the first dot)
 
@@ -32,6 +32,7 @@ class Sample:
     label: Optional[int] = None       # 0 healthy, 1 anomalous, None unknown
     mask: Optional[np.ndarray] = None  # (H, W) {0, 1}, ground truth where known
     origin: dict = field(default_factory=dict)  # written as the json field
+    group: Optional[str] = None       # patient or volume: no group may appear in two roles
 
 
 @dataclass
@@ -83,6 +84,9 @@ def write_roles(
             manifest.update(source=source, seed=seed, command=command, **spec.info)
             (staged[role] / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
             manifests[role] = manifest
+        shared = shared_groups({role: m.get("groups", []) for role, m in manifests.items()})
+        if shared:
+            raise DataError(f"groups in two roles would leak between training and test: {shared[0]}")
         for role, path in staged.items():
             _replace(path, out_root / role)
     finally:
@@ -126,6 +130,7 @@ class _RoleWriter:
         self.shards: list[dict] = []
         self.labels: Counter = Counter()
         self.masks = 0
+        self.groups: set[str] = set()
         self._tar = None
 
     def add(self, sample: Sample) -> None:
@@ -140,12 +145,15 @@ class _RoleWriter:
         self._bytes += size
         self.labels["unknown" if sample.label is None or self.role == "mixed" else str(sample.label)] += 1
         self.masks += sample.mask is not None
+        if sample.group is not None:
+            self.groups.add(sample.group)
 
     def finish(self) -> dict:
         if self._tar is not None:
             self._close_shard()
         if not self.shards:
             raise DataError(f"role {self.role}: no samples to write")
+        grouped = {"groups": sorted(self.groups)} if self.groups else {}
         return {
             "format": FORMAT,
             "role": self.role,
@@ -162,6 +170,7 @@ class _RoleWriter:
                 "json": "origin of the sample",
             },
             "shards": self.shards,
+            **grouped,
         }
 
     def abort(self) -> None:
@@ -195,7 +204,8 @@ class _RoleWriter:
             if sample.mask.shape != self.shape[1:]:
                 raise DataError(f"{where}: mask is {sample.mask.shape}, images are {self.shape[1:]}")
             record["mask.png"] = encode_png((np.asarray(sample.mask) > 0).astype(np.uint8)[None] * 255)
-        record["json"] = json.dumps(sample.origin, sort_keys=True).encode("utf-8")
+        origin = sample.origin if sample.group is None else {**sample.origin, "group": sample.group}
+        record["json"] = json.dumps(origin, sort_keys=True).encode("utf-8")
         return record
 
     def _open_shard(self) -> None:

@@ -1,0 +1,467 @@
+"""Medical inputs: DICOM images (pydicom) and NIfTI volumes (nibabel) -> samples with a group key.
+
+The rules (shards/README.md, "dicom" and "nifti"):
+
+DICOM, per file, in this order, all in float64 on the stored integers (16-bit data is never
+narrowed before step 3):
+1. modality values: ``v = stored * RescaleSlope + RescaleIntercept`` (1 and 0 when absent);
+2. window: centre C and width W from ``--window C,W``, else the file's first WindowCenter and
+   WindowWidth, else the image's own min..max; DICOM's linear VOI function (PS3.3 C.11.2.1.2.1)
+   ``y = clip((v - (C - 0.5)) / (W - 1) + 0.5, 0, 1)``;
+3. MONOCHROME1 (white is low) is inverted: ``y = 1 - y``;
+4. stored as ``round(y * 65535)`` (16-bit, default) or ``round(y * 255)`` (``--bit-depth 8``).
+
+NIfTI, per volume: reoriented to the closest canonical (RAS) orientation, normalised by its own
+percentiles ``y = clip((v - P_lo) / (P_hi - P_lo), 0, 1)`` (default P0.5 and P99.5), cut into
+2-D slices along ``--axis``; a slice is kept when at least ``min_foreground`` of its pixels have
+``y > foreground_level`` (defaults 0.05 and 0.1: a threshold on the percentile scale of the volume
+itself, not on a data set's raw intensities).
+
+Roles are assigned per group (DICOM: PatientID or a CSV column; NIfTI: the volume), so no group
+appears in two roles.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+
+from .images import prepare_image, prepare_mask
+from .manifest import ROLES, DataError
+from .sources import parse_split, path_key
+from .write import RoleSpec, Sample
+
+DICOM_SUFFIXES = (".dcm", ".dicom")
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+# Decoders pydicom needs for compressed pixel data (pydicom's own table of pixel data handlers).
+_DECODERS = {
+    "JPEG": "pylibjpeg pylibjpeg-libjpeg",
+    "JPEG-LS": "pylibjpeg pylibjpeg-libjpeg",
+    "JPEG 2000": "pylibjpeg pylibjpeg-openjpeg",
+    "HTJ2K": "pylibjpeg pylibjpeg-openjpeg",
+    "RLE": "pylibjpeg pylibjpeg-rle",
+}
+
+
+def voi_window(values: np.ndarray, centre: float, width: float) -> np.ndarray:
+    """DICOM linear VOI window (PS3.3 C.11.2.1.2.1): modality values -> [0, 1] float64."""
+    if width < 1:
+        raise DataError(f"window width must be at least 1, not {width}")
+    if width == 1:  # the standard's special case: a step at the centre
+        return (values > centre - 0.5).astype(np.float64)
+    return np.clip((values - (centre - 0.5)) / (width - 1) + 0.5, 0.0, 1.0)
+
+
+def to_levels(unit: np.ndarray, bit_depth: int) -> np.ndarray:
+    """[0, 1] floats -> uint16 (x 65535) or uint8 (x 255), rounded to the nearest level."""
+    if bit_depth not in (8, 16):
+        raise DataError(f"bit depth must be 8 or 16, not {bit_depth}")
+    top, dtype = (65535, np.uint16) if bit_depth == 16 else (255, np.uint8)
+    return np.rint(np.clip(unit, 0.0, 1.0) * top).astype(dtype)
+
+
+def parse_window(text: Optional[str]) -> Optional[tuple[float, float]]:
+    """'40,400' -> (centre 40.0, width 400.0); None stays None."""
+    if text is None:
+        return None
+    try:
+        centre, width = (float(v) for v in text.split(","))
+    except ValueError:
+        raise DataError(f"--window {text!r}: expected CENTRE,WIDTH, e.g. 40,400") from None
+    if width < 1:
+        raise DataError(f"--window {text!r}: the width must be at least 1")
+    return centre, width
+
+
+def _decoder_hint(syntax) -> str:
+    name = syntax.name
+    for prefix in ("JPEG 2000", "JPEG-LS", "HTJ2K", "RLE", "JPEG"):  # most specific first
+        if prefix in name:
+            return _DECODERS[prefix]
+    return "pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg"
+
+
+def read_dicom(path: Path, window: Optional[tuple[float, float]] = None, bit_depth: int = 16) -> tuple[np.ndarray, dict]:
+    """One DICOM file -> ((H, W) uint16/uint8 by the module's rule, header facts for the json)."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        ds = pydicom.dcmread(path)
+    except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
+        raise DataError(f"{path}: not a readable DICOM file ({exc})") from None
+    if "PixelData" not in ds:
+        raise DataError(f"{path}: the DICOM file holds no image (no PixelData)")
+    syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    try:
+        stored = ds.pixel_array
+    except Exception as exc:  # pydicom raises RuntimeError/NotImplementedError/ValueError by handler
+        if syntax is not None and syntax.is_compressed:
+            raise DataError(
+                f"{path}: pixel data is compressed as {syntax.name} ({syntax}), which pydicom decodes only "
+                f"with an extra package: pip install {_decoder_hint(syntax)}"
+            ) from None
+        raise DataError(f"{path}: cannot decode the pixel data ({exc})") from None
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
+    if photometric not in ("MONOCHROME1", "MONOCHROME2") or stored.ndim != 2:
+        raise DataError(f"{path}: expected one grayscale frame (MONOCHROME1/2), found {photometric} "
+                        f"with pixel array shape {stored.shape}")
+
+    # 1. Modality values (float64 holds every 16-bit value exactly).
+    slope = float(ds.get("RescaleSlope", 1) or 1)
+    intercept = float(ds.get("RescaleIntercept", 0) or 0)
+    values = stored.astype(np.float64) * slope + intercept
+    # 2. Window: the command line, else the file, else the image's range.
+    source = "command line"
+    if window is None and "WindowCenter" in ds and "WindowWidth" in ds:
+        window, source = (_first(ds.WindowCenter), _first(ds.WindowWidth)), "file"
+    if window is None:
+        lo, hi = float(values.min()), float(values.max())
+        window, source = ((lo + hi + 1) / 2, max(hi - lo + 1, 1.0)), "image range"
+    unit = voi_window(values, *window)
+    # 3. MONOCHROME1 shows low values white: invert so that white is high, as in every other image.
+    if photometric == "MONOCHROME1":
+        unit = 1.0 - unit
+    facts = {
+        "patient": str(ds.get("PatientID", "") or ""),
+        "photometric": photometric,
+        "rescale": [slope, intercept],
+        "window": [float(window[0]), float(window[1])],
+        "window_from": source,
+        "bits_stored": int(ds.get("BitsStored", stored.dtype.itemsize * 8)),
+    }
+    return to_levels(unit, bit_depth), facts
+
+
+def _first(value) -> float:
+    """WindowCenter/WindowWidth may hold several windows: the first is the default one."""
+    try:
+        return float(value[0])
+    except TypeError:
+        return float(value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Splits by group
+
+def split_groups(groups: dict[str, list[Optional[int]]], split: str, seed: int) -> dict[str, list[str]]:
+    """Assign whole groups to roles: group -> its samples' labels in, role -> groups out.
+
+    ``split`` counts groups (``val=3``) or fractions of all groups (``mixed=0.4``). The groups are
+    shuffled with the seed; healthy takes the first groups whose samples are all labelled 0 (or
+    unlabelled, when no labels were given), then mixed, val and test take consecutive runs of the
+    remaining shuffled groups. No group can land in two roles.
+    """
+    names = sorted(groups)
+    counts = parse_split(split, len(names))
+    order = [names[i] for i in np.random.default_rng(seed).permutation(len(names))]
+    any_labels = any(label is not None for labels in groups.values() for label in labels)
+    normal = [g for g in order if all(label == 0 or (label is None and not any_labels) for label in groups[g])]
+    need = counts.get("healthy", 0)
+    if need > len(normal):
+        raise DataError(f"--split healthy={need}: only {len(normal)} groups have every image labelled 0")
+    picked = {"healthy": normal[:need]}
+    taken = set(picked["healthy"])
+    rest = [g for g in order if g not in taken]
+    start = 0
+    for role in ("mixed", "val", "test"):
+        n = counts.get(role, 0)
+        if start + n > len(rest):
+            raise DataError(f"--split {split!r}: not enough groups left for {role}={n}")
+        picked[role], start = rest[start : start + n], start + n
+        if role in ("val", "test") and n and any(label is None for g in picked[role] for label in groups[g]):
+            raise DataError(f"--split {role}={n}: the {role} role needs a label for every image; pass --labels CSV")
+    return {role: sorted(g) for role, g in picked.items() if g}
+
+
+def _sample_order(items: list, seed: int) -> list:
+    return [items[i] for i in np.random.default_rng(seed).permutation(len(items))]
+
+
+# ---------------------------------------------------------------------------------------------
+# DICOM folder -> roles
+
+@dataclass
+class _DicomRow:
+    rel: str
+    label: Optional[int] = None
+    group: Optional[str] = None
+    mask: Optional[str] = None
+    facts: dict = field(default_factory=dict)
+
+
+def find_files(root: Path, suffixes: tuple[str, ...]) -> list[str]:
+    """Relative POSIX paths of the files under root whose name ends in one of suffixes, sorted."""
+    found = [p for p in root.rglob("*") if p.is_file() and p.name.lower().endswith(suffixes)]
+    return sorted(p.relative_to(root).as_posix() for p in found)
+
+
+def _read_csv(path: Path, root: Path, group_column: Optional[str]) -> list[_DicomRow]:
+    if not path.is_file():
+        raise DataError(f"--labels {path}: no such file")
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        columns = reader.fieldnames or []
+        if "path" not in columns or "label" not in columns:
+            raise DataError(f"--labels {path}: needs a header with columns path,label[,mask][,GROUP]; found {columns}")
+        if group_column and group_column not in columns:
+            raise DataError(f"--group-column {group_column!r}: not a column of {path} ({', '.join(columns)})")
+        rows, seen = [], set()
+        for line, row in enumerate(reader, start=2):
+            where = f"--labels {path}, line {line}"
+            rel = (row["path"] or "").strip()
+            if not rel or not (root / rel).is_file():
+                raise DataError(f"{where}: file {rel!r} not found under {root}")
+            if rel in seen:
+                raise DataError(f"{where}: {rel!r} is listed twice")
+            seen.add(rel)
+            text = (row["label"] or "").strip()
+            if text not in ("0", "1", ""):
+                raise DataError(f"{where}: label {text!r} should be 0 (healthy), 1 (anomalous) or empty (unknown)")
+            group = (row[group_column] or "").strip() if group_column else None
+            if group_column and not group:
+                raise DataError(f"{where}: the {group_column} column is empty; every image needs its group")
+            mask = (row.get("mask") or "").strip() or None
+            if mask and not (root / mask).is_file():
+                raise DataError(f"{where}: mask {mask!r} not found under {root}")
+            rows.append(_DicomRow(rel, int(text) if text else None, group, mask))
+    if not rows:
+        raise DataError(f"--labels {path}: no rows")
+    return rows
+
+
+def dicom_roles(
+    images_dir: str | Path,
+    *,
+    size: int,
+    channels: int,
+    split: str,
+    labels_csv: Optional[str | Path] = None,
+    group_column: Optional[str] = None,
+    window: Optional[tuple[float, float]] = None,
+    bit_depth: int = 16,
+    seed: int = 0,
+) -> tuple[dict[str, RoleSpec], dict, int]:
+    """Roles from a folder of DICOM files, split by patient: (role specs, source, bit depth)."""
+    images_dir = Path(images_dir)
+    if not images_dir.is_dir():
+        raise DataError(f"--images {images_dir}: no such folder")
+    if bit_depth == 16 and channels == 3:
+        raise DataError("16-bit images can be stored with --channels 1 only; pass --bit-depth 8 for 3 channels")
+    if labels_csv is None:
+        rows = [_DicomRow(rel) for rel in find_files(images_dir, DICOM_SUFFIXES)]
+        if not rows:
+            raise DataError(f"--images {images_dir}: no DICOM files found ({', '.join(DICOM_SUFFIXES)})")
+    else:
+        rows = _read_csv(Path(labels_csv), images_dir, group_column)
+
+    # The group of every file: the CSV column, else PatientID (headers only, no pixel decoding).
+    import pydicom
+
+    for row in rows:
+        if row.group is None:
+            try:
+                header = pydicom.dcmread(images_dir / row.rel, stop_before_pixels=True, specific_tags=["PatientID"])
+            except Exception as exc:  # pydicom raises several kinds on a file that is not DICOM
+                raise DataError(f"{images_dir / row.rel}: not a readable DICOM file ({exc})") from None
+            row.group = str(header.get("PatientID", "") or "").strip()
+            if not row.group:
+                raise DataError(f"{images_dir / row.rel}: no PatientID in the header; give each image's patient "
+                                "in a CSV column with --labels CSV --group-column NAME")
+    by_group: dict[str, list[Optional[int]]] = {}
+    for row in rows:
+        by_group.setdefault(row.group, []).append(row.label)
+    assigned = split_groups(by_group, split, seed)
+
+    roles = {}
+    for role, groups in assigned.items():
+        members = set(groups)
+        chosen = _sample_order([r for r in rows if r.group in members], seed)
+        roles[role] = RoleSpec(_dicom_samples(images_dir, chosen, role, size, channels, window, bit_depth),
+                               info={"group_by": "patient"})
+    source = {
+        "kind": "dicom",
+        "images": str(images_dir.resolve()),
+        "labels_csv": str(Path(labels_csv).resolve()) if labels_csv else None,
+        "group_column": group_column or "PatientID (DICOM header)",
+        "files": len(rows),
+        "patients": len(by_group),
+        "split": split,
+        "counts": {role: {"groups": len(g), "images": sum(len(by_group[x]) for x in g)} for role, g in assigned.items()},
+        "window": list(window) if window else "the file's first WindowCenter/WindowWidth, else the image's range",
+        "conversion": "stored * RescaleSlope + RescaleIntercept (float64); DICOM linear VOI window to [0, 1]; "
+                      f"MONOCHROME1 inverted; x {65535 if bit_depth == 16 else 255}, rounded",
+        "resize": "shorter side to size (bilinear, antialiased), centre crop; masks nearest",
+    }
+    return roles, source, bit_depth
+
+
+def _dicom_samples(images_dir, rows, role, size, channels, window, bit_depth) -> Iterator[Sample]:
+    from .images import load_mask
+
+    for row in rows:
+        plane, facts = read_dicom(images_dir / row.rel, window, bit_depth)
+        origin = {"path": row.rel, "patient": row.group, **{k: v for k, v in facts.items() if k != "patient"}}
+        if row.label is not None:
+            origin["label"] = row.label
+        if row.mask:
+            origin["mask"] = row.mask
+        yield Sample(
+            key=path_key(row.rel),
+            image=prepare_image(plane, size, channels),
+            label=None if role == "mixed" else row.label,
+            mask=load_mask(images_dir / row.mask, size) if row.mask else None,
+            origin=origin,
+            group=row.group,
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# NIfTI volumes -> slice roles
+
+@dataclass
+class SliceRule:
+    """Per-volume normalisation and the foreground rule that keeps a slice (module docstring)."""
+
+    percentiles: tuple[float, float] = (0.5, 99.5)
+    foreground_level: float = 0.1   # on the normalised [0, 1] scale of the volume
+    min_foreground: float = 0.05    # share of a slice's pixels above foreground_level
+
+    def __post_init__(self) -> None:
+        lo, hi = self.percentiles
+        if not 0 <= lo < hi <= 100:
+            raise DataError(f"--percentiles {lo},{hi}: need 0 <= low < high <= 100")
+        if not 0 <= self.foreground_level < 1:
+            raise DataError(f"--foreground-level {self.foreground_level}: must be in [0, 1)")
+        if not 0 <= self.min_foreground <= 1:
+            raise DataError(f"--min-foreground {self.min_foreground}: must be in [0, 1]")
+
+
+def normalise_volume(volume: np.ndarray, rule: SliceRule) -> np.ndarray:
+    """Volume -> [0, 1] float64 by its own percentiles (P_lo -> 0, P_hi -> 1, clipped)."""
+    lo, hi = np.percentile(volume, rule.percentiles)
+    if hi <= lo:
+        return np.zeros(volume.shape, np.float64)  # a constant volume has no foreground
+    return np.clip((volume.astype(np.float64) - lo) / (hi - lo), 0.0, 1.0)
+
+
+def kept_slices(unit: np.ndarray, axis: int, rule: SliceRule) -> list[int]:
+    """Indices along axis of the slices with at least min_foreground of pixels above foreground_level."""
+    other = tuple(a for a in range(3) if a != axis)
+    share = (unit > rule.foreground_level).mean(axis=other)
+    return [int(i) for i in np.flatnonzero(share >= rule.min_foreground)]
+
+
+def read_nifti(path: Path, what: str = "volume") -> np.ndarray:
+    """A 3-D NIfTI file in the closest canonical (RAS) orientation: (X, Y, Z) float64."""
+    import nibabel as nib
+
+    try:
+        image = nib.as_closest_canonical(nib.load(str(path)))
+        data = np.asarray(image.dataobj, dtype=np.float64)
+    except Exception as exc:  # nibabel raises ImageFileError, OSError, ValueError, EOFError
+        raise DataError(f"{path}: not a readable NIfTI {what} ({exc})") from None
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise DataError(f"{path}: expected a 3-D {what}, found shape {data.shape}")
+    if not np.isfinite(data).all():
+        raise DataError(f"{path}: the {what} holds NaN or infinite values")
+    return data
+
+
+def nifti_roles(
+    volumes_dir: str | Path,
+    *,
+    size: int,
+    channels: int,
+    split: str,
+    axis: int = 2,
+    labels_csv: Optional[str | Path] = None,
+    rule: SliceRule = SliceRule(),
+    bit_depth: int = 16,
+    seed: int = 0,
+) -> tuple[dict[str, RoleSpec], dict, int]:
+    """Slice roles from NIfTI volumes, split by volume: (role specs, source, bit depth).
+
+    Labels: a CSV row per volume (path,label[,mask]); a mask volume labels each slice (anomalous
+    when its mask slice has any non-zero voxel) and is stored with it; without a mask every slice
+    takes the volume's label.
+    """
+    volumes_dir = Path(volumes_dir)
+    if axis not in (0, 1, 2):
+        raise DataError(f"--axis {axis}: must be 0, 1 or 2")
+    if not volumes_dir.is_dir():
+        raise DataError(f"--volumes {volumes_dir}: no such folder")
+    if bit_depth == 16 and channels == 3:
+        raise DataError("16-bit images can be stored with --channels 1 only; pass --bit-depth 8 for 3 channels")
+    if labels_csv is None:
+        rows = [_DicomRow(rel) for rel in find_files(volumes_dir, NIFTI_SUFFIXES)]
+        if not rows:
+            raise DataError(f"--volumes {volumes_dir}: no NIfTI files found ({', '.join(NIFTI_SUFFIXES)})")
+    else:
+        rows = _read_csv(Path(labels_csv), volumes_dir, None)
+    by_group = {r.rel: [r.label] for r in rows}  # the volume's label; a mask then labels each slice
+    assigned = split_groups(by_group, split, seed)
+    row_of = {r.rel: r for r in rows}
+
+    roles = {}
+    for role, groups in assigned.items():
+        roles[role] = RoleSpec(
+            _nifti_samples(volumes_dir, [row_of[g] for g in groups], role, size, channels, axis, rule, bit_depth, seed),
+            info={"group_by": "volume"},
+        )
+    source = {
+        "kind": "nifti",
+        "volumes": str(volumes_dir.resolve()),
+        "labels_csv": str(Path(labels_csv).resolve()) if labels_csv else None,
+        "files": len(rows),
+        "axis": axis,
+        "orientation": "closest canonical (RAS): axis 0 left-right, 1 posterior-anterior, 2 inferior-superior",
+        "split": split,
+        "counts": {role: {"groups": len(g)} for role, g in assigned.items()},
+        "normalisation": f"per volume: (v - P{rule.percentiles[0]}) / (P{rule.percentiles[1]} - "
+                         f"P{rule.percentiles[0]}), clipped to [0, 1]; x {65535 if bit_depth == 16 else 255}, rounded",
+        "slice_rule": {"foreground_level": rule.foreground_level, "min_foreground": rule.min_foreground,
+                       "rule": "a slice is kept when at least min_foreground of its pixels exceed "
+                               "foreground_level on the volume's normalised scale"},
+        "resize": "shorter side to size (bilinear, antialiased), centre crop; masks nearest",
+    }
+    return roles, source, bit_depth
+
+
+def _nifti_samples(volumes_dir, rows, role, size, channels, axis, rule, bit_depth, seed) -> Iterator[Sample]:
+    # Every kept slice of the role is prepared (at --size) before the shuffle, so each shard mixes
+    # volumes; memory holds the role's resized slices, not its volumes.
+    slices = []
+    for row in rows:
+        unit = normalise_volume(read_nifti(volumes_dir / row.rel), rule)
+        mask = read_nifti(volumes_dir / row.mask, "mask") if row.mask else None
+        if mask is not None and mask.shape != unit.shape:
+            raise DataError(f"{volumes_dir / row.mask}: mask shape {mask.shape} differs from the volume's {unit.shape}")
+        stem = re.sub(r"[^A-Za-z0-9_-]+", "_", re.sub(r"\.nii(\.gz)?$", "", row.rel, flags=re.I)).strip("_")[-60:]
+        stem = f"{stem}-{hashlib.sha1(row.rel.encode('utf-8')).hexdigest()[:8]}"
+        for index in kept_slices(unit, axis, rule):
+            plane = np.take(unit, index, axis=axis)
+            mask_plane = np.take(mask, index, axis=axis) if mask is not None else None
+            label = int(mask_plane.any()) if mask_plane is not None else row.label
+            slices.append((row, stem, index, prepare_image(to_levels(plane, bit_depth), size, channels),
+                           prepare_mask(mask_plane, size) if mask_plane is not None else None, label))
+    for row, stem, index, image, mask_small, label in _sample_order(slices, seed):
+        origin = {"volume": row.rel, "axis": axis, "slice": index}
+        if label is not None:
+            origin["label"] = label
+        yield Sample(
+            key=f"{stem}-a{axis}-{index:04d}",
+            image=image,
+            label=None if role == "mixed" else label,
+            mask=mask_small,
+            origin=origin,
+            group=row.rel,
+        )
