@@ -8,6 +8,8 @@
         --out data/pneumonia --size 28 --channels 1 --split healthy=0.4,mixed=0.4,val=0.05,test=0.15
     python shards/build.py dicom --images scans/ --labels scans/labels.csv --out data/cxr --size 256 --channels 1 \
         --split healthy=0.4,mixed=0.4,val=0.05,test=0.15 --window 2048,4096
+    python shards/build.py split --images ChestX-ray8/images --labels cxr8.csv --group-column patient \
+        --out data/cxr8 --size 256 --channels 1 --split healthy=0.4,mixed=0.4,val=0.05,test=0.15
     python shards/build.py nifti --volumes brains/ --labels brains/labels.csv --axis 2 --out data/brain \
         --size 128 --channels 1 --split healthy=0.4,mixed=0.4,val=0.05,test=0.15
 
@@ -24,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 from a2b_dist.data.manifest import ROLES, DataError  # noqa: E402
-from a2b_dist.data.medical import SliceRule, dicom_roles, nifti_roles, parse_window  # noqa: E402
+from a2b_dist.data.medical import SliceRule, dicom_roles, listed_roles, nifti_roles, parse_window  # noqa: E402
 from a2b_dist.data.simulate import SOURCES, simulated_roles  # noqa: E402
 from a2b_dist.data.sources import folder_role, npz_roles  # noqa: E402
 from a2b_dist.data.write import write_roles  # noqa: E402
@@ -141,6 +143,13 @@ def build_parser() -> argparse.ArgumentParser:
     dicom.add_argument("--split", default="healthy=0.4,mixed=0.4,val=0.05,test=0.15", help=group_split)
     common(dicom)
 
+    listed = commands.add_parser("split", help="image files listed in a CSV with a group column, split by group")
+    listed.add_argument("--images", required=True, type=Path, help="folder the CSV's paths are relative to")
+    listed.add_argument("--labels", required=True, type=Path, help="CSV with columns path,label,GROUP[,mask]")
+    listed.add_argument("--group-column", required=True, help="CSV column holding the group (e.g. patient)")
+    listed.add_argument("--split", default="healthy=0.4,mixed=0.4,val=0.05,test=0.15", help=group_split)
+    common(listed)
+
     nifti = commands.add_parser("nifti", help="NIfTI volumes (nibabel) cut into 2-D slices, split by volume")
     nifti.add_argument("--volumes", required=True, type=Path, help="folder searched recursively for .nii/.nii.gz")
     nifti.add_argument("--labels", type=Path, help="CSV with columns path,label[,mask] per volume; "
@@ -186,6 +195,12 @@ def main(argv: list[str] | None = None) -> int:
                 args.images, size=args.size, channels=args.channels, split=args.split, labels_csv=args.labels,
                 group_column=args.group_column, window=parse_window(args.window), bit_depth=args.bit_depth,
                 seed=args.seed,
+            )
+            channels = args.channels
+        elif args.command == "split":
+            roles, source, bit_depth = listed_roles(
+                args.images, labels_csv=args.labels, group_column=args.group_column, size=args.size,
+                channels=args.channels, split=args.split, seed=args.seed,
             )
             channels = args.channels
         elif args.command == "nifti":

@@ -280,3 +280,31 @@ def test_group_metrics_known_values():
     assert out["groups"] == 3 and out["table"][1] == ("B", 1, 2, pytest.approx(0.55), pytest.approx(0.9))
     assert out["mean"]["auroc"] == 1.0 and out["max"]["auroc"] == 1.0
     assert out["mean"]["n_healthy"] == 2 and out["mean"]["n_anomalous"] == 1
+
+
+def test_split_builds_listed_pngs_by_patient(tmp_path):
+    from PIL import Image
+
+    rows = []
+    for p in range(6):
+        for i in range(2):
+            rel = f"images/{p:03d}_{i:03d}.png"
+            (tmp_path / "images").mkdir(exist_ok=True)
+            Image.fromarray(np.full((20, 24), 40 * p + i, np.uint8)).save(tmp_path / rel)
+            rows.append({"path": rel, "label": int(p >= 3 and i == 1), "patient": f"{p:05d}"})
+    with open(tmp_path / "all.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, ["path", "label", "patient"])
+        writer.writeheader()
+        writer.writerows(rows)
+    out = tmp_path / "cxr"
+    assert build.main(["split", "--images", str(tmp_path), "--labels", str(tmp_path / "all.csv"), "--group-column",
+                       "patient", "--split", "healthy=2,mixed=1,val=1,test=2", "--out", str(out), "--size", "20",
+                       "--channels", "1"]) == 0
+    seen = {}
+    for role in ("healthy", "mixed", "val", "test"):
+        manifest = read_manifest(out / role)
+        assert manifest["group_by"] == "patient" and manifest["bit_depth"] == 8
+        for key, origin in sample_origins(out / role).items():
+            assert origin["patient"] == origin["group"] == f"{int(origin['path'][7:10]):05d}"
+            assert seen.setdefault(origin["patient"], role) == role
+    assert len(seen) == 6 and set(read_manifest(out / "healthy")["groups"]) <= {"00000", "00001", "00002"}

@@ -188,7 +188,7 @@ def _sample_order(items: list, seed: int) -> list:
 # DICOM folder -> roles
 
 @dataclass
-class _DicomRow:
+class _Row:
     rel: str
     label: Optional[int] = None
     group: Optional[str] = None
@@ -202,7 +202,7 @@ def find_files(root: Path, suffixes: tuple[str, ...]) -> list[str]:
     return sorted(p.relative_to(root).as_posix() for p in found)
 
 
-def _read_csv(path: Path, root: Path, group_column: Optional[str]) -> list[_DicomRow]:
+def _read_csv(path: Path, root: Path, group_column: Optional[str]) -> list[_Row]:
     if not path.is_file():
         raise DataError(f"--labels {path}: no such file")
     with open(path, newline="") as f:
@@ -230,7 +230,7 @@ def _read_csv(path: Path, root: Path, group_column: Optional[str]) -> list[_Dico
             mask = (row.get("mask") or "").strip() or None
             if mask and not (root / mask).is_file():
                 raise DataError(f"{where}: mask {mask!r} not found under {root}")
-            rows.append(_DicomRow(rel, int(text) if text else None, group, mask))
+            rows.append(_Row(rel, int(text) if text else None, group, mask))
     if not rows:
         raise DataError(f"--labels {path}: no rows")
     return rows
@@ -255,7 +255,7 @@ def dicom_roles(
     if bit_depth == 16 and channels == 3:
         raise DataError("16-bit images can be stored with --channels 1 only; pass --bit-depth 8 for 3 channels")
     if labels_csv is None:
-        rows = [_DicomRow(rel) for rel in find_files(images_dir, DICOM_SUFFIXES)]
+        rows = [_Row(rel) for rel in find_files(images_dir, DICOM_SUFFIXES)]
         if not rows:
             raise DataError(f"--images {images_dir}: no DICOM files found ({', '.join(DICOM_SUFFIXES)})")
     else:
@@ -320,6 +320,73 @@ def _dicom_samples(images_dir, rows, role, size, channels, window, bit_depth) ->
             origin=origin,
             group=row.group,
         )
+
+
+# ---------------------------------------------------------------------------------------------
+# Image files listed in a CSV with a group column -> roles (ChestX-ray8, COVIDx)
+
+def listed_roles(
+    images_dir: str | Path,
+    *,
+    labels_csv: str | Path,
+    group_column: str,
+    size: int,
+    channels: int,
+    split: str,
+    seed: int = 0,
+) -> tuple[dict[str, RoleSpec], dict, int]:
+    """Roles from PNG/JPEG/TIFF files listed in a CSV (path,label,GROUP[,mask]), split by group.
+
+    Images follow the ``folder`` rule (shards/README.md, Preprocessing): the role set is 16-bit when
+    any listed file is, 8-bit files then scaled by 257.
+    """
+    from .images import image_bit_depth, load_image, load_mask
+
+    images_dir = Path(images_dir)
+    if not images_dir.is_dir():
+        raise DataError(f"--images {images_dir}: no such folder")
+    rows = _read_csv(Path(labels_csv), images_dir, group_column)
+    by_group: dict[str, list[Optional[int]]] = {}
+    for row in rows:
+        by_group.setdefault(row.group, []).append(row.label)
+    assigned = split_groups(by_group, split, seed)
+    depths = {image_bit_depth(images_dir / row.rel) for row in rows}
+    bit_depth = max(depths)
+    if bit_depth == 16 and channels == 3:
+        raise DataError(f"--images {images_dir} holds 16-bit images, which can be stored with --channels 1 only")
+
+    def samples(role: str, chosen: list[_Row]) -> Iterator[Sample]:
+        for row in chosen:
+            image = load_image(images_dir / row.rel, size, channels)
+            if bit_depth == 16 and image.dtype == np.uint8:
+                image = image.astype(np.uint16) * 257  # exact: v/255 == 257v/65535
+            origin = {"path": row.rel, group_column: row.group}
+            if row.label is not None:
+                origin["label"] = row.label
+            if row.mask:
+                origin["mask"] = row.mask
+            yield Sample(key=path_key(row.rel), image=image, label=None if role == "mixed" else row.label,
+                         mask=load_mask(images_dir / row.mask, size) if row.mask else None,
+                         origin=origin, group=row.group)
+
+    roles = {}
+    for role, groups in assigned.items():
+        members = set(groups)
+        roles[role] = RoleSpec(samples(role, _sample_order([r for r in rows if r.group in members], seed)),
+                               info={"group_by": group_column})
+    source = {
+        "kind": "split",
+        "images": str(images_dir.resolve()),
+        "labels_csv": str(Path(labels_csv).resolve()),
+        "group_column": group_column,
+        "files": len(rows),
+        "groups": len(by_group),
+        "split": split,
+        "counts": {role: {"groups": len(g), "images": sum(len(by_group[x]) for x in g)} for role, g in assigned.items()},
+        "source_bit_depths": sorted(depths),
+        "resize": "shorter side to size (bilinear, antialiased), centre crop; masks nearest",
+    }
+    return roles, source, bit_depth
 
 
 # ---------------------------------------------------------------------------------------------
@@ -402,7 +469,7 @@ def nifti_roles(
     if bit_depth == 16 and channels == 3:
         raise DataError("16-bit images can be stored with --channels 1 only; pass --bit-depth 8 for 3 channels")
     if labels_csv is None:
-        rows = [_DicomRow(rel) for rel in find_files(volumes_dir, NIFTI_SUFFIXES)]
+        rows = [_Row(rel) for rel in find_files(volumes_dir, NIFTI_SUFFIXES)]
         if not rows:
             raise DataError(f"--volumes {volumes_dir}: no NIfTI files found ({', '.join(NIFTI_SUFFIXES)})")
     else:
