@@ -32,7 +32,7 @@ from typing import Iterator, Optional
 import numpy as np
 
 from .images import prepare_image, prepare_mask
-from .manifest import ROLES, DataError
+from .manifest import DataError
 from .sources import parse_split, path_key
 from .write import RoleSpec, Sample
 
@@ -47,6 +47,17 @@ _DECODERS = {
     "HTJ2K": "pylibjpeg pylibjpeg-openjpeg",
     "RLE": "pylibjpeg pylibjpeg-rle",
 }
+
+
+def _require(module: str):
+    """Import pydicom or nibabel, or say how to install it (the pins are in requirements.txt)."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise DataError(f"reading {'DICOM' if module == 'pydicom' else 'NIfTI'} files needs {module}: "
+                        f"pip install {module} (the tested version is pinned in requirements.txt)") from None
 
 
 def voi_window(values: np.ndarray, centre: float, width: float) -> np.ndarray:
@@ -89,7 +100,7 @@ def _decoder_hint(syntax) -> str:
 
 def read_dicom(path: Path, window: Optional[tuple[float, float]] = None, bit_depth: int = 16) -> tuple[np.ndarray, dict]:
     """One DICOM file -> ((H, W) uint16/uint8 by the module's rule, header facts for the json)."""
-    import pydicom
+    pydicom = _require("pydicom")
     from pydicom.errors import InvalidDicomError
 
     try:
@@ -262,7 +273,7 @@ def dicom_roles(
         rows = _read_csv(Path(labels_csv), images_dir, group_column)
 
     # The group of every file: the CSV column, else PatientID (headers only, no pixel decoding).
-    import pydicom
+    pydicom = _require("pydicom")
 
     for row in rows:
         if row.group is None:
@@ -392,7 +403,7 @@ def listed_roles(
 # ---------------------------------------------------------------------------------------------
 # NIfTI volumes -> slice roles
 
-@dataclass
+@dataclass(frozen=True)
 class SliceRule:
     """Per-volume normalisation and the foreground rule that keeps a slice (module docstring)."""
 
@@ -427,8 +438,7 @@ def kept_slices(unit: np.ndarray, axis: int, rule: SliceRule) -> list[int]:
 
 def read_nifti(path: Path, what: str = "volume") -> np.ndarray:
     """A 3-D NIfTI file in the closest canonical (RAS) orientation: (X, Y, Z) float64."""
-    import nibabel as nib
-
+    nib = _require("nibabel")
     try:
         image = nib.as_closest_canonical(nib.load(str(path)))
         data = np.asarray(image.dataobj, dtype=np.float64)
