@@ -166,8 +166,10 @@ def split_groups(groups: dict[str, list[Optional[int]]], split: str, seed: int) 
 
     ``split`` counts groups (``val=3``) or fractions of all groups (``mixed=0.4``). The groups are
     shuffled with the seed; healthy takes the first groups whose samples are all labelled 0 (or
-    unlabelled, when no labels were given), then mixed, val and test take consecutive runs of the
-    remaining shuffled groups. No group can land in two roles.
+    unlabelled, when no labels were given). Mixed, val and test, in this order, then take the next
+    groups of the shuffled rest, stratified: each takes round(n * r) groups holding an anomalous
+    image, r being their share of the rest, and val or test of two groups or more at least one
+    such group and one without. No group can land in two roles.
     """
     names = sorted(groups)
     counts = parse_split(split, len(names))
@@ -180,12 +182,19 @@ def split_groups(groups: dict[str, list[Optional[int]]], split: str, seed: int) 
     picked = {"healthy": normal[:need]}
     taken = set(picked["healthy"])
     rest = [g for g in order if g not in taken]
-    start = 0
+    anomalous = [g for g in rest if any(label == 1 for label in groups[g])]
+    others = [g for g in rest if g not in set(anomalous)]
+    rate = len(anomalous) / len(rest) if rest else 0.0
     for role in ("mixed", "val", "test"):
         n = counts.get(role, 0)
-        if start + n > len(rest):
+        if n > len(anomalous) + len(others):
             raise DataError(f"--split {split!r}: not enough groups left for {role}={n}")
-        picked[role], start = rest[start : start + n], start + n
+        k = round(n * rate)
+        if role in ("val", "test") and n >= 2 and anomalous and others:
+            k = min(max(k, 1), n - 1)  # both classes, so that the role's AUROC is defined
+        k = max(min(k, len(anomalous)), n - len(others))
+        picked[role] = anomalous[:k] + others[: n - k]
+        anomalous, others = anomalous[k:], others[n - k :]
         if role in ("val", "test") and n and any(label is None for g in picked[role] for label in groups[g]):
             raise DataError(f"--split {role}={n}: the {role} role needs a label for every image; pass --labels CSV")
     return {role: sorted(g) for role, g in picked.items() if g}
