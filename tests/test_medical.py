@@ -20,6 +20,7 @@ from pydicom.encaps import encapsulate  # noqa: E402
 from pydicom.uid import JPEG2000Lossless, ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid  # noqa: E402
 
 from a2b_dist.data import eval_batches, read_manifest  # noqa: E402
+from a2b_dist.errors import UserError  # noqa: E402
 from a2b_dist.data.manifest import DataError, sample_origins  # noqa: E402
 from a2b_dist.data.medical import SliceRule, kept_slices, normalise_volume, read_dicom, split_groups  # noqa: E402
 from conftest import BUILD, ROOT  # noqa: E402
@@ -205,7 +206,9 @@ def test_slice_rule_and_normalisation_by_hand():
     assert kept_slices(unit, 2, SliceRule(percentiles=(0, 100), min_foreground=0.01)) == list(range(2, 10))
 
 
-def test_nifti_build_slices_by_volume(tmp_path):
+def build_nifti(tmp_path: Path, size: int) -> Path:
+    """4 phantom volumes, sub0-1 healthy, sub2-3 anomalous (sub3 with a lesion mask on slices 5-6),
+    built by the real command into healthy (1 volume), mixed (1) and test (2)."""
     vols = tmp_path / "vols"
     rows = []
     for v in range(4):
@@ -224,7 +227,12 @@ def test_nifti_build_slices_by_volume(tmp_path):
     out = tmp_path / "brain"
     assert build.main(["nifti", "--volumes", str(vols), "--labels", str(tmp_path / "labels.csv"), "--axis", "2",
                        "--percentiles", "0,100", "--split", "healthy=1,mixed=1,test=2", "--out", str(out),
-                       "--size", "16", "--channels", "1"]) == 0
+                       "--size", str(size), "--channels", "1"]) == 0
+    return out
+
+
+def test_nifti_build_slices_by_volume(tmp_path):
+    out = build_nifti(tmp_path, 16)
     groups = {}
     for role in ("healthy", "mixed", "test"):
         manifest = read_manifest(out / role, image_size=16, channels=1)
@@ -247,33 +255,36 @@ def test_nifti_build_slices_by_volume(tmp_path):
 
 # Train and evaluate per patient on the DICOM shards.
 
-def test_train_then_evaluate_by_patient(dicom_root, tmp_path):
-    env_cmd = [sys.executable, "-m", "a2b_dist.cli"]
+@pytest.mark.parametrize("kind", ["dicom", "nifti"])
+def test_train_then_evaluate_by_group(kind, dicom_root, tmp_path):
+    root = dicom_root if kind == "dicom" else build_nifti(tmp_path, 32)
+    field = "patient" if kind == "dicom" else "volume"
     run_dir = tmp_path / "run"
-    proc = subprocess.run([*env_cmd, "train", "--config", "configs/test.yaml", f"data.root={dicom_root}",
-                           f"train.run_dir={run_dir}", "train.steps=2", "optim.decay_steps=1",
+    proc = subprocess.run([sys.executable, "-m", "a2b_dist.cli", "train", "--config", "configs/test.yaml",
+                           f"data.root={root}", f"train.run_dir={run_dir}", "train.steps=2", "optim.decay_steps=1",
                            "train.checkpoint_every=2"], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     from a2b_dist import evaluate as ev
 
     out = tmp_path / "eval"
-    assert ev.main(["--checkpoint", str(run_dir), "--shards", str(dicom_root / "test"), "--out", str(out),
-                    "--num-maps", "0", "--group-by", "patient"]) == 0
+    assert ev.main(["--checkpoint", str(run_dir), "--shards", str(root / "test"), "--out", str(out),
+                    "--num-maps", "0", "--group-by", field]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     groups = metrics["groups"]
-    assert groups["by"] == "patient" and groups["groups"] == 2 and metrics["counts"]["samples"] == 4
+    assert groups["by"] == field and groups["groups"] == 2
+    assert metrics["counts"]["samples"] == (4 if kind == "dicom" else 14) and metrics["auroc"] is not None
     with open(out / "groups.csv") as f:
         table = list(csv.DictReader(f))
     with open(out / "scores.csv") as f:
         scores = {r["key"]: float(r["score"]) for r in csv.DictReader(f)}
-    origins = sample_origins(dicom_root / "test")
+    origins = sample_origins(root / "test")
     for row in table:
-        mine = [s for k, s in scores.items() if origins[k]["patient"] == row["patient"]]
+        mine = [s for k, s in scores.items() if origins[k][field] == row[field]]
         assert float(row["score_mean"]) == pytest.approx(np.mean(mine), rel=1e-5)
         assert float(row["score_max"]) == pytest.approx(max(mine), rel=1e-5)
-    with pytest.raises(Exception, match="no 'volume'"):
-        ev.main(["--checkpoint", str(run_dir), "--shards", str(dicom_root / "test"), "--out", str(out),
-                 "--group-by", "volume"])
+    with pytest.raises(UserError, match="no 'nothing' in its json"):
+        ev.main(["--checkpoint", str(run_dir), "--shards", str(root / "test"), "--out", str(out),
+                 "--group-by", "nothing"])
 
 
 def test_group_metrics_known_values():
