@@ -65,3 +65,12 @@ def test_missing_and_malformed_files(tmp_path):
 def test_round_trip_through_dict():
     cfg = load_config("configs/demo.yaml", ["loss.lambda_f=0.2"])
     assert from_dict(to_dict(cfg)) == cfg
+
+
+def test_yaml_no_is_a_string_not_false(tmp_path):
+    """YAML 1.1 reads `no` as False; the config keeps 1.2 booleans so `mixed_precision: no` works."""
+    assert load_config("configs/test.yaml", ["train.mixed_precision=no"]).train.mixed_precision == "no"
+    preset = tmp_path / "p.yaml"
+    preset.write_text("train:\n  mixed_precision: no\n  channels_last: true\n")
+    cfg = load_config(str(preset))
+    assert cfg.train.mixed_precision == "no" and cfg.train.channels_last is True
