@@ -22,7 +22,6 @@ appears in two roles.
 """
 from __future__ import annotations
 
-import csv
 import hashlib
 import re
 from dataclasses import dataclass, field
@@ -33,7 +32,7 @@ import numpy as np
 
 from .images import prepare_image, prepare_mask
 from .manifest import DataError
-from .sources import parse_split, path_key
+from .sources import parse_split, path_key, read_label_csv
 from .write import RoleSpec, Sample
 
 DICOM_SUFFIXES = (".dcm", ".dicom")
@@ -223,37 +222,7 @@ def find_files(root: Path, suffixes: tuple[str, ...]) -> list[str]:
 
 
 def _read_csv(path: Path, root: Path, group_column: Optional[str]) -> list[_Row]:
-    if not path.is_file():
-        raise DataError(f"--labels {path}: no such file")
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        columns = reader.fieldnames or []
-        if "path" not in columns or "label" not in columns:
-            raise DataError(f"--labels {path}: needs a header with columns path,label[,mask][,GROUP]; found {columns}")
-        if group_column and group_column not in columns:
-            raise DataError(f"--group-column {group_column!r}: not a column of {path} ({', '.join(columns)})")
-        rows, seen = [], set()
-        for line, row in enumerate(reader, start=2):
-            where = f"--labels {path}, line {line}"
-            rel = (row["path"] or "").strip()
-            if not rel or not (root / rel).is_file():
-                raise DataError(f"{where}: file {rel!r} not found under {root}")
-            if rel in seen:
-                raise DataError(f"{where}: {rel!r} is listed twice")
-            seen.add(rel)
-            text = (row["label"] or "").strip()
-            if text not in ("0", "1", ""):
-                raise DataError(f"{where}: label {text!r} should be 0 (healthy), 1 (anomalous) or empty (unknown)")
-            group = (row[group_column] or "").strip() if group_column else None
-            if group_column and not group:
-                raise DataError(f"{where}: the {group_column} column is empty; every image needs its group")
-            mask = (row.get("mask") or "").strip() or None
-            if mask and not (root / mask).is_file():
-                raise DataError(f"{where}: mask {mask!r} not found under {root}")
-            rows.append(_Row(rel, int(text) if text else None, group, mask))
-    if not rows:
-        raise DataError(f"--labels {path}: no rows")
-    return rows
+    return [_Row(rel, label, group, mask) for _, rel, label, group, mask in read_label_csv(path, root, group_column)]
 
 
 def dicom_roles(

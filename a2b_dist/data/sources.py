@@ -91,38 +91,57 @@ def _folder_samples(images_dir, rows, role, size, channels, bit_depth) -> Iterat
         )
 
 
-def _read_labels(path: Path, images_dir: Path, role: str) -> list[tuple[str, Optional[int], Optional[str]]]:
+def read_label_csv(path: Path, root: Path, group_column: Optional[str] = None
+                   ) -> list[tuple[int, str, Optional[int], Optional[str], Optional[str]]]:
+    """Rows of a labels CSV (path,label[,mask][,GROUP]) as (line, path, label, group, mask).
+
+    Paths are relative to ``root`` and must exist; a label is 0, 1 or empty (None: unknown); with
+    ``group_column`` every row needs its group. Callers add their own rules (roles, groups).
+    """
     if not path.is_file():
         raise DataError(f"--labels {path}: no such file")
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
         columns = reader.fieldnames or []
         if "path" not in columns or "label" not in columns:
-            raise DataError(f"--labels {path}: needs a header with columns path,label[,mask]; found {columns}")
+            raise DataError(f"--labels {path}: needs a header with columns path,label[,mask][,GROUP]; found {columns}")
+        if group_column and group_column not in columns:
+            raise DataError(f"--group-column {group_column!r}: not a column of {path} ({', '.join(columns)})")
         rows, seen = [], set()
         for line, row in enumerate(reader, start=2):
             where = f"--labels {path}, line {line}"
             rel = (row["path"] or "").strip()
-            if not rel or not (images_dir / rel).is_file():
-                raise DataError(f"{where}: image {rel!r} not found under {images_dir}")
+            if not rel or not (root / rel).is_file():
+                raise DataError(f"{where}: file {rel!r} not found under {root}")
             if rel in seen:
                 raise DataError(f"{where}: {rel!r} is listed twice")
             seen.add(rel)
             text = (row["label"] or "").strip()
-            if text in ("0", "1"):
-                label = int(text)
-            elif text == "" and role == "mixed":
-                label = None
-            else:
-                raise DataError(f"{where}: label {text!r} should be 0 (healthy) or 1 (anomalous)")
-            if role == "healthy" and label == 1:
-                raise DataError(f"{where}: the healthy role takes healthy images only, found label 1")
+            if text not in ("0", "1", ""):
+                raise DataError(f"{where}: label {text!r} should be 0 (healthy), 1 (anomalous) or empty (unknown)")
+            group = (row[group_column] or "").strip() if group_column else None
+            if group_column and not group:
+                raise DataError(f"{where}: the {group_column} column is empty; every image needs its group")
             mask = (row.get("mask") or "").strip() or None
-            if mask and not (images_dir / mask).is_file():
-                raise DataError(f"{where}: mask {mask!r} not found under {images_dir}")
-            rows.append((rel, label, mask))
+            if mask and not (root / mask).is_file():
+                raise DataError(f"{where}: mask {mask!r} not found under {root}")
+            rows.append((line, rel, int(text) if text else None, group, mask))
     if not rows:
         raise DataError(f"--labels {path}: no rows")
+    return rows
+
+
+def _read_labels(path: Path, images_dir: Path, role: str) -> list[tuple[str, Optional[int], Optional[str]]]:
+    """The labels CSV of a `folder` build, with the role's rules: unknown labels only in mixed,
+    no anomalous image in healthy."""
+    rows = []
+    for line, rel, label, _, mask in read_label_csv(path, images_dir):
+        where = f"--labels {path}, line {line}"
+        if label is None and role != "mixed":
+            raise DataError(f"{where}: label is empty; the {role} role needs 0 (healthy) or 1 (anomalous)")
+        if role == "healthy" and label == 1:
+            raise DataError(f"{where}: the healthy role takes healthy images only, found label 1")
+        rows.append((rel, label, mask))
     return rows
 
 
