@@ -72,6 +72,7 @@ class LossConfig:
     lambda_fz: float = 1.0
     focus_eps: float = 0.01
     focus_warmup_steps: int = 0   # ramp the focus loss linearly from 0 over this many steps
+    focus_warmup_terms: str = "both"  # both | zero_one (ramp only the 0/1 term; the size term acts from step 0)
 
 
 @dataclass
@@ -164,6 +165,7 @@ _CHOICES: dict[str, tuple[Any, ...]] = {
     "data.channels": (1, 3),
     "model.upsample": ("transpose", "nearest", "bilinear"),
     "model.mask_activation": ("sigmoid", "tanh"),
+    "loss.focus_warmup_terms": ("both", "zero_one"),
     "train.mixed_precision": ("no", "bf16", "fp16"),
     "train.backend": ("ddp", "deepspeed"),
     "eval.metric": ("val_auc", "fid"),

@@ -120,9 +120,12 @@ class A2BUpdates:
         adv = L.generator_adversarial(d_a, d_b)                                # Eq. 5
         rec = L.reconstruction_loss(a, a_prime)                                # Eq. 7
         idt = L.identity_loss(b_int_b, b)                                      # Eq. 6
-        focus = L.focus_loss(mask, cfg.lambda_fs, cfg.lambda_fz, cfg.focus_eps)  # Eq. 8, both paths
         ramp = L.focus_ramp(step, cfg.focus_warmup_steps)
-        loss = adv + cfg.lambda_rec * rec + cfg.lambda_id * idt + cfg.lambda_f * ramp * focus  # Eq. 10
+        if cfg.focus_warmup_terms == "zero_one":   # the size term acts from step 0
+            focus = L.focus_loss(mask, cfg.lambda_fs, cfg.lambda_fz * ramp, cfg.focus_eps)  # Eq. 8
+        else:
+            focus = ramp * L.focus_loss(mask, cfg.lambda_fs, cfg.lambda_fz, cfg.focus_eps)  # Eq. 8, both paths
+        loss = adv + cfg.lambda_rec * rec + cfg.lambda_id * idt + cfg.lambda_f * focus  # Eq. 10
         return loss, {"loss_g": loss.detach(), "adv_g": adv.detach(), "rec": rec.detach(),
                       "idt": idt.detach(), "focus": focus.detach()}
 

@@ -116,3 +116,28 @@ def test_focus_ramp():
     assert L.focus_ramp(0, 100) == 0.0
     assert L.focus_ramp(25, 100) == 0.25
     assert L.focus_ramp(100, 100) == 1.0 and L.focus_ramp(500, 100) == 1.0
+
+
+@pytest.mark.parametrize("terms", ["both", "zero_one"])
+def test_focus_warmup_terms_in_generator_loss(terms):
+    """At step 0 of a warm-up, `both` drops the whole focus loss; `zero_one` keeps the size term."""
+    from a2b_dist.config import load_config
+    from a2b_dist.train import A2BUpdates, build_models, make_accelerator
+
+    cfg = load_config("configs/test.yaml", ["loss.focus_warmup_steps=100", f"loss.focus_warmup_terms={terms}",
+                                            "loss.lambda_fs=3", "train.batch_size=2"])
+    acc = make_accelerator(cfg)
+    models = build_models(cfg, acc)
+    updates = A2BUpdates(cfg, models, acc, torch.Generator())
+    g = torch.Generator().manual_seed(0)
+    size, c = cfg.data.image_size, cfg.data.channels
+    a, b = (torch.rand(2, c, size, size, generator=g) * 2 - 1 for _ in range(2))
+    with torch.no_grad():
+        loss, stats = updates.generator_loss(a, b, step=0)
+        _, mask = models.G(torch.cat([a, b]))
+    lo = cfg.loss
+    rest = stats["adv_g"] + lo.lambda_rec * stats["rec"] + lo.lambda_id * stats["idt"]
+    size_term = lo.lambda_f * lo.lambda_fs * (mask.flatten(1).mean(1) ** 2).mean()
+    expected = rest + (size_term if terms == "zero_one" else 0.0)
+    assert size_term > 1e-3                      # the case tells the two settings apart
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5, abs=1e-6)
