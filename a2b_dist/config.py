@@ -101,7 +101,8 @@ class TrainConfig:
     channels_last: bool = False
     compile: bool = False
     cpu: bool = False             # force CPU even where a GPU is present
-    backend: str = "ddp"
+    backend: str = "ddp"          # ddp | deepspeed (optional package; README "DeepSpeed")
+    zero_stage: int = 1           # deepspeed only: 0 (replicated Adam state) or 1 (Adam state sharded)
 
 
 @dataclass
@@ -202,6 +203,15 @@ def validate(cfg: Config) -> Config:
     if cfg.optim.decay_steps > cfg.train.steps:
         raise ConfigError(f"optim.decay_steps={cfg.optim.decay_steps} exceeds train.steps="
                           f"{cfg.train.steps}; the decay covers the last part of training")
+    if cfg.train.zero_stage not in (0, 1):
+        raise ConfigError(f"train.zero_stage={cfg.train.zero_stage} is not allowed; choose 0 or 1 (ZeRO 2 and 3 "
+                          "shard gradients and weights, untested with the critic's gradient penalty)")
+    if cfg.train.backend == "deepspeed" and cfg.train.mixed_precision == "fp16":
+        raise ConfigError("train.mixed_precision=fp16 is not supported with train.backend=deepspeed; "
+                          "choose bf16 or no (or train.backend=ddp)")
+    if cfg.train.backend == "deepspeed" and cfg.train.compile:
+        raise ConfigError("train.compile=true is not supported with train.backend=deepspeed; "
+                          "set train.compile=false (or train.backend=ddp)")
     return cfg
 
 
