@@ -14,6 +14,18 @@ which is why a checkpoint written by N processes loads in M. All ranks write int
 ``.tmp-<name>``; after a barrier rank 0 writes ``meta.json`` last and renames the folder into place,
 so a folder without the ``.tmp-`` prefix is always complete and a crash mid-write leaves the previous
 checkpoint untouched. Everything is safetensors or JSON: loading never unpickles.
+
+With ``train.backend=deepspeed`` (a2b_dist.ds_backend) the global state is DeepSpeed's own sharded
+checkpoint of each engine instead of the ``state-*`` files, in the same folder and written the same way:
+
+    meta.json                    as above, plus "backend": "deepspeed" and the list of files written
+    G/mp_rank_00_model_states.pt               generator weights (and, ZeRO 0, its optimizer), rank 0
+    G/zero_pp_rank_0_mp_rank_00_optim_states.pt   ZeRO 1: rank 0's shard of the generator's Adam state
+    D/...                        the same for the critic
+    zero_to_fp32.py, zero_to_torch.py          DeepSpeed's recovery scripts (ZeRO 1), copied by it
+    rank-00000.json / rank-00000.safetensors   as above
+
+Those are torch.save files; they are read only with ``torch.load(weights_only=True)``.
 """
 from __future__ import annotations
 
@@ -97,9 +109,15 @@ def _write_json(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(target: Path, *, global_state: dict, rank_state: dict, rank_tensors: dict,
-                    meta: dict, rank: int, world_size: int, barrier: Callable[[], None]) -> Path:
-    """Write one checkpoint collectively (every rank calls this with the same target and meta)."""
+def save_checkpoint(target: Path, *, global_state: Optional[dict] = None, rank_state: dict,
+                    rank_tensors: dict, meta: dict, rank: int, world_size: int,
+                    barrier: Callable[[], None], engines: Optional[dict] = None) -> Path:
+    """Write one checkpoint collectively (every rank calls this with the same target and meta).
+
+    Give either ``global_state`` (DDP: the nested state every rank holds, written as safetensors
+    shares) or ``engines`` ({"G": engine, "D": engine}: each DeepSpeed engine writes its own
+    sharded checkpoint into the folder named after it).
+    """
     target = Path(target)
     tmp = target.parent / f".tmp-{target.name}"
     if rank == 0:
@@ -108,9 +126,15 @@ def save_checkpoint(target: Path, *, global_state: dict, rank_state: dict, rank_
             shutil.rmtree(tmp)
         tmp.mkdir()
     barrier()
-    skeleton, tensors = flatten_state(global_state)
-    mine = _share(list(tensors), tensors, world_size)[rank]
-    save_file({k: tensors[k] for k in mine}, str(tmp / f"state-{rank:05d}-of-{world_size:05d}.safetensors"))
+    if engines is None:
+        skeleton, tensors = flatten_state(global_state)
+        mine = _share(list(tensors), tensors, world_size)[rank]
+        save_file({k: tensors[k] for k in mine}, str(tmp / f"state-{rank:05d}-of-{world_size:05d}.safetensors"))
+        written: dict = {"skeleton": skeleton}
+    else:
+        for name, engine in engines.items():   # collective: every rank writes its ZeRO shard
+            engine.save_checkpoint(str(tmp), tag=name, save_latest=False)
+        written = {"backend": "deepspeed"}
     save_file({k: v.detach().cpu().contiguous() for k, v in rank_tensors.items()},
               str(tmp / f"rank-{rank:05d}.safetensors"))
     _write_json(tmp / f"rank-{rank:05d}.json", rank_state)
@@ -119,7 +143,9 @@ def save_checkpoint(target: Path, *, global_state: dict, rank_state: dict, rank_
         os.kill(os.getpid(), signal.SIGKILL)
     barrier()
     if rank == 0:
-        _write_json(tmp / "meta.json", {**meta, "format": FORMAT, "world_size": world_size, "skeleton": skeleton})
+        if engines is not None:
+            written["files"] = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
+        _write_json(tmp / "meta.json", {**meta, "format": FORMAT, "world_size": world_size, **written})
         old = target.parent / f".old-{target.name}"
         if target.exists():  # replacing (only `best` is ever replaced): move aside, swap, delete
             if old.exists():
@@ -160,6 +186,9 @@ def is_complete(path: Path) -> bool:
     except (OSError, json.JSONDecodeError):
         return False
     ws = data.get("world_size", 0)
+    if data.get("backend") == "deepspeed":
+        files = data.get("files") or []
+        return data.get("format") == FORMAT and bool(files) and all((path / f).is_file() for f in files)
     return data.get("format") == FORMAT and all(
         (path / f"state-{r:05d}-of-{ws:05d}.safetensors").is_file() for r in range(ws))
 
@@ -204,10 +233,15 @@ def load_checkpoint(path: str | Path, rank: int, *, prefixes: Optional[tuple[str
 
     ``prefixes`` limits the global tensors read (for example ("/G",) for the generator only).
     The rank's own state is returned only when the checkpoint was written by a world that had
-    this rank; callers decide whether it still applies (same world size).
+    this rank; callers decide whether it still applies (same world size). For a DeepSpeed
+    checkpoint the global state holds the networks' weights only (the optimizers' shards are the
+    engines' to load).
     """
     path = Path(path)
     meta = read_meta(path)
+    if meta.get("backend") == "deepspeed":
+        nets = [n for n in ("G", "D") if prefixes is None or any(p.strip("/").split("/")[0] == n for p in prefixes)]
+        return {n: deepspeed_weights(path, n) for n in nets}, meta, *load_rank_state(path, rank, meta)
     ws = meta["world_size"]
     tensors: dict[str, torch.Tensor] = {}
     for r in range(ws):
@@ -220,12 +254,27 @@ def load_checkpoint(path: str | Path, rank: int, *, prefixes: Optional[tuple[str
         keep = {p.strip("/").split("/")[0] for p in prefixes}
         skeleton = {"__dict__": {k: v for k, v in skeleton["__dict__"].items() if k in keep}}
     state = unflatten_state(skeleton, tensors)
+    return state, meta, *load_rank_state(path, rank, meta)
+
+
+def load_rank_state(path: Path, rank: int, meta: dict) -> tuple[Optional[dict], dict]:
+    """(this rank's json state or None, this rank's tensors) from a checkpoint folder."""
     rank_json, rank_tensors = None, {}
-    if rank < ws and (path / f"rank-{rank:05d}.json").is_file():
+    if rank < meta["world_size"] and (path / f"rank-{rank:05d}.json").is_file():
         rank_json = json.loads((path / f"rank-{rank:05d}.json").read_text())
         with safe_open(str(path / f"rank-{rank:05d}.safetensors"), framework="pt") as f:
             rank_tensors = {k: f.get_tensor(k) for k in f.keys()}
-    return state, meta, rank_json, rank_tensors
+    return rank_json, rank_tensors
+
+
+def deepspeed_weights(path: Path, net: str) -> dict:
+    """One network's state_dict from a DeepSpeed checkpoint (full fp32 weights at ZeRO 0 and 1).
+
+    The model-states file holds tensors and plain containers only, so it loads with
+    weights_only=True and without deepspeed installed (export and detect do not need it).
+    """
+    blob = torch.load(Path(path) / net / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
+    return blob["module"]
 
 
 # ---------------------------------------------------------------------------------------------
