@@ -4,6 +4,8 @@
     a2b train --config configs/demo.yaml train.steps=500       # dotted overrides
     accelerate launch --multi_gpu --num_processes 2 --num_machines 1 \
         -m a2b_dist.train --config configs/test.yaml            # DDP (2 CPU processes over gloo here)
+    accelerate launch --multi_gpu --num_processes 2 --num_machines 1 \
+        -m a2b_dist.train --config configs/test.yaml train.backend=deepspeed   # DeepSpeed ZeRO 1
     python jobs/submit.py --partition gpu --nodes 4 --config configs/covid.yaml   # SLURM
 
 One step = one paper iteration: ``optim.n_critic`` critic updates (each on a fresh batch of A and B),
@@ -29,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from a2b_dist import checkpoint as ckpt
+from a2b_dist import ds_backend
 from a2b_dist import losses as L
 from a2b_dist.config import Config, ConfigError, save_config
 from a2b_dist.errors import UserError
@@ -56,7 +59,8 @@ def requires_grad(module: torch.nn.Module, flag: bool) -> None:
 
 @dataclass
 class Models:
-    """The two networks as created (``G``, ``D``: canonical state_dicts) and as trained (DDP-wrapped)."""
+    """The two networks as created (``G``, ``D``: canonical state_dicts) and as trained (DDP-wrapped,
+    or DeepSpeed engines whose optimizers are the engines' own)."""
     G: torch.nn.Module
     D: torch.nn.Module
     G_train: torch.nn.Module
@@ -92,12 +96,17 @@ class A2BUpdates:
         alpha = alpha.to(a.device)
         x_hat = L.interpolate(b, fake, alpha).detach().requires_grad_(True)
         with self.acc.autocast():
-            out = self.m.D_train(torch.cat([b, fake, x_hat]).contiguous(memory_format=self.memory_format))
-        d_real, d_fake, d_hat = out.split(a.shape[0])
+            d_real, d_fake, d_hat = self.critic_outputs(b, fake, x_hat)
         wasserstein = L.critic_wasserstein(d_fake, d_real)                  # Eq. 3
         gp = L.gradient_penalty(d_hat, x_hat, self._scale())                 # Eq. 4's penalty
         loss = wasserstein + self.cfg.loss.lambda_gp * gp                    # Eq. 4 = Eq. 9
         return loss, {"loss_d": loss.detach(), "wasserstein": wasserstein.detach(), "gp": gp.detach()}
+
+    def critic_outputs(self, b: torch.Tensor, fake: torch.Tensor, x_hat: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """D(b), D(fake), D(x_hat) from one forward of the wrapped critic."""
+        out = self.m.D_train(torch.cat([b, fake, x_hat]).contiguous(memory_format=self.memory_format))
+        return out.split(b.shape[0])
 
     def critic_update(self, a: torch.Tensor, b: torch.Tensor, alpha: Optional[torch.Tensor] = None) -> dict:
         self.m.opt_d.zero_grad(set_to_none=True)
@@ -141,6 +150,42 @@ class A2BUpdates:
         return stats
 
 
+class DeepSpeedUpdates(A2BUpdates):
+    """The same phases with both networks as DeepSpeed engines (``train.backend=deepspeed``).
+
+    ``engine.backward`` and ``engine.step`` (which also clears the gradients) take the optimizers'
+    place. An engine's forward hooks its outputs so that the next backward through them runs
+    DeepSpeed's gradient reduction when it ends, and the gradient penalty's autograd.grad is such a
+    backward: through the engine it would reduce the critic's gradients before they exist. So the
+    interpolates go through the bare critic module, real and fake through the engine, and the one
+    engine.backward of the critic loss reaches every critic weight through both. As under DDP, the
+    generator update runs the critic bare and frozen: no critic gradient, no critic reduction.
+    """
+
+    def critic_outputs(self, b: torch.Tensor, fake: torch.Tensor, x_hat: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        d_real, d_fake = self.m.D_train(torch.cat([b, fake]).contiguous(memory_format=self.memory_format)
+                                        ).split(b.shape[0])
+        d_hat = self.m.D(x_hat.contiguous(memory_format=self.memory_format))
+        return d_real, d_fake, d_hat
+
+    def critic_update(self, a: torch.Tensor, b: torch.Tensor, alpha: Optional[torch.Tensor] = None) -> dict:
+        loss, stats = self.critic_loss(a, b, alpha)
+        self.m.D_train.backward(loss)
+        self.m.D_train.step()
+        return stats
+
+    def generator_update(self, a: torch.Tensor, b: torch.Tensor, step: int) -> dict:
+        requires_grad(self.m.D, False)
+        try:
+            loss, stats = self.generator_loss(a, b, step)
+            self.m.G_train.backward(loss)
+            self.m.G_train.step()
+        finally:
+            requires_grad(self.m.D, True)
+        return stats
+
+
 def make_accelerator(cfg: Config):
     from accelerate import Accelerator
 
@@ -162,6 +207,9 @@ def build_models(cfg: Config, accelerator) -> Models:
     assert not list(G.buffers()) and not list(D.buffers()), "DDP set-up assumes buffer-free networks"
     if cfg.train.channels_last:
         G, D = G.to(memory_format=torch.channels_last), D.to(memory_format=torch.channels_last)
+    if cfg.train.backend == "deepspeed":
+        G_train, D_train = ds_backend.initialize(cfg, G, D, accelerator)  # moves G and D to the device
+        return Models(G, D, G_train, D_train, G_train.optimizer, D_train.optimizer)
     o = cfg.optim
     opt_g = torch.optim.Adam(G.parameters(), lr=o.lr_g, betas=(o.beta1, o.beta2))
     opt_d = torch.optim.Adam(D.parameters(), lr=o.lr_d, betas=(o.beta1, o.beta2))
@@ -191,7 +239,9 @@ def record_launch(run_dir: Path, accelerator, argv: list[str]) -> None:
             "device": str(accelerator.device), "mixed_precision": accelerator.mixed_precision,
             "versions": {"python": platform.python_version(), "torch": torch.__version__,
                          "accelerate": accelerate.__version__, "webdataset": webdataset.__version__,
-                         "numpy": np.__version__},
+                         "numpy": np.__version__,
+                         **({"deepspeed": sys.modules["deepspeed"].__version__}
+                            if "deepspeed" in sys.modules else {})},
             "slurm_job_id": os.environ.get("SLURM_JOB_ID")}
     with open(run_dir / "launches.jsonl", "a") as f:
         f.write(json.dumps(info) + "\n")
@@ -308,6 +358,8 @@ def train(cfg: Config, *, resume: str = "auto", argv: Optional[list[str]] = None
     sweep reports through it; it gets the newest complete checkpoint).
     """
     # Set up processes, folders and logging.
+    if cfg.train.backend == "deepspeed":
+        ds_backend.require_deepspeed(cfg)
     accelerator = make_accelerator(cfg)
     rank, world = accelerator.process_index, accelerator.num_processes
     main = accelerator.is_main_process
@@ -327,20 +379,34 @@ def train(cfg: Config, *, resume: str = "auto", argv: Optional[list[str]] = None
     streams = _open_streams(cfg, rank, world)
     models = build_models(cfg, accelerator)
     gp_gen = torch.Generator(device=device).manual_seed(derive_seed(cfg.train.seed, rank, 7))
-    updates = A2BUpdates(cfg, models, accelerator, gp_gen)
+    phases = DeepSpeedUpdates if cfg.train.backend == "deepspeed" else A2BUpdates
+    updates = phases(cfg, models, accelerator, gp_gen)
     sample_x = _sample_batch(cfg) if main and cfg.train.sample_every else None
 
     # Resume from the newest complete checkpoint (or the one given).
     step, best = 0, None
     start_from = _resume_path(cfg, resume)
     if start_from is not None:
-        state, meta, rank_json, rank_tensors = ckpt.load_checkpoint(start_from, rank)
-        models.G.load_state_dict(state["G"])
-        models.D.load_state_dict(state["D"])
-        models.opt_g.load_state_dict(state["opt_g"])
-        models.opt_d.load_state_dict(state["opt_d"])
-        if accelerator.scaler is not None and "scaler" in state:
-            accelerator.scaler.load_state_dict(state["scaler"])
+        meta = ckpt.read_meta(start_from)
+        written_by = meta.get("backend", "ddp")
+        if written_by != cfg.train.backend:
+            raise UserError(f"{start_from} was written with train.backend={written_by}; resume it with "
+                            f"train.backend={written_by}, or start a new train.run_dir")
+        if cfg.train.backend == "deepspeed":
+            if meta["world_size"] != world:
+                raise UserError(f"{start_from} was written by {meta['world_size']} DeepSpeed processes; resume "
+                                f"it with {meta['world_size']} (ZeRO shards are per process), or export its "
+                                "generator with `a2b export`")
+            ds_backend.load(start_from, {"G": models.G_train, "D": models.D_train})
+            rank_json, rank_tensors = ckpt.load_rank_state(start_from, rank, meta)
+        else:
+            state, meta, rank_json, rank_tensors = ckpt.load_checkpoint(start_from, rank)
+            models.G.load_state_dict(state["G"])
+            models.D.load_state_dict(state["D"])
+            models.opt_g.load_state_dict(state["opt_g"])
+            models.opt_d.load_state_dict(state["opt_d"])
+            if accelerator.scaler is not None and "scaler" in state:
+                accelerator.scaler.load_state_dict(state["scaler"])
         step = int(meta["step"])
         best = meta.get("best")
         same_world = meta["world_size"] == world and rank_json is not None
@@ -362,9 +428,12 @@ def train(cfg: Config, *, resume: str = "auto", argv: Optional[list[str]] = None
 
     def save(target: Path, **extra) -> Path:
         rank_state = {"streams": {role: s.state_dict() for role, s in streams.items()}, "step": step}
+        if cfg.train.backend == "deepspeed":  # each engine writes its own sharded checkpoint
+            state = {"engines": {"G": models.G_train, "D": models.D_train}}
+        else:
+            state = {"global_state": _global_state(models, accelerator)}
         return ckpt.save_checkpoint(
-            target, global_state=_global_state(models, accelerator), rank_state=rank_state,
-            rank_tensors={"gp_rng": gp_gen.get_state()},
+            target, **state, rank_state=rank_state, rank_tensors={"gp_rng": gp_gen.get_state()},
             meta=ckpt.meta_for(cfg, step, best=best, **extra), rank=rank, world_size=world,
             barrier=accelerator.wait_for_everyone)
 
