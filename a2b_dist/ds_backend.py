@@ -29,7 +29,6 @@ from a2b_dist.config import Config, ConfigError
 from a2b_dist.errors import UserError
 
 PINNED = "0.19.8"   # the version requirements.txt pins and the tests run
-NETS = ("G", "D")   # engine names: the checkpoint tags, so G/ and D/ inside a step folder
 
 
 def require_deepspeed(cfg: Config) -> None:
@@ -110,7 +109,7 @@ def load(path: str | Path, engines: dict) -> None:
             raise UserError(f"{path}/{name} is not a readable DeepSpeed checkpoint")
 
 
-def _checkpoint_types() -> list:
+def checkpoint_types() -> list:
     """The only non-torch types in DeepSpeed's ZeRO shards (checked by tests/test_deepspeed.py)."""
     from deepspeed.runtime.fp16.loss_scaler import LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
@@ -121,7 +120,7 @@ def _checkpoint_types() -> list:
 
 def load_weights_only(path: str | Path, map_location=None) -> Any:
     """torch.load(weights_only=True) of one file of a DeepSpeed checkpoint."""
-    with torch.serialization.safe_globals(_checkpoint_types()):
+    with torch.serialization.safe_globals(checkpoint_types()):
         return torch.load(path, map_location=map_location, weights_only=True)
 
 
@@ -136,4 +135,6 @@ class WeightsOnlyCheckpointEngine:
         return load_weights_only(path, map_location)
 
     def __getattr__(self, name: str) -> Any:
+        if name == "inner":   # not set yet (copy, unpickling): no recursion
+            raise AttributeError(name)
         return getattr(self.inner, name)

@@ -66,7 +66,7 @@ def _losses(run_dir):
 
 def _weights_only_globals(path):
     """Names of the non-default globals a DeepSpeed file needs: only the allowlisted ones."""
-    allowed = {f"{t.__module__}.{t.__qualname__}" for t in ds_backend._checkpoint_types()}
+    allowed = {f"{t.__module__}.{t.__qualname__}" for t in ds_backend.checkpoint_types()}
     found = set(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
     assert found <= allowed, f"{path}: {found - allowed}"
     return found
@@ -153,3 +153,19 @@ def test_one_process_bf16_zero0(sim_shards, tmp_path):
     states = ds_backend.load_weights_only(step2 / "G" / "mp_rank_00_model_states.pt")
     assert states["optimizer"]["state"] and all(t.dtype == torch.float32 for t in states["module"].values())
     assert all(torch.isfinite(torch.tensor(r["loss_d"])) for r in _losses(run_dir))
+
+
+class _NotAllowed:
+    """A class no checkpoint may carry: loading one must fail, not run its unpickling."""
+
+
+def test_checkpoint_loader_refuses_other_globals(tmp_path):
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler   # one of the allowlisted types
+
+    good, bad = tmp_path / "good.pt", tmp_path / "bad.pt"
+    torch.save({"state": {"w": torch.ones(2)}, "scale": LossScaler(1.0)}, good)
+    torch.save({"state": {"w": torch.ones(2)}, "payload": _NotAllowed()}, bad)
+    loader = ds_backend.WeightsOnlyCheckpointEngine(inner=None)
+    assert torch.equal(loader.load(str(good))["state"]["w"], torch.ones(2))
+    with pytest.raises(Exception, match="Weights only load failed"):
+        loader.load(str(bad))
