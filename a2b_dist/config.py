@@ -107,8 +107,9 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    every: int = 0                # evaluate (model selection) every N steps; 0 = only at the end
+    every: int = 0                # evaluate (model selection) every N steps and at the end; 0 = never
     metric: str = "val_auc"       # val_auc | fid
+    select_from: int = 0          # evaluations before this step are logged but never become best/
     score: str = "mean"           # mean (the paper's) | topk
     topk_percent: float = 5.0
     batch_size: int = 32
@@ -158,6 +159,7 @@ _RANGES: dict[str, tuple[Any, Any]] = {
     "train.log_every": (1, None),
     "train.sample_every": (0, None),
     "eval.every": (0, None),
+    "eval.select_from": (0, None),
     "eval.topk_percent": (0.01, 100.0),
     "eval.batch_size": (1, None),
     "eval.fid_samples": (2, None),
@@ -203,6 +205,9 @@ def validate(cfg: Config) -> Config:
     if cfg.optim.decay_steps > cfg.train.steps:
         raise ConfigError(f"optim.decay_steps={cfg.optim.decay_steps} exceeds train.steps="
                           f"{cfg.train.steps}; the decay covers the last part of training")
+    if cfg.eval.every and cfg.eval.select_from > cfg.train.steps:
+        raise ConfigError(f"eval.select_from={cfg.eval.select_from} exceeds train.steps={cfg.train.steps}; "
+                          "no evaluation could be selected as best")
     if cfg.train.zero_stage not in (0, 1):
         raise ConfigError(f"train.zero_stage={cfg.train.zero_stage} is not allowed; choose 0 or 1 (ZeRO 2 and 3 "
                           "shard gradients and weights, untested with the critic's gradient penalty)")

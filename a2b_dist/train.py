@@ -521,7 +521,8 @@ def train(cfg: Config, *, resume: str = "auto", argv: Optional[list[str]] = None
                 metrics = evaluate_for_selection(cfg, models.G, accelerator)
                 evaluated = True
                 value = metrics[cfg.eval.metric]
-                improved = _better(cfg.eval.metric, value, best)
+                # Before select_from (e.g. a focus warm-up) the mask has not formed: log, never select.
+                improved = step >= cfg.eval.select_from and _better(cfg.eval.metric, value, best)
                 if improved:
                     best = {"metric": cfg.eval.metric, "value": value, "step": step}
                 log.write({"step": step, **{f"eval/{k}": v for k, v in metrics.items()}, "best": best})

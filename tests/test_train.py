@@ -84,6 +84,18 @@ def test_single_process_run_folder(sim_shards, tmp_path):
     assert records[-1]["lr_g"] == pytest.approx(0.25e-4)
 
 
+def test_selection_starts_at_select_from(sim_shards, tmp_path):
+    """Evaluations before eval.select_from are logged but never become best/ (e.g. during a focus warm-up)."""
+    run_dir = tmp_path / "run"
+    run(train_cmd(1, f"data.root={sim_shards}", f"train.run_dir={run_dir}", "eval.every=2", "eval.select_from=6"))
+    evals = [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "eval/val_auc" in r]
+    assert [r["step"] for r in evals] == [2, 4, 6, 8]
+    assert evals[0]["best"] is None and evals[1]["best"] is None
+    best = max(evals[2:], key=lambda r: (r["eval/val_auc"], -r["step"]))
+    assert evals[-1]["best"]["step"] == best["step"]
+    assert ckpt.read_meta(run_dir / "best")["step"] == best["step"]
+
+
 def test_ddp_two_processes_bf16(sim_shards, tmp_path):
     run_dir = tmp_path / "ddp"
     run(train_cmd(2, f"data.root={sim_shards}", f"train.run_dir={run_dir}", "train.mixed_precision=bf16"))
