@@ -108,11 +108,16 @@ class A2BUpdates:
         out = self.m.D_train(torch.cat([b, fake, x_hat]).contiguous(memory_format=self.memory_format))
         return out.split(b.shape[0])
 
-    def critic_update(self, a: torch.Tensor, b: torch.Tensor, alpha: Optional[torch.Tensor] = None) -> dict:
-        self.m.opt_d.zero_grad(set_to_none=True)
-        loss, stats = self.critic_loss(a, b, alpha)
+    def apply(self, loss: torch.Tensor, trained: torch.nn.Module, opt: torch.optim.Optimizer) -> None:
+        """Backward of ``loss`` and one step of ``opt``; ``trained`` is the network's wrapper (DDP here,
+        unused; a DeepSpeed engine, which steps itself, in DeepSpeedUpdates)."""
+        opt.zero_grad(set_to_none=True)
         self.acc.backward(loss)
-        self.m.opt_d.step()
+        opt.step()
+
+    def critic_update(self, a: torch.Tensor, b: torch.Tensor, alpha: Optional[torch.Tensor] = None) -> dict:
+        loss, stats = self.critic_loss(a, b, alpha)
+        self.apply(loss, self.m.D_train, self.m.opt_d)
         return stats
 
     def generator_loss(self, a: torch.Tensor, b: torch.Tensor, step: int) -> tuple[torch.Tensor, dict]:
@@ -130,10 +135,8 @@ class A2BUpdates:
         rec = L.reconstruction_loss(a, a_prime)                                # Eq. 7
         idt = L.identity_loss(b_int_b, b)                                      # Eq. 6
         ramp = L.focus_ramp(step, cfg.focus_warmup_steps)
-        if cfg.focus_warmup_terms == "zero_one":   # the size term acts from step 0
-            focus = L.focus_loss(mask, cfg.lambda_fs, cfg.lambda_fz * ramp, cfg.focus_eps)  # Eq. 8
-        else:
-            focus = ramp * L.focus_loss(mask, cfg.lambda_fs, cfg.lambda_fz, cfg.focus_eps)  # Eq. 8, both paths
+        size_ramp = 1.0 if cfg.focus_warmup_terms == "zero_one" else ramp   # zero_one: size term from step 0
+        focus = L.focus_loss(mask, cfg.lambda_fs * size_ramp, cfg.lambda_fz * ramp, cfg.focus_eps)  # Eq. 8
         loss = adv + cfg.lambda_rec * rec + cfg.lambda_id * idt + cfg.lambda_f * focus  # Eq. 10
         return loss, {"loss_g": loss.detach(), "adv_g": adv.detach(), "rec": rec.detach(),
                       "idt": idt.detach(), "focus": focus.detach()}
@@ -141,10 +144,8 @@ class A2BUpdates:
     def generator_update(self, a: torch.Tensor, b: torch.Tensor, step: int) -> dict:
         requires_grad(self.m.D, False)
         try:
-            self.m.opt_g.zero_grad(set_to_none=True)
             loss, stats = self.generator_loss(a, b, step)
-            self.acc.backward(loss)
-            self.m.opt_g.step()
+            self.apply(loss, self.m.G_train, self.m.opt_g)
         finally:
             requires_grad(self.m.D, True)
         return stats
@@ -169,21 +170,9 @@ class DeepSpeedUpdates(A2BUpdates):
         d_hat = self.m.D(x_hat.contiguous(memory_format=self.memory_format))
         return d_real, d_fake, d_hat
 
-    def critic_update(self, a: torch.Tensor, b: torch.Tensor, alpha: Optional[torch.Tensor] = None) -> dict:
-        loss, stats = self.critic_loss(a, b, alpha)
-        self.m.D_train.backward(loss)
-        self.m.D_train.step()
-        return stats
-
-    def generator_update(self, a: torch.Tensor, b: torch.Tensor, step: int) -> dict:
-        requires_grad(self.m.D, False)
-        try:
-            loss, stats = self.generator_loss(a, b, step)
-            self.m.G_train.backward(loss)
-            self.m.G_train.step()
-        finally:
-            requires_grad(self.m.D, True)
-        return stats
+    def apply(self, loss: torch.Tensor, trained, opt) -> None:
+        trained.backward(loss)   # the engine reduces gradients; its step also clears them
+        trained.step()
 
 
 def make_accelerator(cfg: Config):

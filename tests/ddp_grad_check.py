@@ -13,17 +13,13 @@ from safetensors.torch import save_file
 from a2b_dist.config import load_config
 from a2b_dist.train import A2BUpdates, build_models, make_accelerator
 
+from grad_batch import fixed_batch  # tests/, beside this script
+
 out, config = sys.argv[1], sys.argv[2]
 cfg = load_config(config, ["train.batch_size=4", *sys.argv[3:]])
 acc = make_accelerator(cfg)
 models = build_models(cfg, acc)
-g = torch.Generator().manual_seed(123)
-size, c, n = cfg.data.image_size, cfg.data.channels, cfg.train.batch_size
-a = torch.rand(n, c, size, size, generator=g) * 2 - 1
-b = torch.rand(n, c, size, size, generator=g) * 2 - 1
-alpha = torch.rand(n, 1, 1, 1, generator=g)
-per = n // acc.num_processes
-part = slice(acc.process_index * per, (acc.process_index + 1) * per)
+a, b, alpha, part = fixed_batch(cfg, acc)
 updates = A2BUpdates(cfg, models, acc, torch.Generator())
 
 updates.critic_update(a[part], b[part], alpha[part])

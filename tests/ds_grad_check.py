@@ -18,6 +18,8 @@ from a2b_dist.config import load_config
 from a2b_dist.nets import build_critic, build_generator
 from a2b_dist.train import A2BUpdates, DeepSpeedUpdates, Models, build_models, make_accelerator
 
+from grad_batch import fixed_batch  # tests/, beside this script
+
 out, config = sys.argv[1], sys.argv[2]
 saved: dict[str, torch.Tensor] = {}
 for stage in (0, 1):
@@ -28,13 +30,7 @@ for stage in (0, 1):
     acc = make_accelerator(cfg)
     models = build_models(cfg, acc)
     assert isinstance(models.D_train.checkpoint_engine, ds_backend.WeightsOnlyCheckpointEngine)
-    g = torch.Generator().manual_seed(123)
-    size, c, n = cfg.data.image_size, cfg.data.channels, cfg.train.batch_size
-    a = torch.rand(n, c, size, size, generator=g) * 2 - 1
-    b = torch.rand(n, c, size, size, generator=g) * 2 - 1
-    alpha = torch.rand(n, 1, 1, 1, generator=g)
-    per = n // acc.num_processes
-    part = slice(acc.process_index * per, (acc.process_index + 1) * per)
+    a, b, alpha, part = fixed_batch(cfg, acc)
 
     grads: dict[str, torch.Tensor] = {}
 
@@ -60,6 +56,7 @@ for stage in (0, 1):
 
     # The reference: the same initial weights (build_models seeds from train.seed), whole batch.
     torch.manual_seed(cfg.train.seed)
+    size, c = cfg.data.image_size, cfg.data.channels
     G, D = build_generator(cfg.model, c), build_critic(cfg.model, c, size)
     o = cfg.optim
     opt_g = torch.optim.Adam(G.parameters(), lr=o.lr_g, betas=(o.beta1, o.beta2))
