@@ -296,21 +296,31 @@ def load_generator(path: str | Path, *, device: str | torch.device = "cpu"):
         cfg, weights = from_dict(blob["config"], str(p)), blob["generator"]
     else:
         ckpt = resolve_checkpoint(p)
-        state, meta, _, _ = load_checkpoint(ckpt, 0, prefixes=("/G/",))
-        cfg, weights = from_dict(meta["config"], str(ckpt)), state["G"]
+        state, meta, _, _ = load_checkpoint(ckpt, 0, prefixes=("/G/", "/G_ema/"))
+        cfg, weights = from_dict(meta["config"], str(ckpt)), evaluation_weights(state)
     gen = build_generator(cfg.model, cfg.data.channels)
     gen.load_state_dict(weights)
     return gen.to(device).eval(), cfg
 
 
+def evaluation_weights(state: dict) -> dict:
+    """The generator weights to evaluate: the moving average (train.ema_decay) when the checkpoint
+    has one, else the trained weights."""
+    if "G_ema" in state:
+        prefix = "module."   # AveragedModel keeps the averaged copy as .module, beside n_averaged
+        return {k[len(prefix):]: v for k, v in state["G_ema"].items() if k.startswith(prefix)}
+    return state["G"]
+
+
 def export_generator(checkpoint: str | Path, out: str | Path) -> Path:
-    """Write generator weights + config to one file loadable with torch.load(weights_only=True)."""
+    """Write the evaluation generator (the average when kept) + config to one file loadable with
+    torch.load(weights_only=True)."""
     ckpt = resolve_checkpoint(checkpoint)
-    state, meta, _, _ = load_checkpoint(ckpt, 0, prefixes=("/G/",))
+    state, meta, _, _ = load_checkpoint(ckpt, 0, prefixes=("/G/", "/G_ema/"))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
-    torch.save({"format": EXPORT_FORMAT, "generator": state["G"], "config": meta["config"],
+    torch.save({"format": EXPORT_FORMAT, "generator": evaluation_weights(state), "config": meta["config"],
                 "step": meta["step"], "source": str(ckpt)}, tmp)
     os.replace(tmp, out)
     return out

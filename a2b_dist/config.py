@@ -50,6 +50,8 @@ class DataConfig:
     num_workers: int = 2          # loader processes per training process
     shuffle_buffer: int = 256     # samples held for shuffling, per loader worker
     skip_corrupt: bool = False    # skip and count undecodable samples instead of failing
+    hflip: bool = False           # random horizontal flip of training images (the authors' augmentation;
+                                  # off by default: laterality matters in many medical images)
 
 
 @dataclass
@@ -73,6 +75,9 @@ class LossConfig:
     focus_eps: float = 0.01
     focus_warmup_steps: int = 0   # ramp the focus loss linearly from 0 over this many steps
     focus_warmup_terms: str = "both"  # both | zero_one (ramp only the 0/1 term; the size term acts from step 0)
+    focus_size: str = "image"     # image: (mean M)^2 per image, averaged | batch: (mean M over the batch)^2
+                                  # (the authors' code), which lets single anomalous images keep big masks
+    lambda_id_out: float = 0.0    # Fixed-Point GAN identity on the output: L1(B'(b), b) for healthy b (0: paper)
 
 
 @dataclass
@@ -103,6 +108,9 @@ class TrainConfig:
     cpu: bool = False             # force CPU even where a GPU is present
     backend: str = "ddp"          # ddp | deepspeed (optional package; README "DeepSpeed")
     zero_stage: int = 1           # deepspeed only: 0 (replicated Adam state) or 1 (Adam state sharded)
+    # Exponential moving average of the generator's weights (stylegan2-ada's G_ema), used for selection,
+    # evaluation, samples and export; 0 = off (the paper). Decay at step t: min(ema_decay, (1+t)/(10+t)).
+    ema_decay: float = 0.0
 
 
 @dataclass
@@ -110,7 +118,7 @@ class EvalConfig:
     every: int = 0                # evaluate (model selection) every N steps and at the end; 0 = never
     metric: str = "val_auc"       # val_auc | fid
     select_from: int = 0          # evaluations before this step are logged but never become best/
-    score: str = "mean"           # mean (the paper's) | topk
+    score: str = "mean"           # mean (the paper's) | topk | mask | smooth_topk (a2b_dist.losses.anomaly_score)
     topk_percent: float = 5.0
     batch_size: int = 32
     fid_samples: int = 1000
@@ -145,6 +153,7 @@ _RANGES: dict[str, tuple[Any, Any]] = {
     "loss.lambda_fz": (0.0, None),
     "loss.focus_eps": (1e-8, 0.5),
     "loss.focus_warmup_steps": (0, None),
+    "loss.lambda_id_out": (0.0, None),
     "optim.lr_g": (0.0, 1.0),
     "optim.lr_d": (0.0, 1.0),
     "optim.beta1": (0.0, 1.0),
@@ -158,6 +167,7 @@ _RANGES: dict[str, tuple[Any, Any]] = {
     "train.keep_last": (1, None),
     "train.log_every": (1, None),
     "train.sample_every": (0, None),
+    "train.ema_decay": (0.0, 0.99999),
     "eval.every": (0, None),
     "eval.select_from": (0, None),
     "eval.topk_percent": (0.01, 100.0),
@@ -169,10 +179,11 @@ _CHOICES: dict[str, tuple[Any, ...]] = {
     "model.upsample": ("transpose", "nearest", "bilinear"),
     "model.mask_activation": ("sigmoid", "tanh"),
     "loss.focus_warmup_terms": ("both", "zero_one"),
+    "loss.focus_size": ("image", "batch"),
     "train.mixed_precision": ("no", "bf16", "fp16"),
     "train.backend": ("ddp", "deepspeed"),
     "eval.metric": ("val_auc", "fid"),
-    "eval.score": ("mean", "topk"),
+    "eval.score": ("mean", "topk", "mask", "smooth_topk"),
     "eval.fid_dims": (64, 192, 768, 2048),
 }
 
@@ -214,6 +225,9 @@ def validate(cfg: Config) -> Config:
     if cfg.train.backend == "deepspeed" and cfg.train.mixed_precision == "fp16":
         raise ConfigError("train.mixed_precision=fp16 is not supported with train.backend=deepspeed; "
                           "choose bf16 or no (or train.backend=ddp)")
+    if cfg.train.backend == "deepspeed" and cfg.train.ema_decay:
+        raise ConfigError("train.ema_decay is not supported with train.backend=deepspeed yet; set "
+                          "train.ema_decay=0 (or train.backend=ddp)")
     if cfg.train.backend == "deepspeed" and cfg.train.compile:
         raise ConfigError("train.compile=true is not supported with train.backend=deepspeed; "
                           "set train.compile=false (or train.backend=ddp)")

@@ -135,7 +135,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         b_int, m = generator(x)
         b_prime = losses.blend_healthy(x, b_int, m)                                 # Eq. 1
         diff = losses.anomaly_map(x, b_prime)                                       # (B, 1, H, W)
-        values = losses.anomaly_score(diff, score, topk).cpu().numpy()
+        values = losses.anomaly_score(diff, score, topk, m).cpu().numpy()
         for i, p in enumerate(chunk):
             rel = p.relative_to(root).as_posix()
             rows.append((rel, float(values[i])))

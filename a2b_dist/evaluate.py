@@ -33,7 +33,7 @@ from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 from a2b_dist import losses
 from a2b_dist.errors import UserError
 
-SCORE_KINDS = ("mean", "topk")
+SCORE_KINDS = losses.SCORE_KINDS
 HIGHER_IS_BETTER = {"val_auc": True, "fid": False}
 
 
@@ -270,7 +270,7 @@ def score_role(generator: torch.nn.Module, role_dir: str | os.PathLike, *, batch
         keys += list(batch["key"])
         labels.append(y)
         for kind in SCORE_KINDS:
-            scores[kind].append(losses.anomaly_score(diff, kind, topk_percent).cpu().numpy())
+            scores[kind].append(losses.anomaly_score(diff, kind, topk_percent, m).cpu().numpy())
         refs["greyness"].append(greyness(x).cpu().numpy())
         if healthy_mean is not None:
             refs["healthy_distance"].append(healthy_distance(x, healthy_mean).cpu().numpy())

@@ -68,13 +68,31 @@ def reconstruction_loss(a: torch.Tensor, a_prime: torch.Tensor) -> torch.Tensor:
     return l1(a, a_prime)
 
 
-def focus_loss(mask: torch.Tensor, lambda_fs: float, lambda_fz: float, eps: float = 0.01) -> torch.Tensor:
-    """Eq. 8 per mask, averaged over the batch:
-    lambda_fs * (mean_i M_i)^2 + lambda_fz * mean_i 1 / (|M_i - 0.5| + eps)."""
+def focus_loss(mask: torch.Tensor, lambda_fs: float, lambda_fz: float, eps: float = 0.01,
+               size: str = "image") -> torch.Tensor:
+    """Eq. 8: lambda_fs * (mean M)^2 + lambda_fz * mean 1 / (|M - 0.5| + eps).
+
+    ``size="image"`` squares each mask's mean and averages over the batch (a big mask on one
+    anomalous image costs that image alone); ``size="batch"`` squares the mean over the whole batch,
+    as the authors' code does. The 0/1 term is the same in both.
+    """
     m = mask.float().flatten(1)                                            # (B, n)
-    size = m.mean(dim=1) ** 2                                              # (B,)
-    zero_one = (1.0 / ((m - 0.5).abs() + eps)).mean(dim=1)                 # (B,)
-    return (lambda_fs * size + lambda_fz * zero_one).mean()
+    if size == "image":
+        size_term = (m.mean(dim=1) ** 2).mean()
+    elif size == "batch":
+        size_term = m.mean() ** 2
+    else:
+        raise ValueError(f"focus size {size!r}; choose image or batch")
+    zero_one = (1.0 / ((m - 0.5).abs() + eps)).mean()
+    return lambda_fs * size_term + lambda_fz * zero_one
+
+
+def ema_decay_at(step: int, decay: float) -> float:
+    """EMA decay for the update after ``step`` earlier ones: min(decay, (1 + step) / (10 + step)).
+
+    The ramp (0.1 at the first update, 0.5 after 8) keeps the average from being dominated by the
+    first weights on a short schedule; the average is a = d * a + (1 - d) * w."""
+    return min(decay, (1.0 + step) / (10.0 + step))
 
 
 def focus_ramp(step: int, warmup_steps: int) -> float:
@@ -93,19 +111,39 @@ def anomaly_map(x: torch.Tensor, b_prime: torch.Tensor) -> torch.Tensor:
     return (x.float() - b_prime.float()).abs().mean(dim=1, keepdim=True)
 
 
-def anomaly_score(diff: torch.Tensor, kind: str = "mean", topk_percent: float = 5.0) -> torch.Tensor:
+SCORE_KINDS = ("mean", "topk", "mask", "smooth_topk")
+
+
+def smoothing_kernel(image_size: int) -> int:
+    """Side of the box filter of ``smooth_topk``: odd, about 1/16 of the image (3 px at 32 px, 17 at 256)."""
+    return max(3, 2 * round(image_size / 32) + 1)
+
+
+def anomaly_score(diff: torch.Tensor, kind: str = "mean", topk_percent: float = 5.0,
+                  mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Image score from a difference map (B, 1, H, W) -> (B,).
 
     ``mean`` is the paper's score (section 3.3); ``topk`` is the mean of the largest topk_percent
-    of the map's pixels, which favours small lesions over image-wide changes.
+    of the map's pixels, which favours small lesions over image-wide changes; ``smooth_topk`` is
+    ``topk`` of the map box-filtered over about 1/16 of the image (single noisy pixels no longer
+    decide); ``mask`` is the mean of M * |x - B'|, which counts only what the mask marks with
+    confidence (needs ``mask``, (B, 1, H, W)).
     """
     flat = diff.float().flatten(1)
     if kind == "mean":
         return flat.mean(dim=1)
-    if kind == "topk":
-        k = max(1, int(round(flat.shape[1] * topk_percent / 100.0)))
-        return flat.topk(k, dim=1).values.mean(dim=1)
-    raise ValueError(f"score kind {kind!r}; choose mean or topk")
+    if kind in ("topk", "smooth_topk"):
+        if kind == "smooth_topk":
+            k = smoothing_kernel(diff.shape[-1])
+            flat = torch.nn.functional.avg_pool2d(diff.float(), k, stride=1, padding=k // 2,
+                                                  count_include_pad=False).flatten(1)
+        n = max(1, int(round(flat.shape[1] * topk_percent / 100.0)))
+        return flat.topk(n, dim=1).values.mean(dim=1)
+    if kind == "mask":
+        if mask is None:
+            raise ValueError("score kind 'mask' needs the mask")
+        return (diff.float() * mask.float()).flatten(1).mean(dim=1)
+    raise ValueError(f"score kind {kind!r}; choose one of {', '.join(SCORE_KINDS)}")
 
 
 def linear_decay_lr(base_lr: float, step: int, total_steps: int, decay_steps: int) -> float:

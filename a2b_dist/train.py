@@ -40,7 +40,7 @@ from a2b_dist.nets import build_critic, build_generator
 # Under fp16 a loss-scale overflow makes a step's losses inf (GradScaler skips it); more than this
 # many in a row is a real divergence.
 MAX_FP16_OVERFLOWS = 20
-LOSS_TERMS = ("loss_d", "wasserstein", "gp", "loss_g", "adv_g", "rec", "idt", "focus")
+LOSS_TERMS = ("loss_d", "wasserstein", "gp", "loss_g", "adv_g", "rec", "idt", "idt_out", "focus")
 
 
 class NonFiniteLoss(UserError):
@@ -60,13 +60,35 @@ def requires_grad(module: torch.nn.Module, flag: bool) -> None:
 @dataclass
 class Models:
     """The two networks as created (``G``, ``D``: canonical state_dicts) and as trained (DDP-wrapped,
-    or DeepSpeed engines whose optimizers are the engines' own)."""
+    or DeepSpeed engines whose optimizers are the engines' own), and the generator's moving average
+    (``G_ema``, when train.ema_decay > 0)."""
     G: torch.nn.Module
     D: torch.nn.Module
     G_train: torch.nn.Module
     D_train: torch.nn.Module
     opt_g: torch.optim.Optimizer
     opt_d: torch.optim.Optimizer
+    G_ema: Optional[torch.optim.swa_utils.AveragedModel] = None
+
+    @property
+    def G_eval(self) -> torch.nn.Module:
+        """The generator that selection, samples and export use: the average when kept."""
+        return self.G_ema.module if self.G_ema is not None else self.G
+
+
+def make_ema(G: torch.nn.Module, decay: float) -> torch.optim.swa_utils.AveragedModel:
+    """stylegan2-ada's G_ema through torch's AveragedModel: the first update copies G, update k >= 1
+    computes a = d * a + (1 - d) * w with d = losses.ema_decay_at(k, decay)."""
+    from torch.optim.swa_utils import AveragedModel
+
+    def ema_update(averaged: list[torch.Tensor], current: list[torch.Tensor], n_averaged: torch.Tensor) -> None:
+        d = L.ema_decay_at(int(n_averaged), decay)
+        for a, w in zip(averaged, current):
+            a.mul_(d).add_(w, alpha=1.0 - d)
+
+    ema = AveragedModel(G, multi_avg_fn=ema_update)
+    ema.requires_grad_(False)
+    return ema
 
 
 class A2BUpdates:
@@ -134,12 +156,16 @@ class A2BUpdates:
         adv = L.generator_adversarial(d_a, d_b)                                # Eq. 5
         rec = L.reconstruction_loss(a, a_prime)                                # Eq. 7
         idt = L.identity_loss(b_int_b, b)                                      # Eq. 6
+        idt_out = L.l1(b_prime_b, b)          # Fixed-Point GAN: a healthy image translates to itself
         ramp = L.focus_ramp(step, cfg.focus_warmup_steps)
         size_ramp = 1.0 if cfg.focus_warmup_terms == "zero_one" else ramp   # zero_one: size term from step 0
-        focus = L.focus_loss(mask, cfg.lambda_fs * size_ramp, cfg.lambda_fz * ramp, cfg.focus_eps)  # Eq. 8
+        focus = L.focus_loss(mask, cfg.lambda_fs * size_ramp, cfg.lambda_fz * ramp, cfg.focus_eps,
+                             cfg.focus_size)                                   # Eq. 8
         loss = adv + cfg.lambda_rec * rec + cfg.lambda_id * idt + cfg.lambda_f * focus  # Eq. 10
+        if cfg.lambda_id_out:
+            loss = loss + cfg.lambda_id_out * idt_out
         return loss, {"loss_g": loss.detach(), "adv_g": adv.detach(), "rec": rec.detach(),
-                      "idt": idt.detach(), "focus": focus.detach()}
+                      "idt": idt.detach(), "idt_out": idt_out.detach(), "focus": focus.detach()}
 
     def generator_update(self, a: torch.Tensor, b: torch.Tensor, step: int) -> dict:
         requires_grad(self.m.D, False)
@@ -148,6 +174,8 @@ class A2BUpdates:
             self.apply(loss, self.m.G_train, self.m.opt_g)
         finally:
             requires_grad(self.m.D, True)
+        if self.m.G_ema is not None:
+            self.m.G_ema.update_parameters(self.m.G)
         return stats
 
 
@@ -207,7 +235,8 @@ def build_models(cfg: Config, accelerator) -> Models:
     G_fwd = torch.compile(G) if cfg.train.compile else G
     G_train, D_train, opt_g, opt_d = accelerator.prepare(G_fwd, D, opt_g, opt_d)
     G.to(accelerator.device), D.to(accelerator.device)
-    return Models(G, D, G_train, D_train, opt_g, opt_d)
+    G_ema = make_ema(G, cfg.train.ema_decay) if cfg.train.ema_decay else None
+    return Models(G, D, G_train, D_train, opt_g, opt_d, G_ema)
 
 
 def _global_state(models: Models, accelerator) -> dict:
@@ -215,6 +244,8 @@ def _global_state(models: Models, accelerator) -> dict:
              "opt_g": models.opt_g.state_dict(), "opt_d": models.opt_d.state_dict()}
     if accelerator.scaler is not None:
         state["scaler"] = accelerator.scaler.state_dict()
+    if models.G_ema is not None:
+        state["G_ema"] = models.G_ema.state_dict()   # module.* weights and n_averaged
     return state
 
 
@@ -368,6 +399,7 @@ def train(cfg: Config, *, resume: str = "auto", argv: Optional[list[str]] = None
     streams = _open_streams(cfg, rank, world)
     models = build_models(cfg, accelerator)
     gp_gen = torch.Generator(device=device).manual_seed(derive_seed(cfg.train.seed, rank, 7))
+    aug_gen = torch.Generator().manual_seed(derive_seed(cfg.train.seed, rank, 11))   # data.hflip
     phases = DeepSpeedUpdates if cfg.train.backend == "deepspeed" else A2BUpdates
     updates = phases(cfg, models, accelerator, gp_gen)
     sample_x = _sample_batch(cfg) if main and cfg.train.sample_every else None
@@ -396,15 +428,23 @@ def train(cfg: Config, *, resume: str = "auto", argv: Optional[list[str]] = None
             models.opt_d.load_state_dict(state["opt_d"])
             if accelerator.scaler is not None and "scaler" in state:
                 accelerator.scaler.load_state_dict(state["scaler"])
+            if models.G_ema is not None:
+                if "G_ema" in state:
+                    models.G_ema.load_state_dict(state["G_ema"])
+                else:  # switched on at a resume: the average starts from the weights at hand
+                    accelerator.print(f"{start_from} holds no generator average; starting it at step {meta['step']}")
         step = int(meta["step"])
         best = meta.get("best")
         same_world = meta["world_size"] == world and rank_json is not None
         if same_world:
             gp_gen.set_state(rank_tensors["gp_rng"])
+            if "aug_rng" in rank_tensors:
+                aug_gen.set_state(rank_tensors["aug_rng"])
             for role, stream in streams.items():
                 stream.load_state_dict(rank_json["streams"][role], step)
         else:  # another world size: every rank's randomness is reseeded from (seed, rank, step)
             gp_gen.manual_seed(derive_seed(cfg.train.seed, rank, 7, step))
+            aug_gen.manual_seed(derive_seed(cfg.train.seed, rank, 11, step))
             for role, stream in streams.items():
                 stream.load_state_dict({}, step)
         accelerator.print(f"resumed from {start_from} at step {step}"
@@ -422,7 +462,7 @@ def train(cfg: Config, *, resume: str = "auto", argv: Optional[list[str]] = None
         else:
             state = {"global_state": _global_state(models, accelerator)}
         return ckpt.save_checkpoint(
-            target, **state, rank_state=rank_state, rank_tensors={"gp_rng": gp_gen.get_state()},
+            target, **state, rank_state=rank_state, rank_tensors={"gp_rng": gp_gen.get_state(), "aug_rng": aug_gen.get_state()},
             meta=ckpt.meta_for(cfg, step, best=best, **extra), rank=rank, world_size=world,
             barrier=accelerator.wait_for_everyone)
 
@@ -440,6 +480,9 @@ def train(cfg: Config, *, resume: str = "auto", argv: Optional[list[str]] = None
     def next_batch(role: str) -> torch.Tensor:
         t = time.perf_counter()
         x = next(iters[role])
+        if cfg.data.hflip:  # each image flipped left-right with probability 1/2
+            flip = (torch.rand(x.shape[0], generator=aug_gen) < 0.5).view(-1, 1, 1, 1)
+            x = torch.where(flip, x.flip(-1), x)
         window["wait"] += time.perf_counter() - t
         return x.to(device, non_blocking=True).contiguous(memory_format=fmt)
 
@@ -504,10 +547,10 @@ def train(cfg: Config, *, resume: str = "auto", argv: Optional[list[str]] = None
                 sums.zero_()
                 window.update(t0=time.perf_counter(), wait=0.0, steps=0)
             if main and sample_x is not None and cfg.train.sample_every and step % cfg.train.sample_every == 0:
-                save_samples(models.G, sample_x.to(device), run_dir / "samples" / f"step-{step:09d}.png")
+                save_samples(models.G_eval, sample_x.to(device), run_dir / "samples" / f"step-{step:09d}.png")
             improved = evaluated = False
             if cfg.eval.every and (step % cfg.eval.every == 0 or step == cfg.train.steps):
-                metrics = evaluate_for_selection(cfg, models.G, accelerator)
+                metrics = evaluate_for_selection(cfg, models.G_eval, accelerator)
                 evaluated = True
                 value = metrics[cfg.eval.metric]
                 # Before select_from (e.g. a focus warm-up) the mask has not formed: log, never select.

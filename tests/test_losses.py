@@ -141,3 +141,90 @@ def test_focus_warmup_terms_in_generator_loss(terms):
     expected = rest + (size_term if terms == "zero_one" else 0.0)
     assert size_term > 1e-3                      # the case tells the two settings apart
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5, abs=1e-6)
+
+
+def test_focus_size_per_image_and_over_the_batch_by_hand():
+    m = torch.tensor([[[[1.0, 1.0], [1.0, 1.0]]], [[[0.0, 0.0], [0.0, 0.0]]]])   # (2, 1, 2, 2)
+    zero_one = 1.0 / (0.5 + 0.1)                                                   # every pixel
+    # per image: (1^2 + 0^2) / 2 = 0.5; over the batch: (mean 0.5)^2 = 0.25
+    assert L.focus_loss(m, 2.0, 1.0, 0.1, "image").item() == pytest.approx(2.0 * 0.5 + zero_one)
+    assert L.focus_loss(m, 2.0, 1.0, 0.1, "batch").item() == pytest.approx(2.0 * 0.25 + zero_one)
+    with pytest.raises(ValueError, match="image or batch"):
+        L.focus_loss(m, 1.0, 1.0, 0.1, "pixel")
+
+
+def test_mask_and_smoothed_topk_scores_by_hand():
+    diff = torch.zeros(1, 1, 32, 32)
+    diff[0, 0, 10, 10] = 9.0                       # one hot pixel
+    mask = torch.zeros(1, 1, 32, 32)
+    mask[0, 0, 10, 10] = 0.5
+    assert L.anomaly_score(diff, "mask", mask=mask).item() == pytest.approx(4.5 / 1024)
+    # 32 px -> a 3x3 box: the hot pixel spreads to 9 pixels of value 1; top 1% = 10 pixels -> 9/10
+    assert L.smoothing_kernel(32) == 3 and L.smoothing_kernel(256) == 17
+    assert L.anomaly_score(diff, "smooth_topk", 1.0).item() == pytest.approx(0.9)
+    assert L.anomaly_score(diff, "topk", 1.0).item() == pytest.approx(0.9)   # unsmoothed: 9 of 10 pixels
+    diff[0, 0, 20, 20] = 9.0                       # a second hot pixel far away: unsmoothed top 1% doubles,
+    assert L.anomaly_score(diff, "topk", 1.0).item() == pytest.approx(1.8)
+    assert L.anomaly_score(diff, "smooth_topk", 1.0).item() == pytest.approx(1.0)   # smoothed: 10 of 18 ones
+    with pytest.raises(ValueError, match="needs the mask"):
+        L.anomaly_score(diff, "mask")
+
+
+def test_ema_decay_ramp():
+    assert L.ema_decay_at(0, 0.999) == pytest.approx(0.1)
+    assert L.ema_decay_at(8, 0.999) == pytest.approx(0.5)
+    assert L.ema_decay_at(10**6, 0.999) == 0.999
+
+
+def _updates(overrides):
+    from a2b_dist.config import load_config
+    from a2b_dist.train import A2BUpdates, build_models, make_accelerator
+
+    cfg = load_config("configs/test.yaml", ["train.batch_size=2", *overrides])
+    acc = make_accelerator(cfg)
+    models = build_models(cfg, acc)
+    g = torch.Generator().manual_seed(0)
+    size, c = cfg.data.image_size, cfg.data.channels
+    a, b = (torch.rand(2, c, size, size, generator=g) * 2 - 1 for _ in range(2))
+    return cfg, models, A2BUpdates(cfg, models, acc, torch.Generator()), a, b
+
+
+def test_output_identity_term_by_hand():
+    """lambda_id_out adds lambda * L1(B'(b), b) for the healthy batch to Eq. 10, nothing else."""
+    cfg, models, updates, a, b = _updates(["loss.lambda_id_out=2.5"])
+    with torch.no_grad():
+        loss, stats = updates.generator_loss(a, b, step=0)
+        b_int, m = models.G(b)
+        by_hand = (L.blend_healthy(b, b_int, m) - b).abs().mean()
+    lo = cfg.loss
+    paper = (stats["adv_g"] + lo.lambda_rec * stats["rec"] + lo.lambda_id * stats["idt"]
+             + lo.lambda_f * stats["focus"])
+    assert stats["idt_out"].item() == pytest.approx(by_hand.item(), rel=1e-5)
+    assert by_hand > 1e-3
+    assert loss.item() == pytest.approx((paper + 2.5 * by_hand).item(), rel=1e-5, abs=1e-6)
+    _, _, off, _, _ = _updates([])
+    with torch.no_grad():
+        loss0, stats0 = off.generator_loss(a, b, step=0)
+    assert loss0.item() == pytest.approx((stats0["adv_g"] + lo.lambda_rec * stats0["rec"] + lo.lambda_id
+                                          * stats0["idt"] + lo.lambda_f * stats0["focus"]).item(), rel=1e-5)
+
+
+def test_ema_equals_a_hand_computed_average():
+    decay = 0.9
+    _, models, updates, a, b = _updates([f"train.ema_decay={decay}"])
+    seen, expected = [], None
+    for k in range(4):
+        updates.generator_update(a, b, step=k)
+        w = {n: p.detach().clone() for n, p in models.G.named_parameters()}
+        seen.append(w)
+        if k == 0:
+            expected = {n: t.clone() for n, t in w.items()}        # the first update copies G
+        else:
+            d = min(decay, (1 + k) / (10 + k))
+            expected = {n: d * expected[n] + (1 - d) * w[n] for n in w}
+    assert not torch.equal(seen[0]["main.0.weight"], seen[-1]["main.0.weight"])   # G did move
+    averaged = dict(models.G_ema.module.named_parameters())
+    for name, value in expected.items():
+        torch.testing.assert_close(averaged[name], value, rtol=1e-5, atol=1e-7)
+    assert not torch.allclose(averaged["main.0.weight"], seen[-1]["main.0.weight"])
+    assert models.G_eval is models.G_ema.module
