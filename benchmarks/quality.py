@@ -1,27 +1,42 @@
 #!/usr/bin/env python
-"""Detection quality: A2B-GAN against normal-only baselines, same data, same image budget.
+"""Detection quality: A2B-GAN against the detectors a user would pick instead, over protocols and seeds.
 
-    python benchmarks/quality.py                                  # 32 px simulated MNIST, seed 0
-    python benchmarks/quality.py --steps 1500 --seeds 0 1 2       # the demo's schedule, three seeds
-    python benchmarks/quality.py --data data/xray --size 256 --config configs/covid.yaml --steps 20000
+    python benchmarks/quality.py                                   # every protocol, seeds 0 1 2, demo budget
+    python benchmarks/quality.py --protocols mnist-square phantom-lesion --seeds 0 --steps 500 --jobs 2
+    python benchmarks/quality.py --variant ema=train.ema_decay=0.999 --methods a2b ema ae   # screen a lever
 
-Methods, each scored on the test role by the mean of its difference map (image AUROC) and by the
-map's pixels where ground-truth masks exist (pixel AUROC):
-- A2B-GAN: a2b_dist.train.train on the healthy and the mixed, unannotated set (the paper's setting),
-  scored as `a2b evaluate` scores (|x - B'|); the weights of the last step, no model selection.
-- conv AE: a small convolutional autoencoder trained on the healthy set only, scored by |x - AE(x)|.
-- PCA: scikit-learn PCA fitted on healthy images only, scored by |x - reconstruction|.
-- greyness and healthy distance: training-free references (a2b_dist.evaluate).
-Image budget: A2B draws n_critic x 2 roles x batch images per step; the autoencoder trains on as
-many healthy images; PCA is fitted on up to that many distinct healthy images (one pass).
-If --data holds no shards, they are built with shards/build.py simulated --source mnist5k.
+A protocol is SOURCE-KIND: `shards/build.py simulated --source SOURCE --anomaly KIND` at --size,
+built once into --work (data seed 0; the seeds vary every method's own randomness). Methods, each
+trained at the same image budget (A2B-GAN's steps x n_critic x 2 roles x batch images drawn):
+- a2b: the preset (--config, default configs/small.yaml: the toolkit's chosen defaults), trained on
+  healthy + mixed, its checkpoint selected on validation AUROC as `a2b train` does;
+- a2b-paper: the same networks and schedule with the paper's loss and optimiser values;
+- a2b-healthy: the preset with the healthy set in the place of the mixed set (the ablation that
+  tests the paper's thesis that the unannotated mixed set helps);
+- ae: a convolutional autoencoder trained on healthy images only, scored by mean |x - AE(x)|;
+- ddad: DDAD (Cai et al., MICCAI 2022): one ensemble of K autoencoders on healthy images, one on
+  healthy + mixed; map = |mean_A - mean_B| (inter-discrepancy) + std_A (intra-discrepancy);
+- pca: PCA on healthy images, scored by mean |x - reconstruction|;
+- references: the training-free greyness and healthy-distance scores.
+ae and ddad are selected on validation AUROC at the cadence A2B-GAN is; the budget of ddad is
+split evenly over its 2K autoencoders. Every A2B score kind (mean, topk, mask, smooth_topk, and the
+critic's patch score on the input) is reported beside the preset's eval.score.
+--variant NAME=key=value[,key=value...] adds an A2B-GAN method: the preset plus those overrides
+(a screening run); the name may then be listed in --methods.
+
+Results go to --work: one JSON per (protocol, method, seed), reused on a rerun (delete it to redo),
+then results.json, table.md and val_auc.png (validation AUROC against steps for each A2B method).
+Test AUROC is reported, never used to choose: choose on validation (the val_auc columns).
 """
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import subprocess
 import sys
-import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,8 +46,135 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from a2b_dist.evaluate import healthy_mean_image, image_metrics, pixel_auroc  # noqa: E402
+PROTOCOLS = ("mnist-square", "mnist-intensity", "mnist-noise", "mnist-blur", "phantom-lesion")
+# The paper's values (section 4.4; lambda_fs of its simulated set) on the preset's networks and
+# schedule: no focus warm-up, no generator average, no output identity, plain mask selection.
+PAPER = ["loss.lambda_fs=0.001", "loss.focus_eps=0.01", "loss.focus_warmup_steps=0",
+         "loss.focus_warmup_terms=both", "loss.focus_size=image", "loss.lambda_id_out=0",
+         "optim.lr_g=1e-4", "optim.lr_d=1e-4", "train.ema_decay=0", "data.hflip=false",
+         "eval.select_from=0", "eval.score=mean"]
+A2B_METHODS = {"a2b": [], "a2b-paper": PAPER, "a2b-healthy": []}
+OTHER_METHODS = ("ae", "ddad", "pca", "references")
+EVALS = 15            # validation evaluations per run, for every method that selects
 
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+def protocol_dir(work: Path, protocol: str, size: int) -> Path:
+    return work / "shards" / f"{protocol}-{size}"
+
+
+def ensure_shards(work: Path, protocol: str, size: int) -> Path:
+    root = protocol_dir(work, protocol, size)
+    if all((root / r / "manifest.json").is_file() for r in ("healthy", "mixed", "val", "test")):
+        return root
+    source, _, kind = protocol.partition("-")
+    cmd = [sys.executable, str(ROOT / "shards" / "build.py"), "simulated", "--source", source,
+           "--anomaly", kind, "--size", str(size), "--seed", "0", "--out", str(root), "--overwrite"]
+    print("building shards:", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    return root
+
+
+def load_role(role_dir: Path, size: int) -> dict:
+    from a2b_dist.data import eval_batches
+
+    out = {"image": [], "label": [], "mask": [], "has_mask": []}
+    for batch in eval_batches(role_dir, batch_size=256, image_size=size):
+        for k in out:
+            out[k].append(batch[k])
+    return {k: torch.cat(v) for k, v in out.items()}
+
+
+def healthy_as_mixed(root: Path, work: Path) -> Path:
+    """A shards root whose mixed role is the healthy role (links; nothing copied)."""
+    alias = work / "shards" / f"{root.name}-healthy-as-mixed"
+    alias.mkdir(parents=True, exist_ok=True)
+    for role, target in (("healthy", "healthy"), ("mixed", "healthy"), ("val", "val"), ("test", "test")):
+        link = alias / role
+        if not link.exists():
+            link.symlink_to((root / target).resolve(), target_is_directory=True)
+    return alias
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics
+
+def image_and_pixel(labels, scores, maps=None, gt=None, has_mask=None) -> dict:
+    from a2b_dist.evaluate import image_metrics, pixel_auroc
+
+    out = {"auroc": image_metrics(np.asarray(labels), np.asarray(scores))["auroc"], "pixel_auroc": None}
+    if maps is not None and has_mask is not None and bool(has_mask.any()):
+        known = has_mask.bool().numpy()
+        out["pixel_auroc"] = pixel_auroc(maps[known].numpy(), gt[known].numpy())
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# A2B-GAN
+
+def a2b_config(args, overrides: list[str], root: Path, run_dir: Path, seed: int):
+    from a2b_dist.config import load_config
+
+    base = load_config(args.config)
+    scale = args.steps / base.train.steps      # the preset's schedule, compressed or stretched
+    sched = lambda v: int(round(v * scale))  # noqa: E731
+    return load_config(args.config, [
+        f"data.root={root}", f"data.image_size={args.size}", f"train.run_dir={run_dir}",
+        f"train.steps={args.steps}", f"train.seed={seed}", f"train.batch_size={args.batch}",
+        f"optim.decay_steps={sched(base.optim.decay_steps)}",
+        f"loss.focus_warmup_steps={sched(base.loss.focus_warmup_steps)}",
+        f"eval.every={max(1, args.steps // EVALS)}", f"eval.select_from={sched(base.eval.select_from)}",
+        f"train.checkpoint_every={args.steps}", "train.sample_every=0", "train.cpu=true",
+        "data.num_workers=0", *overrides])
+
+
+def critic_scores(run_dir: Path, cfg, x: torch.Tensor) -> np.ndarray:
+    """The final critic's patch scores on the inputs, negated (the critic rates healthy images high)."""
+    from a2b_dist import checkpoint as ckpt
+    from a2b_dist.nets import build_critic
+
+    state, _, _, _ = ckpt.load_checkpoint(ckpt.latest_checkpoint(run_dir), 0, prefixes=("/D/",))
+    D = build_critic(cfg.model, cfg.data.channels, cfg.data.image_size)
+    D.load_state_dict(state["D"])
+    D.eval()
+    with torch.no_grad():
+        return torch.cat([-D(x[i:i + 256]).flatten(1).mean(1) for i in range(0, len(x), 256)]).numpy()
+
+
+def run_a2b(args, method: str, root: Path, run_dir: Path, seed: int) -> dict:
+    from a2b_dist import checkpoint as ckpt
+    from a2b_dist.evaluate import healthy_mean_image, score_role, summarise_result
+    from a2b_dist.train import train
+
+    overrides = {**A2B_METHODS, **args.variants}[method]
+    data_root = healthy_as_mixed(root, Path(args.work)) if method == "a2b-healthy" else root
+    cfg = a2b_config(args, overrides, data_root, run_dir, seed)
+    result = train(cfg, resume="none", argv=["benchmarks/quality.py", method])
+    chosen = Path(result["best"] and ckpt.resolve_checkpoint(run_dir / ckpt.BEST) or ckpt.latest_checkpoint(run_dir))
+    G, _ = ckpt.load_generator(chosen)
+    with torch.no_grad():
+        scored = score_role(G, root / "test", batch_size=64, topk_percent=cfg.eval.topk_percent,
+                            image_size=args.size, healthy_mean=healthy_mean_image(root / "healthy"))
+    summary = summarise_result(scored, score=cfg.eval.score)
+    test = load_role(root / "test", args.size)
+    scores = {k: v["auroc"] for k, v in summary["scores"].items()}
+    scores["critic"] = image_and_pixel(test["label"], critic_scores(run_dir, cfg, test["image"]))["auroc"]
+    curve = [(r["step"], r["eval/val_auc"]) for r in map(json.loads, open(run_dir / "metrics.jsonl"))
+             if "eval/val_auc" in r]
+    mask = summary["mask"]
+    return {"auroc": summary["auroc"], "pixel_auroc": summary["pixel_auroc"], "scores": scores,
+            "references": {k: v["auroc"] for k, v in summary["references"].items()},
+            "mask": {k: mask.get(k) for k in ("mask_inside_outside_ratio", "mask_pixel_std", "mask_pixel_auroc",
+                                              "mask_mean_healthy", "mask_mean_anomalous")},
+            "selected_step": ckpt.read_meta(chosen)["step"], "val_curve": curve,
+            "best_val_auc": (result["best"] or {}).get("value"),
+            "images": args.steps * cfg.optim.n_critic * 2 * args.batch}
+
+
+# ---------------------------------------------------------------------------------------------
+# Peers trained on healthy images (and, for DDAD, the mixed set too)
 
 class ConvAutoencoder(nn.Module):
     """x (B, C, H, W) in [-1, 1] -> reconstruction, through a (B, 4w, H/8, W/8) bottleneck."""
@@ -53,150 +195,239 @@ class ConvAutoencoder(nn.Module):
         return self.decoder(self.encoder(x))
 
 
-def ensure_shards(root: Path, size: int) -> None:
-    if all((root / role / "manifest.json").is_file() for role in ("healthy", "mixed", "test")):
-        return
-    cmd = [sys.executable, str(ROOT / "shards" / "build.py"), "simulated", "--source", "mnist5k",
-           "--size", str(size), "--seed", "0", "--out", str(root)]
-    print("building shards:", " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True)
-
-
-def test_maps(root: Path, size: int, reconstruct) -> dict:
-    """Score the test role with a reconstruction function: labels, image scores, maps, masks."""
-    from a2b_dist.data import eval_batches
-
-    out = {"label": [], "score": [], "map": [], "gt": [], "has_mask": []}
-    with torch.no_grad():
-        for batch in eval_batches(root / "test", batch_size=64, image_size=size):
-            x = batch["image"]
-            diff = (x - reconstruct(x)).abs().mean(dim=1, keepdim=True)   # (B, 1, H, W)
-            out["label"].append(batch["label"].numpy())
-            out["score"].append(diff.flatten(1).mean(1).numpy())
-            out["map"].append(diff.numpy())
-            out["gt"].append(batch["mask"].numpy())
-            out["has_mask"].append(batch["has_mask"].numpy())
-    return {k: np.concatenate(v) for k, v in out.items()}
-
-
-def metrics_of(scored: dict) -> tuple[float, float | None]:
-    known = scored["has_mask"].astype(bool)
-    pix = pixel_auroc(scored["map"][known], scored["gt"][known]) if known.any() else None
-    return image_metrics(scored["label"], scored["score"])["auroc"], pix
-
-
-def healthy_images(root: Path, size: int, limit: int) -> torch.Tensor:
-    from a2b_dist.data import eval_batches
-
-    xs, n = [], 0
-    for batch in eval_batches(root / "healthy", batch_size=256, image_size=size):
-        xs.append(batch["image"])
-        n += len(xs[-1])
-        if n >= limit:
-            break
-    return torch.cat(xs)[:limit]
-
-
-def run_a2b(args, seed: int, run_dir: Path) -> dict:
-    from a2b_dist import checkpoint as ckpt
-    from a2b_dist.config import load_config
-    from a2b_dist.evaluate import score_role, summarise_result
-    from a2b_dist.train import train
-
-    cfg = load_config(args.config, [
-        f"data.root={args.data}", f"data.image_size={args.size}", f"train.run_dir={run_dir}",
-        f"train.steps={args.steps}", f"train.seed={seed}", f"train.batch_size={args.batch}",
-        f"optim.decay_steps={min(args.steps // 3, 500)}", f"train.checkpoint_every={args.steps}",
-        "train.sample_every=0", "eval.every=0", "train.cpu=true", *args.override])
-    train(cfg, resume="none", argv=["benchmarks/quality.py"])
-    G, _ = ckpt.load_generator(ckpt.latest_checkpoint(run_dir))
-    with torch.no_grad():
-        result = score_role(G, Path(args.data) / "test", batch_size=64, topk_percent=cfg.eval.topk_percent,
-                            image_size=args.size, healthy_mean=healthy_mean_image(Path(args.data) / "healthy"))
-    summary = summarise_result(result, score="mean")
-    return {"A2B-GAN": (summary["auroc"], summary["pixel_auroc"]),
-            "greyness": (summary["references"]["greyness"]["auroc"], None),
-            "healthy distance": (summary["references"]["healthy_distance"]["auroc"], None),
-            "images": args.steps * cfg.optim.n_critic * 2 * args.batch}
-
-
-def run_autoencoder(args, seed: int, budget: int) -> tuple[float, float | None]:
-    from a2b_dist.data import TrainStream
-
+def train_autoencoders(args, pools: list[torch.Tensor], images_each: int, seed: int, score_fn, val: dict):
+    """Train one autoencoder per pool in lockstep (L1, Adam), each drawing ``images_each`` images;
+    every 1/EVALS of the way score val with score_fn(models, x) -> (maps, scores) and keep the best."""
+    g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    ae = ConvAutoencoder(1, args.ae_width)
-    opt = torch.optim.Adam(ae.parameters(), lr=args.ae_lr)
-    stream = iter(TrainStream(Path(args.data) / "healthy", batch_size=args.batch, image_size=args.size,
-                              channels=1, seed=seed, num_workers=0))
-    ae.train()
-    for _ in range(budget // args.batch):
-        x = next(stream)
-        loss = (ae(x) - x).abs().mean()                                    # L1, as A2B's Eq. 6-7
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    ae.eval()
-    return metrics_of(test_maps(Path(args.data), args.size, ae))
+    models = [ConvAutoencoder(pools[0].shape[1], args.ae_width) for _ in pools]
+    opts = [torch.optim.Adam(m.parameters(), lr=args.ae_lr) for m in models]
+    iters = max(1, images_each // args.batch)
+    every = max(1, iters // EVALS)
+    best, best_state = -1.0, None
+    for it in range(1, iters + 1):
+        for m, opt, pool in zip(models, opts, pools):
+            m.train()
+            x = pool[torch.randint(len(pool), (args.batch,), generator=g)]
+            loss = (m(x) - x).abs().mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        if it % every == 0 or it == iters:
+            for m in models:
+                m.eval()
+            with torch.no_grad():
+                _, s = score_fn(models, val["image"])
+            auc = image_and_pixel(val["label"], s)["auroc"]
+            if auc > best:
+                best, best_state = auc, [{k: v.clone() for k, v in m.state_dict().items()} for m in models]
+    for m, state in zip(models, best_state):
+        m.load_state_dict(state)
+        m.eval()
+    return models, best
 
 
-def run_pca(args, seed: int, budget: int) -> tuple[float, float | None]:
-    from sklearn.decomposition import PCA
-
-    x = healthy_images(Path(args.data), args.size, budget)
-    shape = x.shape[1:]
-    pca = PCA(n_components=min(args.pca_components, len(x)), svd_solver="randomized", random_state=seed)
-    pca.fit(x.flatten(1).numpy())
-
-    def reconstruct(batch: torch.Tensor) -> torch.Tensor:
-        z = pca.inverse_transform(pca.transform(batch.flatten(1).numpy()))
-        return torch.from_numpy(z).float().reshape(-1, *shape)
-
-    return metrics_of(test_maps(Path(args.data), args.size, reconstruct))
+def ae_maps(models, x):
+    with torch.no_grad():
+        maps = torch.cat([(x[i:i + 256] - models[0](x[i:i + 256])).abs().mean(1, keepdim=True)
+                          for i in range(0, len(x), 256)])
+    return maps, maps.flatten(1).mean(1).numpy()
 
 
-def fmt(v) -> str:
-    return f"{v:.3f}" if v is not None else "-"
+def ddad_maps(k: int):
+    def fn(models, x):
+        out = []
+        with torch.no_grad():
+            for i in range(0, len(x), 256):
+                xb = x[i:i + 256]
+                rec_a = torch.stack([m(xb) for m in models[:k]])          # (K, B, C, H, W): healthy only
+                rec_b = torch.stack([m(xb) for m in models[k:]])          # healthy + mixed
+                inter = (rec_a.mean(0) - rec_b.mean(0)).abs()
+                intra = rec_a.std(0, unbiased=False)
+                out.append((inter + intra).mean(1, keepdim=True))
+        maps = torch.cat(out)
+        return maps, maps.flatten(1).mean(1).numpy()
+    return fn
 
 
-def main(argv=None) -> dict:
+def run_peer(args, method: str, root: Path, seed: int, budget: int) -> dict:
+    healthy = load_role(root / "healthy", args.size)["image"]
+    test, val = load_role(root / "test", args.size), load_role(root / "val", args.size)
+    if method == "ae":
+        models, best = train_autoencoders(args, [healthy], budget, seed, ae_maps, val)
+        maps, scores = ae_maps(models, test["image"])
+    elif method == "ddad":
+        k = args.ddad_k
+        union = torch.cat([healthy, load_role(root / "mixed", args.size)["image"]])
+        fn = ddad_maps(k)
+        models, best = train_autoencoders(args, [healthy] * k + [union] * k, budget // (2 * k), seed, fn, val)
+        maps, scores = fn(models, test["image"])
+    elif method == "pca":
+        from sklearn.decomposition import PCA
+
+        x = healthy[:budget].flatten(1).numpy()
+        pca = PCA(n_components=min(args.pca_components, len(x)), svd_solver="randomized", random_state=seed)
+        pca.fit(x)
+        t = test["image"]
+        rec = torch.from_numpy(pca.inverse_transform(pca.transform(t.flatten(1).numpy()))).float().reshape(t.shape)
+        maps = (t - rec).abs().mean(1, keepdim=True)
+        scores, best = maps.flatten(1).mean(1).numpy(), None
+    else:
+        raise ValueError(method)
+    return {**image_and_pixel(test["label"], scores, maps, test["mask"], test["has_mask"]), "best_val_auc": best}
+
+
+# ---------------------------------------------------------------------------------------------
+# Cells, table, plot
+
+def run_cell(args, protocol: str, method: str, seed: int) -> dict:
+    torch.set_num_threads(args.threads)
+    work = Path(args.work)
+    out = work / "results" / f"{protocol}-{args.size}-{args.steps}" / method / f"seed-{seed}.json"
+    if out.is_file():
+        return json.loads(out.read_text())
+    root = protocol_dir(work, protocol, args.size)
+    t0 = time.time()
+    budget = args.steps * 2 * 2 * args.batch          # n_critic 2 x roles 2 x batch per A2B step
+    if method in A2B_METHODS or method in args.variants:
+        run_dir = work / "runs" / f"{protocol}-{args.size}-{args.steps}" / method / f"seed-{seed}"
+        if run_dir.exists():
+            import shutil
+            shutil.rmtree(run_dir)
+        res = run_a2b(args, method, root, run_dir, seed)
+    elif method == "references":
+        from a2b_dist.evaluate import greyness, healthy_distance, healthy_mean_image
+
+        test = load_role(root / "test", args.size)
+        mean = healthy_mean_image(root / "healthy", image_size=args.size)
+        res = {"scores": {"greyness": image_and_pixel(test["label"], greyness(test["image"]).numpy())["auroc"],
+                          "healthy distance": image_and_pixel(
+                              test["label"], healthy_distance(test["image"], mean).numpy())["auroc"]}}
+        res["auroc"], res["pixel_auroc"] = max(res["scores"].values()), None
+    else:
+        res = run_peer(args, method, root, seed, budget)
+    res.update(seconds=round(time.time() - t0, 1), protocol=protocol, method=method, seed=seed)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(res, indent=1))
+    os.replace(tmp, out)
+    print(f"{protocol:>16} {method:>14} seed {seed}: image AUROC {res['auroc']:.3f} ({res['seconds']:.0f} s)",
+          flush=True)
+    return res
+
+
+def mean_sd(values) -> str:
+    v = [x for x in values if x is not None]
+    if not v:
+        return "-"
+    return f"{np.mean(v):.3f} ± {np.std(v):.3f}" if len(v) > 1 else f"{v[0]:.3f}"
+
+
+def table(results: list[dict], protocols, methods, args) -> str:
+    by = {}
+    for r in results:
+        by.setdefault((r["protocol"], r["method"]), []).append(r)
+    lines = [f"A2B-GAN {args.steps} steps x batch {args.batch}, {args.size} px, image budget "
+             f"{args.steps * 4 * args.batch} per method, seeds {' '.join(map(str, args.seeds))}; "
+             "test AUROC mean ± sd over seeds (val: best validation AUROC, the only figure used to choose)", "",
+             "| protocol | method | image AUROC | pixel AUROC | val AUROC | other scores (image AUROC) | mask in/out, std, pixel AUROC |",
+             "|---|---|---|---|---|---|---|"]
+    for p in protocols:
+        for m in methods:
+            rs = by.get((p, m), [])
+            if not rs:
+                continue
+            kinds = sorted({k for r in rs for k in r.get("scores", {})})
+            other = ", ".join(f"{k} {mean_sd([r['scores'].get(k) for r in rs])}" for k in kinds)
+            masks = "-"
+            if rs[0].get("mask"):
+                masks = " / ".join(mean_sd([(r["mask"] or {}).get(k) for r in rs]) for k in
+                                   ("mask_inside_outside_ratio", "mask_pixel_std", "mask_pixel_auroc"))
+            lines.append(f"| {p} | {m} | {mean_sd([r['auroc'] for r in rs])} | "
+                         f"{mean_sd([r.get('pixel_auroc') for r in rs])} | {mean_sd([r.get('best_val_auc') for r in rs])} "
+                         f"| {other} | {masks} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_curves(results: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = [r for r in results if r.get("val_curve")]
+    protocols = sorted({r["protocol"] for r in curves})
+    if not protocols:
+        return
+    fig, axes = plt.subplots(1, len(protocols), figsize=(4 * len(protocols), 3.2), squeeze=False)
+    colours = {}
+    for ax, p in zip(axes[0], protocols):
+        for r in (r for r in curves if r["protocol"] == p):
+            c = colours.setdefault(r["method"], f"C{len(colours)}")
+            steps, vals = zip(*r["val_curve"])
+            ax.plot(steps, vals, color=c, alpha=0.8, label=r["method"] if r["seed"] == min(
+                x["seed"] for x in curves if x["method"] == r["method"] and x["protocol"] == p) else None)
+        ax.set_title(p)
+        ax.set_xlabel("step")
+        ax.set_ylim(0.3, 1.0)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("validation AUROC")
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def parse_variant(text: str) -> tuple[str, list[str]]:
+    name, sep, rest = text.partition("=")
+    if not sep or not name or "=" not in rest:
+        raise argparse.ArgumentTypeError(f"--variant {text!r}: expected NAME=section.field=value[,...]")
+    return name, rest.split(",")
+
+
+def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--data", default=None, help="shards root (default: built in a temporary folder)")
+    p.add_argument("--protocols", nargs="+", default=["mnist-square", "mnist-intensity", "mnist-noise", "phantom-lesion"])
+    p.add_argument("--methods", nargs="+", default=[*A2B_METHODS, *OTHER_METHODS])
+    p.add_argument("--variant", type=parse_variant, action="append", default=[],
+                   help="NAME=section.field=value[,...]: an extra A2B-GAN method (the preset plus overrides)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--size", type=int, default=32)
-    p.add_argument("--config", default=str(ROOT / "configs" / "demo.yaml"), help="A2B-GAN preset")
-    p.add_argument("--steps", type=int, default=300, help="A2B-GAN steps; sets every method's image budget")
+    p.add_argument("--config", default=str(ROOT / "configs" / "small.yaml"), help="the A2B-GAN preset")
+    p.add_argument("--steps", type=int, default=1500, help="A2B-GAN steps; sets every method's image budget")
     p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--work", default="runs/quality", help="shards, runs and results (reused on a rerun)")
+    p.add_argument("--jobs", type=int, default=1, help="cells run at once (each with --threads threads)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads per cell (default: 1 when --jobs > 1)")
     p.add_argument("--ae-width", type=int, default=16)
     p.add_argument("--ae-lr", type=float, default=1e-3)
+    p.add_argument("--ddad-k", type=int, default=3, help="autoencoders per DDAD ensemble")
     p.add_argument("--pca-components", type=int, default=32)
-    p.add_argument("--override", nargs="*", default=[], help="more A2B config overrides, section.field=value")
     args = p.parse_args(argv)
-
-    with tempfile.TemporaryDirectory(prefix="a2b-quality-") as tmp:
-        if args.data is None:
-            args.data = str(Path(tmp) / "shards")
-        ensure_shards(Path(args.data), args.size)
-        rows: dict[str, list[tuple]] = {}
-        for seed in args.seeds:
-            a2b = run_a2b(args, seed, Path(tmp) / f"a2b-{seed}")
-            budget = a2b.pop("images")
-            a2b["conv AE (healthy only)"] = run_autoencoder(args, seed, budget)
-            a2b["PCA (healthy only)"] = run_pca(args, seed, budget)
-            for name, value in a2b.items():
-                rows.setdefault(name, []).append(value)
-
-    order = ["A2B-GAN", "conv AE (healthy only)", "PCA (healthy only)", "greyness", "healthy distance"]
-    print(f"\nquality: {args.data if not args.data.startswith(tempfile.gettempdir()) else 'simulated mnist5k'}, "
-          f"{args.size} px, A2B {args.steps} steps x batch {args.batch} = image budget {budget} per method, "
-          f"seeds {' '.join(map(str, args.seeds))}; test role")
-    print(f"{'method':<24} {'image AUROC':>12} {'pixel AUROC':>12}   per seed (image / pixel)")
-    for name in order:
-        vals = rows[name]
-        img = [v[0] for v in vals]
-        pix = [v[1] for v in vals if v[1] is not None]
-        per = "  ".join(f"{fmt(i)}/{fmt(x)}" for i, x in vals)
-        print(f"{name:<24} {fmt(float(np.mean(img))):>12} {fmt(float(np.mean(pix)) if pix else None):>12}   {per}")
-    return rows
+    args.variants = dict(args.variant)
+    known = {*A2B_METHODS, *OTHER_METHODS, *args.variants}
+    bad = [m for m in args.methods if m not in known]
+    if bad:
+        p.error(f"--methods: unknown {', '.join(bad)}; choose from {', '.join(sorted(known))}")
+    if args.threads is None:
+        args.threads = 1 if args.jobs > 1 else torch.get_num_threads()
+    work = Path(args.work)
+    for protocol in args.protocols:
+        ensure_shards(work, protocol, args.size)
+    cells = [(pr, m, s) for s in args.seeds for pr in args.protocols for m in args.methods]
+    if args.jobs > 1:
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
+        with ProcessPoolExecutor(args.jobs) as pool:
+            results = list(pool.map(run_cell, *zip(*[(args, *c) for c in cells])))
+    else:
+        results = [run_cell(args, *c) for c in cells]
+    text = table(results, args.protocols, args.methods, args)
+    tag = f"{args.size}-{args.steps}"
+    (work / f"results-{tag}.json").write_text(json.dumps(results, indent=1))
+    (work / f"table-{tag}.md").write_text(text)
+    plot_curves(results, work / f"val_auc-{tag}.png")
+    print("\n" + text)
+    print(f"written: {work}/results-{tag}.json, table-{tag}.md, val_auc-{tag}.png")
+    return results
 
 
 if __name__ == "__main__":
