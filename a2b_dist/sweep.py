@@ -43,6 +43,14 @@ ALIASES = {LR: ("optim.lr_g", "optim.lr_d")}
 DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice")
 # Default space: log-uniform over a decade either side of each weight, a factor 3 for the rate.
 WEIGHT_FACTOR, LR_FACTOR = 10.0, 3.0
+# The detection levers (benchmarks/README.md, "Detection quality"), each with its off value (the
+# paper's) among the choices, so a sweep can tell on a user's own data whether a lever helps there.
+LEVERS = {
+    "loss.lambda_id_out": (0.0, 1.0, 5.0),
+    "train.ema_decay": (0.0, 0.999),
+    "loss.focus_size": ("image", "batch"),
+    "data.hflip": (False, True),
+}
 REPORTS = "sweep-reports.jsonl"
 
 
@@ -93,7 +101,8 @@ def _get(cfg: Config, key: str) -> Any:
 
 def default_space(cfg: Config) -> dict[str, Param]:
     """The five loss weights and the learning rate, log-uniform around the config's values
-    (the paper's, for the presets); a weight set to 0 is centred on the paper's default instead."""
+    (the paper's, for the presets; a weight set to 0 is centred on the paper's default instead),
+    and a choice for each detection lever in LEVERS."""
     paper = Config()
     space = {}
     for key in LOSS_WEIGHTS:
@@ -101,6 +110,8 @@ def default_space(cfg: Config) -> dict[str, Param]:
         space[key] = Param(key, "loguniform", _round(centre / WEIGHT_FACTOR), _round(centre * WEIGHT_FACTOR))
     lr = cfg.optim.lr_g or paper.optim.lr_g
     space[LR] = Param(LR, "loguniform", _round(lr / LR_FACTOR), _round(min(lr * LR_FACTOR, 1.0)))
+    for key, values in LEVERS.items():
+        space[key] = Param(key, "choice", values=values)
     return space
 
 

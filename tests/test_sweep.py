@@ -83,11 +83,20 @@ def read_table(exp: Path) -> list[dict]:
 # ---------------------------------------------------------------------------------------------
 # Search space and base config (no Ray)
 
+def _get_default(key):
+    obj = Config()
+    for part in key.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
 def test_default_space_centres_on_the_config_and_file_matches():
     cfg = load_config(str(ROOT / "configs" / "test.yaml"))          # lambda_fs 0.001, the simulated value
     space = sweep.default_space(cfg)
-    assert set(space) == {*sweep.LOSS_WEIGHTS, sweep.LR}
-    assert all(p.dist == "loguniform" for p in space.values())
+    assert set(space) == {*sweep.LOSS_WEIGHTS, sweep.LR, *sweep.LEVERS}
+    assert all(space[k].dist == "loguniform" for k in (*sweep.LOSS_WEIGHTS, sweep.LR))
+    for key, values in sweep.LEVERS.items():                       # each lever can be switched off
+        assert space[key].dist == "choice" and _get_default(key) in space[key].values
     fs = space["loss.lambda_fs"]
     assert fs.low == pytest.approx(1e-4) and fs.high == pytest.approx(1e-2)
     assert space["loss.lambda_f"].low == pytest.approx(0.01) and space["loss.lambda_f"].high == pytest.approx(1.0)
