@@ -65,6 +65,16 @@ def protocol_dir(work: Path, protocol: str, size: int) -> Path:
     return work / "shards" / f"{protocol}-{size}"
 
 
+def use_existing(work: Path, data: Path, size: int) -> str:
+    """--data: an existing shards root (your own images) as one protocol named after its folder."""
+    name = Path(data).resolve().name
+    link = protocol_dir(work, name, size)
+    link.parent.mkdir(parents=True, exist_ok=True)
+    if not link.exists():
+        link.symlink_to(Path(data).resolve(), target_is_directory=True)
+    return name
+
+
 def ensure_shards(work: Path, protocol: str, size: int) -> Path:
     root = protocol_dir(work, protocol, size)
     if all((root / r / "manifest.json").is_file() for r in ("healthy", "mixed", "val", "test")):
@@ -127,7 +137,7 @@ def a2b_config(args, overrides: list[str], root: Path, run_dir: Path, seed: int)
         f"loss.focus_warmup_steps={sched(base.loss.focus_warmup_steps)}",
         f"eval.every={max(1, args.steps // EVALS)}", f"eval.select_from={sched(base.eval.select_from)}",
         f"train.checkpoint_every={args.steps}", "train.sample_every=0", "train.cpu=true",
-        "data.num_workers=0", *overrides])
+        "data.num_workers=0", *args.override, *overrides])
 
 
 def critic_scores(run_dir: Path, cfg, x: torch.Tensor) -> np.ndarray:
@@ -161,7 +171,7 @@ def run_a2b(args, method: str, root: Path, run_dir: Path, seed: int) -> dict:
     test = load_role(root / "test", args.size)
     scores = {k: v["auroc"] for k, v in summary["scores"].items()}
     scores["critic"] = image_and_pixel(test["label"], critic_scores(run_dir, cfg, test["image"]))["auroc"]
-    curve = [(r["step"], r["eval/val_auc"]) for r in map(json.loads, open(run_dir / "metrics.jsonl"))
+    curve = [[r["step"], r["eval/val_auc"]] for r in map(json.loads, open(run_dir / "metrics.jsonl"))
              if "eval/val_auc" in r]
     mask = summary["mask"]
     return {"auroc": summary["auroc"], "pixel_auroc": summary["pixel_auroc"], "scores": scores,
@@ -386,7 +396,12 @@ def parse_variant(text: str) -> tuple[str, list[str]]:
 
 def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--protocols", nargs="+", default=["mnist-square", "mnist-intensity", "mnist-noise", "phantom-lesion"])
+    p.add_argument("--protocols", nargs="+", default=["mnist-square", "mnist-intensity", "mnist-noise", "phantom-lesion"],
+                   help=f"SOURCE-KIND, built with shards/build.py simulated (e.g. {', '.join(PROTOCOLS)})")
+    p.add_argument("--data", type=Path, default=None,
+                   help="an existing shards root (healthy/ mixed/ val/ test/) instead of --protocols")
+    p.add_argument("--override", nargs="*", default=[],
+                   help="section.field=value applied to every A2B-GAN method (e.g. smaller networks)")
     p.add_argument("--methods", nargs="+", default=[*A2B_METHODS, *OTHER_METHODS])
     p.add_argument("--variant", type=parse_variant, action="append", default=[],
                    help="NAME=section.field=value[,...]: an extra A2B-GAN method (the preset plus overrides)")
@@ -411,6 +426,8 @@ def main(argv=None) -> list[dict]:
     if args.threads is None:
         args.threads = 1 if args.jobs > 1 else torch.get_num_threads()
     work = Path(args.work)
+    if args.data is not None:
+        args.protocols = [use_existing(work, args.data, args.size)]
     for protocol in args.protocols:
         ensure_shards(work, protocol, args.size)
     cells = [(pr, m, s) for s in args.seeds for pr in args.protocols for m in args.methods]

@@ -3,6 +3,7 @@ Nothing here is timed; the numbers are not checked, only that each script runs e
 from __future__ import annotations
 
 import re
+import json
 import shutil
 import subprocess
 import sys
@@ -53,15 +54,29 @@ def test_ddp_scaling_prints_its_table(capsys):
 def test_quality_prints_every_method(sim_shards, tmp_path, capsys):
     import quality
 
-    data = tmp_path / "shards"
-    shutil.copytree(sim_shards, data)
-    rows = quality.main(["--data", str(data), "--steps", "2", "--batch", "4", "--ae-width", "4",
-                         "--pca-components", "4", "--override", "model.width=4", "model.res_blocks=1",
-                         "model.critic_width=4", "optim.decay_steps=0"])
+    work = tmp_path / "work"
+    args = ["--data", str(sim_shards), "--steps", "2", "--batch", "4", "--ae-width", "4", "--seeds", "0", "1",
+            "--pca-components", "4", "--ddad-k", "2", "--work", str(work), "--override", "model.width=4",
+            "model.res_blocks=1", "model.critic_width=4", "--variant", "ema=train.ema_decay=0.9",
+            "--methods", "a2b", "a2b-paper", "a2b-healthy", "ema", "ae", "ddad", "pca", "references"]
+    rows = quality.main(args)
     out = capsys.readouterr().out
-    for name in ("A2B-GAN", "conv AE", "PCA", "greyness", "healthy distance"):
-        assert name in out and name in " ".join(rows)
-    assert all(0.0 <= v[0] <= 1.0 for vals in rows.values() for v in vals)
+    for name in ("a2b", "a2b-paper", "a2b-healthy", "ema", "ae", "ddad", "pca", "references"):
+        assert f"| {name} |" in out
+    assert len(rows) == 16 and all(0.0 <= r["auroc"] <= 1.0 for r in rows)
+    a2b = [r for r in rows if r["method"].startswith("a2b") or r["method"] == "ema"]
+    assert all({"mean", "topk", "mask", "smooth_topk", "critic"} <= set(r["scores"]) for r in a2b)
+    assert all(r["images"] == 2 * 2 * 2 * 4 for r in a2b)        # steps x n_critic x roles x batch
+    assert "± " in out                                              # two seeds: mean and spread
+    tag = "32-2"
+    assert json.loads((work / f"results-{tag}.json").read_text()) == rows
+    assert (work / f"table-{tag}.md").is_file() and (work / f"val_auc-{tag}.png").stat().st_size > 0
+    # the ablation trained on the healthy set in the mixed set's place
+    mixed = (work / "shards" / f"{sim_shards.name}-{32}-healthy-as-mixed" / "mixed").resolve()
+    assert mixed == (sim_shards / "healthy").resolve()
+    # a rerun reuses every finished cell
+    again = quality.main(args)
+    assert again == rows
 
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
