@@ -125,20 +125,20 @@ def anatomy(index: int) -> dict:
 
 
 def coverages(ellipses: list[Ellipse], size: int) -> np.ndarray:
-    """(E, size, size): the share of each pixel inside each ellipse, from its first-order signed
-    distance to the boundary (a one-pixel ramp across the edge: anti-aliased at any size)."""
+    """(E, size, size) float32: the share of each pixel inside each ellipse, from its first-order
+    signed distance to the boundary g / |grad g| with g = (x/a)^2 + (y/b)^2 - 1 (a one-pixel ramp
+    across the edge: anti-aliased at any size)."""
     px = 2.0 / size  # one pixel in normalised units
-    p = np.array([[e.u, e.v, e.au, e.av, np.radians(e.angle)] for e in ellipses])[:, :, None, None]
-    cu, cv, au, av, t = p[:, 0], p[:, 1], p[:, 2], p[:, 3], p[:, 4]
-    centres = (np.arange(size) + 0.5) * px - 1  # pixel j at u = centres[j]; row i at v = -centres[i]
+    p = np.array([[e.u, e.v, 1 / e.au, 1 / e.av, np.radians(e.angle)] for e in ellipses],
+                 np.float32)[:, :, None, None]
+    cu, cv, ia, ib, t = p[:, 0], p[:, 1], p[:, 2], p[:, 3], p[:, 4]
+    centres = ((np.arange(size) + 0.5) * px - 1).astype(np.float32)  # pixel j at u = centres[j]; row i at v = -centres[i]
     u, v = centres[None, None, :] - cu, -centres[None, :, None] - cv
     c, s = np.cos(t), np.sin(t)
-    x, y = c * u + s * v, c * v - s * u  # the ellipse's own axes
-    g = (x / au) ** 2 + (y / av) ** 2 - 1
-    grad = 2 * np.hypot(x / au**2, y / av**2)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        d = np.where(grad > 0, g / grad, -np.inf)
-    return np.clip(0.5 - d / px, 0.0, 1.0)
+    xa, ya = (c * u + s * v) * ia, (c * v - s * u) * ib  # the ellipse's own axes, over its semi-axes
+    g = xa * xa + ya * ya - 1
+    grad = 2 * px * np.sqrt((xa * ia) ** 2 + (ya * ib) ** 2) + np.float32(1e-30)  # |grad g| per pixel
+    return np.clip(0.5 - g / grad, 0.0, 1.0)
 
 
 def render(index: int, size: int) -> tuple[np.ndarray, dict[str, np.ndarray], dict]:
