@@ -5,7 +5,8 @@
     python benchmarks/quality.py --protocols mnist-square phantom-lesion --seeds 0 --steps 500 --jobs 2
     python benchmarks/quality.py --variant ema=train.ema_decay=0.999 --methods a2b ema ae   # screen a lever
 
-A protocol is SOURCE-KIND: `shards/build.py simulated --source SOURCE --anomaly KIND` at --size,
+A protocol is SOURCE-KIND: `shards/build.py simulated --source SOURCE --anomaly KIND` at --size
+(mnist stands for mnist5k),
 built once into --work (data seed 0; the seeds vary every method's own randomness). Methods, each
 trained at the same image budget (A2B-GAN's steps x n_critic x 2 roles x batch images drawn):
 - a2b: the preset (--config, default configs/small.yaml: the toolkit's chosen defaults), trained on
@@ -80,6 +81,7 @@ def ensure_shards(work: Path, protocol: str, size: int) -> Path:
     if all((root / r / "manifest.json").is_file() for r in ("healthy", "mixed", "val", "test")):
         return root
     source, _, kind = protocol.partition("-")
+    source = {"mnist": "mnist5k"}.get(source, source)
     cmd = [sys.executable, str(ROOT / "shards" / "build.py"), "simulated", "--source", source,
            "--anomaly", kind, "--size", str(size), "--seed", "0", "--out", str(root), "--overwrite"]
     print("building shards:", " ".join(cmd), flush=True)
