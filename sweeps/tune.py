@@ -183,6 +183,12 @@ def make_trainable(base: dict, runs_dir: Path, args: argparse.Namespace, workers
     return tune.with_resources(fn, {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial})
 
 
+def mutation(param: sweep.Param):
+    """PBT's mutation of one field: a choice as its list of values (PBT moves to a neighbouring value
+    or resamples; given as a Ray domain it would multiply the value by 0.8 or 1.2), others their domain."""
+    return list(param.values) if param.dist == "choice" else param.domain()
+
+
 def make_scheduler(name: str, space: dict[str, sweep.Param], evaluations: int):
     from ray.tune.schedulers import ASHAScheduler, PopulationBasedTraining
 
@@ -196,7 +202,7 @@ def make_scheduler(name: str, space: dict[str, sweep.Param], evaluations: int):
         # whichever trial happens to be further along.)
         return PopulationBasedTraining(time_attr="training_iteration", synch=True,
                                        perturbation_interval=max(1, evaluations // 4),
-                                       hyperparam_mutations={k: p.domain() for k, p in space.items()},
+                                       hyperparam_mutations={k: mutation(p) for k, p in space.items()},
                                        quantile_fraction=0.25, resample_probability=0.25)
     return None
 
