@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -164,7 +165,8 @@ def run_a2b(args, method: str, root: Path, run_dir: Path, seed: int) -> dict:
     data_root = healthy_as_mixed(root, Path(args.work)) if method == "a2b-healthy" else root
     cfg = a2b_config(args, overrides, data_root, run_dir, seed)
     result = train(cfg, resume="none", argv=["benchmarks/quality.py", method])
-    chosen = Path(result["best"] and ckpt.resolve_checkpoint(run_dir / ckpt.BEST) or ckpt.latest_checkpoint(run_dir))
+    # The checkpoint `a2b train` would hand a user: best/ when validation selected one, else the last.
+    chosen = ckpt.resolve_checkpoint(run_dir / ckpt.BEST) if result["best"] else ckpt.latest_checkpoint(run_dir)
     G, _ = ckpt.load_generator(chosen)
     with torch.no_grad():
         scored = score_role(G, root / "test", batch_size=64, topk_percent=cfg.eval.topk_percent,
@@ -303,8 +305,7 @@ def run_cell(args, protocol: str, method: str, seed: int) -> dict:
     budget = args.steps * 2 * 2 * args.batch          # n_critic 2 x roles 2 x batch per A2B step
     if method in A2B_METHODS or method in args.variants:
         run_dir = work / "runs" / f"{protocol}-{args.size}-{args.steps}" / method / f"seed-{seed}"
-        if run_dir.exists():
-            import shutil
+        if run_dir.exists():   # a cell interrupted earlier: start it again
             shutil.rmtree(run_dir)
         res = run_a2b(args, method, root, run_dir, seed)
     elif method == "references":
