@@ -35,15 +35,20 @@ import os
 import re
 import shutil
 import signal
+import sys
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from a2b_dist.config import Config, from_dict, to_dict
 from a2b_dist.errors import UserError
+
+class CheckpointError(UserError):
+    """A checkpoint that cannot be read or written; the message names the folder or file."""
+
 
 FORMAT = "a2b-checkpoint-v1"
 EXPORT_FORMAT = "a2b-generator-v1"
@@ -120,6 +125,17 @@ def save_checkpoint(target: Path, *, global_state: Optional[dict] = None, rank_s
     """
     target = Path(target)
     tmp = target.parent / f".tmp-{target.name}"
+    try:
+        return _save(target, tmp, global_state, rank_state, rank_tensors, meta, rank, world_size, barrier, engines)
+    except (OSError, SafetensorError) as e:   # disk full, quota, a size limit: drop the partial folder
+        shutil.rmtree(tmp, ignore_errors=True)
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise CheckpointError(f"could not write checkpoint {target}: {reason}; the partial folder "
+                              "was removed and earlier checkpoints are untouched") from None
+
+
+def _save(target: Path, tmp: Path, global_state: Optional[dict], rank_state: dict, rank_tensors: dict,
+          meta: dict, rank: int, world_size: int, barrier: Callable[[], None], engines: Optional[dict]) -> Path:
     if rank == 0:
         target.parent.mkdir(parents=True, exist_ok=True)
         if tmp.exists():
@@ -143,8 +159,10 @@ def save_checkpoint(target: Path, *, global_state: Optional[dict] = None, rank_s
         os.kill(os.getpid(), signal.SIGKILL)
     barrier()
     if rank == 0:
+        files = sorted(p for p in tmp.rglob("*") if p.is_file())
         if engines is not None:
-            written["files"] = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
+            written["files"] = [str(p.relative_to(tmp)) for p in files]
+        written["sha256"] = {str(p.relative_to(tmp)): file_sha256(p) for p in files}   # checked on load
         _write_json(tmp / "meta.json", {**meta, "format": FORMAT, "world_size": world_size, **written})
         old = target.parent / f".old-{target.name}"
         if target.exists():  # replacing (only `best` is ever replaced): move aside, swap, delete
@@ -193,6 +211,75 @@ def is_complete(path: Path) -> bool:
         (path / f"state-{r:05d}-of-{ws:05d}.safetensors").is_file() for r in range(ws))
 
 
+def file_sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def checkpoint_problem(path: str | Path) -> Optional[str]:
+    """Why a checkpoint folder cannot be loaded, naming the damaged file; None when it can.
+
+    Checks meta.json (valid JSON, format, step, world size, config), that every file it lists is
+    there with the SHA-256 recorded at write time (checkpoints of older versions: without), and that
+    every safetensors header parses and covers its file (a truncated copy fails here).
+    """
+    path = Path(path)
+    meta_path = path / "meta.json"
+    if not meta_path.is_file():
+        return f"{meta_path} is missing (an interrupted write?)"
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        return f"{meta_path} is not readable JSON ({e})"
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        return f"{meta_path}: format {got!r}, expected {FORMAT!r}"
+    for field in ("step", "world_size", "config"):
+        if field not in meta:
+            return f"{meta_path} has no {field!r} field"
+    ws = meta["world_size"]
+    if meta.get("backend") == "deepspeed":
+        expected = list(meta.get("files") or [])
+    else:
+        expected = [f"state-{r:05d}-of-{ws:05d}.safetensors" for r in range(ws)]
+    for name in expected:
+        if not (path / name).is_file():
+            return f"{path / name} is missing"
+    for name, digest in (meta.get("sha256") or {}).items():
+        file = path / name
+        if not file.is_file():
+            return f"{file} is missing"
+        if file_sha256(file) != digest:
+            return f"{file} is damaged (its SHA-256 differs from the one recorded in meta.json)"
+    for file in sorted(path.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                f.keys()
+        except Exception as e:   # SafetensorError: truncated or not a safetensors file
+            return f"{file} is damaged ({e})"
+    return None
+
+
+def _step_folders(run_dir: str | Path) -> list[Path]:
+    """Every step-* folder of a run, newest first by the step in its name (meta.json may be damaged)."""
+    root = Path(run_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if _STEP_RE.match(p.name) and p.is_dir()]
+    return sorted(found, key=lambda p: int(_STEP_RE.match(p.name).group(1)), reverse=True)
+
+
+def newest_loadable(run_dir: str | Path, warn: Callable[[str], None] = print) -> Optional[Path]:
+    """The newest checkpoint of a run that checkpoint_problem passes; each damaged one newer than
+    it is reported through ``warn`` and skipped (resume falls back instead of crashing)."""
+    for path in _step_folders(run_dir):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path
+        warn(f"warning: skipping damaged checkpoint {path}: {problem}")
+    return None
+
+
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
     """Complete step checkpoints of a run, oldest first (by the step stored in meta.json)."""
     root = Path(run_dir) / CHECKPOINTS
@@ -212,13 +299,16 @@ def resolve_checkpoint(path: str | Path) -> Path:
     p = Path(path)
     if not p.exists():
         raise UserError(f"checkpoint {p} does not exist")
-    if p.is_dir() and is_complete(p):
+    if p.is_dir() and ((p / "meta.json").exists() or any(p.glob("*.safetensors"))):   # one checkpoint
+        problem = checkpoint_problem(p)
+        if problem is not None:
+            raise CheckpointError(f"checkpoint {p} cannot be loaded: {problem}")
         return p
     if p.is_dir():
-        newest = latest_checkpoint(p)
+        newest = newest_loadable(p, warn=lambda line: print(line, file=sys.stderr))
         if newest is not None:
             return newest
-        raise UserError(f"{p} holds no complete checkpoint (expected {p}/{CHECKPOINTS}/step-*/meta.json "
+        raise UserError(f"{p} holds no loadable checkpoint (expected {p}/{CHECKPOINTS}/step-*/meta.json "
                         "or a checkpoint folder such as a run's best/)")
     raise UserError(f"{p} is not a checkpoint folder or run folder")
 
@@ -238,6 +328,16 @@ def load_checkpoint(path: str | Path, rank: int, *, prefixes: Optional[tuple[str
     engines' to load).
     """
     path = Path(path)
+    try:
+        return _load(path, rank, prefixes)
+    except CheckpointError:
+        raise
+    except Exception as e:   # damaged after the check, or a file of another program
+        problem = checkpoint_problem(path) or f"{type(e).__name__}: {e}"
+        raise CheckpointError(f"checkpoint {path} cannot be loaded: {problem}") from None
+
+
+def _load(path: Path, rank: int, prefixes: Optional[tuple[str, ...]]) -> tuple[dict, dict, Optional[dict], dict]:
     meta = read_meta(path)
     if meta.get("backend") == "deepspeed":
         nets = [n for n in ("G", "D") if prefixes is None or any(p.strip("/").split("/")[0] == n for p in prefixes)]
@@ -315,14 +415,24 @@ def evaluation_weights(state: dict) -> dict:
 def export_generator(checkpoint: str | Path, out: str | Path) -> Path:
     """Write the evaluation generator (the average when kept) + config to one file loadable with
     torch.load(weights_only=True)."""
+    out = Path(out)
+    if out.is_dir():
+        raise UserError(f"export target {out} is a folder; give a file name, for example {out / 'generator.pt'}")
     ckpt = resolve_checkpoint(checkpoint)
     state, meta, _, _ = load_checkpoint(ckpt, 0, prefixes=("/G/", "/G_ema/"))
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    torch.save({"format": EXPORT_FORMAT, "generator": evaluation_weights(state), "config": meta["config"],
-                "step": meta["step"], "source": str(ckpt)}, tmp)
-    os.replace(tmp, out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the folder of export target {out}: {e.strerror or e}") from None
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        torch.save({"format": EXPORT_FORMAT, "generator": evaluation_weights(state), "config": meta["config"],
+                    "step": meta["step"], "source": str(ckpt)}, tmp)
+        os.replace(tmp, out)
+    except OSError as e:
+        raise UserError(f"cannot write export file {out}: {e.strerror or e}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
     return out
 
 

@@ -9,6 +9,7 @@ Every user mistake raises ``ConfigError`` with the field and what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from a2b_dist.errors import UserError
+from a2b_dist.errors import UserError, check_number
 
 
 class _Yaml12Loader(yaml.SafeLoader):
@@ -118,7 +119,7 @@ class EvalConfig:
     every: int = 0                # evaluate (model selection) every N steps and at the end; 0 = never
     metric: str = "val_auc"       # val_auc | fid
     select_from: int = 0          # evaluations before this step are logged but never become best/
-    score: str = "mean"           # mean (the paper's) | topk | mask | smooth_topk (a2b_dist.losses.anomaly_score)
+    score: str = "mean"           # mean (the paper's) | topk | mask | smooth_topk | intermediate (losses.anomaly_score)
     topk_percent: float = 5.0
     batch_size: int = 32
     fid_samples: int = 1000
@@ -183,7 +184,7 @@ _CHOICES: dict[str, tuple[Any, ...]] = {
     "train.mixed_precision": ("no", "bf16", "fp16"),
     "train.backend": ("ddp", "deepspeed"),
     "eval.metric": ("val_auc", "fid"),
-    "eval.score": ("mean", "topk", "mask", "smooth_topk"),
+    "eval.score": ("mean", "topk", "mask", "smooth_topk", "intermediate"),
     "eval.fid_dims": (64, 192, 768, 2048),
 }
 
@@ -198,10 +199,12 @@ def _get(cfg: Config, dotted: str) -> Any:
 def validate(cfg: Config) -> Config:
     """Check every bounded field; raise ConfigError naming the first field out of range."""
     for name, (lo, hi) in _RANGES.items():
-        value = _get(cfg, name)
-        if (lo is not None and value < lo) or (hi is not None and value > hi):
-            allowed = f"{lo if lo is not None else '-inf'} .. {hi if hi is not None else 'inf'}"
-            raise ConfigError(f"{name}={value!r} is out of range; allowed: {allowed}")
+        check_number(name, _get(cfg, name), lo, hi, integer=isinstance(lo, int), error=ConfigError)
+    for section in dataclasses.fields(cfg):          # NaN and infinity in a field without bounds too
+        for field in dataclasses.fields(getattr(cfg, section.name)):
+            value = getattr(getattr(cfg, section.name), field.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{section.name}.{field.name}={value!r} is not a finite number")
     for name, choices in _CHOICES.items():
         value = _get(cfg, name)
         if value not in choices:

@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 
 from a2b_dist import losses
-from a2b_dist.errors import UserError
+from a2b_dist.errors import UserError, check_device, check_number, check_output_folder, number_arg
 from a2b_dist.evaluate import SCORE_KINDS, safe_name, plot_panel, write_atomic
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
@@ -46,9 +46,11 @@ def parse_threshold(value: Optional[str]) -> tuple[Optional[float], Optional[dic
     if value is None:
         return None, None
     try:
-        return float(value), None
+        number = float(value)
     except ValueError:
         pass
+    else:
+        return check_number("--threshold", number), None
     path = Path(value)
     if path.is_dir():
         path = path / "metrics.json"
@@ -89,8 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--maps", action="store_true", help="write a panel per image: input | B' | mask | map")
     p.add_argument("--score", choices=SCORE_KINDS, default=None,
                    help="score kind (default: the metrics.json's, else the checkpoint's eval.score)")
-    p.add_argument("--topk-percent", type=float, default=None, help="for --score topk")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--topk-percent", type=number_arg(0.01, 100.0), default=None, help="for --score topk")
+    p.add_argument("--batch-size", type=number_arg(1, None, integer=True), default=32)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     return p
 
@@ -105,8 +107,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         raise UserError(f"--checkpoint {args.checkpoint} does not exist")
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, not {args.batch_size}")
+    check_output_folder("--out", args.out)
     threshold, metrics = parse_threshold(args.threshold)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = (check_device("--device", args.device) if args.device
+              else torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     generator, cfg = load_generator(args.checkpoint, device=device)
     generator.eval()
 
@@ -135,7 +139,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         b_int, m = generator(x)
         b_prime = losses.blend_healthy(x, b_int, m)                                 # Eq. 1
         diff = losses.anomaly_map(x, b_prime)                                       # (B, 1, H, W)
-        values = losses.anomaly_score(diff, score, topk, m).cpu().numpy()
+        values = losses.anomaly_score(diff, score, topk, m, losses.anomaly_map(x, b_int)).cpu().numpy()
         for i, p in enumerate(chunk):
             rel = p.relative_to(root).as_posix()
             rows.append((rel, float(values[i])))

@@ -31,7 +31,7 @@ import torch
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
 from a2b_dist import losses
-from a2b_dist.errors import UserError
+from a2b_dist.errors import UserError, check_output_folder, number_arg
 
 SCORE_KINDS = losses.SCORE_KINDS
 HIGHER_IS_BETTER = {"val_auc": True, "fid": False}
@@ -266,11 +266,12 @@ def score_role(generator: torch.nn.Module, role_dir: str | os.PathLike, *, batch
         b_int, m = generator(x)                                         # (B, C, H, W), (B, 1, H, W)
         b_prime = losses.blend_healthy(x, b_int, m)                     # Eq. 1
         diff = losses.anomaly_map(x, b_prime)                           # (B, 1, H, W)
+        diff_int = losses.anomaly_map(x, b_int)                         # before the mask: (B, 1, H, W)
         y = batch["label"].cpu().numpy()
         keys += list(batch["key"])
         labels.append(y)
         for kind in SCORE_KINDS:
-            scores[kind].append(losses.anomaly_score(diff, kind, topk_percent, m).cpu().numpy())
+            scores[kind].append(losses.anomaly_score(diff, kind, topk_percent, m, diff_int).cpu().numpy())
         refs["greyness"].append(greyness(x).cpu().numpy())
         if healthy_mean is not None:
             refs["healthy_distance"].append(healthy_distance(x, healthy_mean).cpu().numpy())
@@ -576,7 +577,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--score", choices=SCORE_KINDS, default=None,
                    help="score behind the top-level AUROC and threshold (default: the checkpoint's "
                         "eval.score, normally mean, the paper's); every score is reported anyway")
-    p.add_argument("--topk-percent", type=float, default=None,
+    p.add_argument("--topk-percent", type=number_arg(0.01, 100.0), default=None,
                    help="share of the map's pixels the topk score averages (default: eval.topk_percent)")
     p.add_argument("--batch-size", type=int, default=None, help="per process (default: eval.batch_size)")
     p.add_argument("--num-maps", type=int, default=4, help="difference-map panels per class (default 4)")
@@ -623,6 +624,7 @@ def _check_args(args) -> None:
                         "`python shards/build.py`, e.g. DATA/test")
     if not Path(args.checkpoint).exists():
         raise UserError(f"--checkpoint {args.checkpoint} does not exist")
+    check_output_folder("--out", args.out)
     for name in ("batch_size", "fid_samples"):
         value = getattr(args, name)
         if value is not None and value < 1:

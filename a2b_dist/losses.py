@@ -111,7 +111,7 @@ def anomaly_map(x: torch.Tensor, b_prime: torch.Tensor) -> torch.Tensor:
     return (x.float() - b_prime.float()).abs().mean(dim=1, keepdim=True)
 
 
-SCORE_KINDS = ("mean", "topk", "mask", "smooth_topk")
+SCORE_KINDS = ("mean", "topk", "mask", "smooth_topk", "intermediate")
 
 
 def smoothing_kernel(image_size: int) -> int:
@@ -120,14 +120,17 @@ def smoothing_kernel(image_size: int) -> int:
 
 
 def anomaly_score(diff: torch.Tensor, kind: str = "mean", topk_percent: float = 5.0,
-                  mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                  mask: Optional[torch.Tensor] = None,
+                  intermediate: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Image score from a difference map (B, 1, H, W) -> (B,).
 
     ``mean`` is the paper's score (section 3.3); ``topk`` is the mean of the largest topk_percent
     of the map's pixels, which favours small lesions over image-wide changes; ``smooth_topk`` is
     ``topk`` of the map box-filtered over about 1/16 of the image (single noisy pixels no longer
     decide); ``mask`` is the mean of M * |x - B'|, which counts only what the mask marks with
-    confidence (needs ``mask``, (B, 1, H, W)).
+    confidence (needs ``mask``, (B, 1, H, W)); ``intermediate`` is the mean of |x - B_int|, the
+    translation before the mask blends it in, so a mask that stays empty does not hide what the
+    generator changed (needs ``intermediate``, the map ``anomaly_map(x, B_int)``).
     """
     flat = diff.float().flatten(1)
     if kind == "mean":
@@ -143,6 +146,10 @@ def anomaly_score(diff: torch.Tensor, kind: str = "mean", topk_percent: float = 
         if mask is None:
             raise ValueError("score kind 'mask' needs the mask")
         return (diff.float() * mask.float()).flatten(1).mean(dim=1)
+    if kind == "intermediate":
+        if intermediate is None:
+            raise ValueError("score kind 'intermediate' needs the map |x - B_int|")
+        return intermediate.float().flatten(1).mean(dim=1)
     raise ValueError(f"score kind {kind!r}; choose one of {', '.join(SCORE_KINDS)}")
 
 

@@ -19,12 +19,14 @@ import json
 import math
 import os
 import platform
+import signal
 import socket
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -33,7 +35,7 @@ import torch.distributed as dist
 from a2b_dist import checkpoint as ckpt
 from a2b_dist import ds_backend
 from a2b_dist import losses as L
-from a2b_dist.config import Config, ConfigError, save_config
+from a2b_dist.config import Config, ConfigError, from_dict, save_config
 from a2b_dist.errors import UserError
 from a2b_dist.nets import build_critic, build_generator
 
@@ -270,14 +272,16 @@ def record_launch(run_dir: Path, accelerator, argv: list[str]) -> None:
 class MetricsLog:
     """metrics.jsonl (one JSON object per line) and TensorBoard scalars, main process only."""
 
-    def __init__(self, run_dir: Path, enabled: bool):
+    def __init__(self, run_dir: Path, enabled: bool, resumed_at: Optional[int] = None):
         self.enabled = enabled
         self.path = run_dir / "metrics.jsonl"
         self.tb = None
         if enabled:
             try:
                 from torch.utils.tensorboard import SummaryWriter
-                self.tb = SummaryWriter(str(run_dir / "tb"))
+                # After a resume, TensorBoard hides the events past the checkpoint (they are rerun).
+                purge = resumed_at + 1 if resumed_at is not None else None
+                self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=purge)
             except ImportError:  # tensorboard is optional at run time
                 self.tb = None
 
@@ -354,12 +358,101 @@ def save_samples(G: torch.nn.Module, x: torch.Tensor, path: Path) -> torch.Tenso
     return grid
 
 
-def _resume_path(cfg: Config, resume: str) -> Optional[Path]:
+def _resume_path(cfg: Config, resume: str, warn: Callable[[str], None]) -> Optional[Path]:
+    """``auto``: the newest loadable checkpoint of the run (damaged newer ones are reported and
+    skipped); ``none``; or a checkpoint / run folder, which must be loadable."""
     if resume == "none":
         return None
     if resume == "auto":
-        return ckpt.latest_checkpoint(cfg.train.run_dir)
+        return ckpt.newest_loadable(cfg.train.run_dir, warn=warn)
     return ckpt.resolve_checkpoint(resume)
+
+
+# Fields that shape the networks' tensors: a checkpoint resumes only into the same values.
+SHAPE_FIELDS = ("model.width", "model.res_blocks", "model.critic_width", "model.critic_layers",
+                "model.upsample", "model.mask_activation", "data.image_size", "data.channels")
+
+
+def check_resumable(cfg: Config, path: Path, meta: dict, world: int) -> None:
+    """Refuse, before anything is loaded or written, a checkpoint this run cannot continue."""
+    written_by = meta.get("backend", "ddp")
+    if written_by != cfg.train.backend:
+        raise UserError(f"{path} was written with train.backend={written_by}; resume it with "
+                        f"train.backend={written_by}, or start a new train.run_dir")
+    if cfg.train.backend == "deepspeed" and meta["world_size"] != world:
+        raise UserError(f"{path} was written by {meta['world_size']} DeepSpeed processes; resume "
+                        f"it with {meta['world_size']} (ZeRO shards are per process), or export its "
+                        "generator with `a2b export`")
+    theirs = from_dict(meta["config"], str(path / "meta.json"))
+    differ = [(name, _field(theirs, name), _field(cfg, name)) for name in SHAPE_FIELDS
+              if _field(theirs, name) != _field(cfg, name)]
+    if differ:
+        listed = ", ".join(f"{name}={old!r} (this run: {new!r})" for name, old, new in differ)
+        raise UserError(f"{path} was trained with {listed}; resume with the checkpoint's values, or "
+                        "start a new train.run_dir (or --resume none)")
+
+
+def _field(cfg: Config, dotted: str):
+    section, name = dotted.split(".")
+    return getattr(getattr(cfg, section), name)
+
+
+class StopOnTerminate:
+    """SIGTERM as a stop request, for as long as training runs (a context manager).
+
+    SLURM sends SIGTERM on ``scancel``, at a time limit and on preemption without ``--signal``;
+    torchrun forwards it to every worker. Training then stops at the next step boundary like a
+    requested stop: all ranks agree, save one checkpoint and return. Forked data-loader workers
+    inherit the handler and ignore the signal (their parent stops them). Outside the main thread
+    (a Ray worker thread) signals cannot be handled; nothing is installed.
+    """
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self.received = False
+        self.previous: Any = None
+
+    def __enter__(self) -> "StopOnTerminate":
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGTERM, self._on_signal)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+
+    def _on_signal(self, signum: int, frame: Any = None) -> None:
+        if os.getpid() != self.pid:
+            return
+        if not self.received:
+            print("a2b: caught SIGTERM; all ranks save at the next step boundary, then exit",
+                  file=sys.stderr, flush=True)
+        self.received = True
+
+
+def drop_rows_after(path: Path, step: int) -> int:
+    """Remove metrics.jsonl rows past ``step`` (steps a resumed run repeats); returns how many.
+
+    Rewritten to a temporary name and renamed, so readers (plots, the sweep) see one history.
+    """
+    if not path.is_file():
+        return 0
+    keep, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            row_step = json.loads(line).get("step", 0)
+        except (json.JSONDecodeError, AttributeError):
+            dropped += 1   # a line cut short by a crash
+            continue
+        if isinstance(row_step, (int, float)) and row_step > step:
+            dropped += 1
+        else:
+            keep.append(line)
+    if dropped:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in keep))
+        os.replace(tmp, path)
+    return dropped
 
 
 def train(cfg: Config, *, resume: str = "auto", argv: Optional[list[str]] = None,
@@ -367,16 +460,31 @@ def train(cfg: Config, *, resume: str = "auto", argv: Optional[list[str]] = None
           on_evaluation: Optional[Callable[[int, dict, Optional[Path]], None]] = None) -> dict:
     """Train (or resume) A2B-GAN as configured.
 
-    Returns {"step", "stopped", "run_dir", "best", "weights_digest"} on every rank; the digest
-    (checkpoint.state_digest of both networks) is equal on all ranks when the replicas agree.
+    Returns {"step", "stopped", "stop_signal", "run_dir", "best", "weights_digest"} on every rank;
+    the digest (checkpoint.state_digest of both networks) is equal on all ranks when the replicas
+    agree.
 
     ``stop_requested`` is polled on every rank after each step (only one rank needs to say yes: the
     answer is agreed through the per-step all-reduce); then all ranks save one checkpoint together
-    and return with stopped=True. ``until_step`` stops the same way after that step (a time-boxed
-    session; the schedule still follows train.steps). ``on_evaluation(step, metrics, checkpoint)``
-    runs on the main process after each model-selection evaluation and its checkpoint, if any (the
-    sweep reports through it; it gets the newest complete checkpoint).
+    and return with stopped=True. SIGTERM is a stop request too (``stop_signal``: "SIGTERM").
+    ``until_step`` stops the same way after that step (a time-boxed session; the schedule still
+    follows train.steps). ``on_evaluation(step, metrics, checkpoint)`` runs on the main process
+    after each model-selection evaluation and its checkpoint, if any (the sweep reports through it;
+    it gets the newest complete checkpoint).
     """
+    with StopOnTerminate() as term:
+        def stop() -> bool:
+            return term.received or (stop_requested is not None and stop_requested())
+
+        result = _train(cfg, resume=resume, argv=argv, stop_requested=stop, until_step=until_step,
+                        on_evaluation=on_evaluation)
+    result["stop_signal"] = "SIGTERM" if term.received and result["stopped"] else None
+    return result
+
+
+def _train(cfg: Config, *, resume: str, argv: Optional[list[str]], stop_requested: Callable[[], bool],
+           until_step: Optional[int], on_evaluation: Optional[Callable[[int, dict, Optional[Path]], None]]
+           ) -> dict:
     # Set up processes, folders and logging.
     if cfg.train.backend == "deepspeed":
         ds_backend.require_deepspeed(cfg)
@@ -387,16 +495,24 @@ def train(cfg: Config, *, resume: str = "auto", argv: Optional[list[str]] = None
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} must be divisible by the "
                           f"number of processes ({world})")
     run_dir = Path(cfg.train.run_dir)
+    device = accelerator.device
+
+    # Check the data and the checkpoint to resume before anything is written.
+    streams = _open_streams(cfg, rank, world)
+    start_from = _resume_path(cfg, resume, warn=accelerator.print)
+    meta = ckpt.read_meta(start_from) if start_from is not None else None
+    if start_from is not None:
+        check_resumable(cfg, start_from, meta, world)
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "samples").mkdir(exist_ok=True)
         save_config(cfg, str(run_dir / "config.yaml"))
         record_launch(run_dir, accelerator, argv if argv is not None else sys.argv)
+        if start_from is not None:   # the steps after the checkpoint are about to be run again
+            drop_rows_after(run_dir / "metrics.jsonl", int(meta["step"]))
     accelerator.wait_for_everyone()
-    device = accelerator.device
 
-    # Data, models, optimizers.
-    streams = _open_streams(cfg, rank, world)
+    # Models, optimizers.
     models = build_models(cfg, accelerator)
     gp_gen = torch.Generator(device=device).manual_seed(derive_seed(cfg.train.seed, rank, 7))
     aug_gen = torch.Generator().manual_seed(derive_seed(cfg.train.seed, rank, 11))   # data.hflip
@@ -406,18 +522,8 @@ def train(cfg: Config, *, resume: str = "auto", argv: Optional[list[str]] = None
 
     # Resume from the newest complete checkpoint (or the one given).
     step, best = 0, None
-    start_from = _resume_path(cfg, resume)
     if start_from is not None:
-        meta = ckpt.read_meta(start_from)
-        written_by = meta.get("backend", "ddp")
-        if written_by != cfg.train.backend:
-            raise UserError(f"{start_from} was written with train.backend={written_by}; resume it with "
-                            f"train.backend={written_by}, or start a new train.run_dir")
         if cfg.train.backend == "deepspeed":
-            if meta["world_size"] != world:
-                raise UserError(f"{start_from} was written by {meta['world_size']} DeepSpeed processes; resume "
-                                f"it with {meta['world_size']} (ZeRO shards are per process), or export its "
-                                "generator with `a2b export`")
             ds_backend.load(start_from, {"G": models.G_train, "D": models.D_train})
             rank_json, rank_tensors = ckpt.load_rank_state(start_from, rank, meta)
         else:
@@ -466,7 +572,7 @@ def train(cfg: Config, *, resume: str = "auto", argv: Optional[list[str]] = None
             meta=ckpt.meta_for(cfg, step, best=best, **extra), rank=rank, world_size=world,
             barrier=accelerator.wait_for_everyone)
 
-    log = MetricsLog(run_dir, main)
+    log = MetricsLog(run_dir, main, resumed_at=step if start_from is not None else None)
     iters = {role: iter(s) for role, s in streams.items()}
     fmt = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     images_per_step = cfg.optim.n_critic * 2 * cfg.train.batch_size
@@ -508,8 +614,7 @@ def train(cfg: Config, *, resume: str = "auto", argv: Optional[list[str]] = None
             step += 1
 
             # Agree across ranks: loss sums for logging, non-finite losses, stop requests.
-            flag = 1.0 if ((stop_requested is not None and stop_requested())
-                           or (until_step is not None and step >= until_step)) else 0.0
+            flag = 1.0 if stop_requested() or (until_step is not None and step >= until_step) else 0.0
             vec = torch.stack([stats[k].double() for k in LOSS_TERMS] + [torch.tensor(flag, device=device,
                                                                                       dtype=torch.float64)])
             if world > 1:
@@ -610,7 +715,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parser.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     launch_argv = [sys.argv[0], *(argv if argv is not None else sys.argv[1:])]
-    train(cfg, resume=args.resume, until_step=args.until_step, argv=launch_argv)
+    result = train(cfg, resume=args.resume, until_step=args.until_step, argv=launch_argv)
+    if result["stop_signal"]:
+        print(f"stopped by {result['stop_signal']} at step {result['step']} (checkpoint saved); continue with "
+              "--resume auto", file=sys.stderr)
+        return 128 + signal.SIGTERM
     return 0
 
 

@@ -65,7 +65,7 @@ def test_quality_prints_every_method(sim_shards, tmp_path, capsys):
         assert f"| {name} |" in out
     assert len(rows) == 16 and all(0.0 <= r["auroc"] <= 1.0 for r in rows)
     a2b = [r for r in rows if r["method"].startswith("a2b") or r["method"] == "ema"]
-    assert all({"mean", "topk", "mask", "smooth_topk", "critic"} <= set(r["scores"]) for r in a2b)
+    assert all({"mean", "topk", "mask", "smooth_topk", "intermediate", "critic"} <= set(r["scores"]) for r in a2b)
     assert all(r["images"] == 2 * 2 * 2 * 4 for r in a2b)        # steps x n_critic x roles x batch
     assert "± " in out                                              # two seeds: mean and spread
     tag = "32-2"

@@ -80,7 +80,7 @@ def test_errors_name_the_path(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         ckpt.resolve_checkpoint(tmp_path / "missing")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(UserError, match="no complete checkpoint"):
+    with pytest.raises(UserError, match="no loadable checkpoint"):
         ckpt.resolve_checkpoint(tmp_path / "empty")
     bogus = tmp_path / "bogus.pt"
     torch.save({"format": "something-else"}, bogus)

@@ -171,7 +171,7 @@ def _check_outputs(out: Path, test_dir: Path, processes: int) -> dict:
     assert len({r["key"] for r in rows}) == count
     assert metrics["processes"] == processes and metrics["step"] == 7
     assert metrics["score"] == "mean" and 0 <= metrics["auroc"] <= 1
-    assert set(metrics["scores"]) == {"mean", "topk", "mask", "smooth_topk"}
+    assert set(metrics["scores"]) == {"mean", "topk", "mask", "smooth_topk", "intermediate"}
     assert (out / "roc.png").stat().st_size > 0 and (out / "masks.png").is_file()
     return metrics
 
@@ -200,7 +200,7 @@ def test_evaluate_one_process(one_process, sim_shards):
     with open(out / "scores.csv") as f:
         header = next(csv.reader(f))
     assert header == ["key", "label", "score", "score_mean", "score_topk", "score_mask", "score_smooth_topk",
-                      "greyness", "healthy_distance"]
+                      "score_intermediate", "greyness", "healthy_distance"]
 
 
 def test_evaluate_two_processes_match_one(one_process, sim_shards, tmp_path):

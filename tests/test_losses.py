@@ -170,6 +170,19 @@ def test_mask_and_smoothed_topk_scores_by_hand():
         L.anomaly_score(diff, "mask")
 
 
+def test_intermediate_score_sees_what_an_empty_mask_hides():
+    x = torch.zeros(2, 1, 4, 4)
+    b_int = torch.zeros(2, 1, 4, 4)
+    b_int[1, 0, :2, :2] = 1.0                      # the generator changed a quarter of image 1
+    m = torch.zeros(2, 1, 4, 4)                    # ... but the mask blends none of it in
+    diff = L.anomaly_map(x, L.blend_healthy(x, b_int, m))
+    assert L.anomaly_score(diff).tolist() == [0.0, 0.0]
+    got = L.anomaly_score(diff, "intermediate", intermediate=L.anomaly_map(x, b_int))
+    assert got.tolist() == [0.0, 0.25]
+    with pytest.raises(ValueError, match="B_int"):
+        L.anomaly_score(diff, "intermediate")
+
+
 def test_ema_decay_ramp():
     assert L.ema_decay_at(0, 0.999) == pytest.approx(0.1)
     assert L.ema_decay_at(8, 0.999) == pytest.approx(0.5)

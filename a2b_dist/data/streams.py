@@ -23,6 +23,7 @@ import hashlib
 import json
 import numbers
 import os
+import signal
 import tarfile
 import warnings
 import zlib
@@ -129,6 +130,14 @@ def _in_worker(batches: Iterator[dict]) -> Iterator[dict]:
         if get_worker_info() is None:
             raise
         yield {"error": str(exc)}
+
+
+def _ignore_sigterm(worker_id: int) -> None:
+    """In a training loader worker: ignore SIGTERM. SLURM signals every process of a job on
+    scancel or a time limit, and torch's worker handler would die of it mid-batch, failing the
+    trainer before it can save (a2b_dist.train.StopOnTerminate); the worker still ends when its
+    trainer stops it or exits."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _raise_error_record(batch: dict) -> None:
@@ -299,7 +308,8 @@ class TrainStream:
         if self.num_workers == 0:
             batches = iter(dataset)
         else:
-            batches = iter(DataLoader(dataset, batch_size=None, num_workers=self.num_workers))
+            batches = iter(DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
+                                      worker_init_fn=_ignore_sigterm))
         for batch in batches:
             _raise_error_record(batch)
             worker = batch["worker"]

@@ -1,0 +1,272 @@
+"""Bad inputs and faults in training, checkpoints, evaluation, detection and export (issue 15).
+
+Every bad input: a non-zero exit, one line naming the file, field or argument and what is allowed,
+no traceback, nothing left behind. Every fault: what survives. Real processes, real shards, real
+signals; the one simulated fault (a file size limit standing in for a full disk) is a real OS limit.
+tests/README.md lists the cases and what each gets.
+"""
+import json
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from a2b_dist import checkpoint as ckpt
+from a2b_dist import cli
+from test_train import ENV, ROOT, assert_same_weights, final_weights, run, train_cmd
+
+
+def one_line_error(code, err: str, *needles: str) -> str:
+    """The CLI's answer to a user mistake: non-zero, no traceback, one `error:` line naming things."""
+    assert code not in (0, None), err
+    assert "Traceback" not in err, err
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    errors = [line for line in lines if "error:" in line]
+    assert len(errors) == 1, err
+    for needle in needles:
+        assert needle in errors[0], (needle, errors[0])
+    return errors[0]
+
+
+def a2b(argv: list[str], capsys) -> tuple[int, str]:
+    """`a2b ...` in this process (argparse usage errors exit through SystemExit)."""
+    try:
+        code = cli.main(argv)
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def trained(sim_shards, tmp_path_factory) -> Path:
+    """A finished 8-step run with checkpoints at steps 4 and 8 (copy it before damaging it)."""
+    run_dir = tmp_path_factory.mktemp("reliability") / "run"
+    run(train_cmd(1, f"data.root={sim_shards}", f"train.run_dir={run_dir}"))
+    return run_dir
+
+
+@pytest.fixture
+def run_copy(trained, tmp_path) -> Path:
+    return Path(shutil.copytree(trained, tmp_path / "run"))
+
+
+def state_file(run_dir: Path, step: int) -> Path:
+    return ckpt.step_dir(run_dir, step) / "state-00000-of-00001.safetensors"
+
+
+# ---------------------------------------------------------------------------------------------
+# Numbers that are not numbers
+
+@pytest.mark.parametrize("override, field", [("optim.lr_g=.nan", "optim.lr_g"), ("loss.lambda_gp=.inf", "loss.lambda_gp"),
+                                             ("loss.focus_eps=-.inf", "loss.focus_eps"),
+                                             ("eval.topk_percent=.nan", "eval.topk_percent")])
+def test_nan_and_infinity_in_the_config_are_refused(override, field, tmp_path, capsys):
+    code, err = a2b(["train", "--config", "configs/test.yaml", override, f"train.run_dir={tmp_path / 'run'}"], capsys)
+    one_line_error(code, err, field, "finite")
+    assert not (tmp_path / "run").exists()
+
+
+def test_detect_threshold_must_be_a_finite_number(run_copy, tmp_path, capsys):
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "a.png").write_bytes(_png())
+    for flag, value in (("--threshold", "nan"), ("--threshold", "-inf"), ("--topk-percent", "inf")):
+        code, err = a2b(["detect", "--checkpoint", str(run_copy), "--images", str(images), "--out",
+                         str(tmp_path / "out"), flag, value], capsys)
+        one_line_error(code, err, flag)
+    assert not (tmp_path / "out").exists()
+
+
+def _png() -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("L", (32, 32), 128).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_detect_refuses_a_missing_device_and_an_out_that_is_a_file(run_copy, tmp_path, capsys):
+    import torch
+
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "a.png").write_bytes(_png())
+    if not torch.cuda.is_available():
+        code, err = a2b(["detect", "--checkpoint", str(run_copy), "--images", str(images), "--out",
+                         str(tmp_path / "out"), "--device", "cuda"], capsys)
+        one_line_error(code, err, "--device", "no CUDA device")
+    code, err = a2b(["detect", "--checkpoint", str(run_copy), "--images", str(images), "--out",
+                     str(tmp_path / "out"), "--device", "tpu:9"], capsys)
+    one_line_error(code, err, "--device")
+    (tmp_path / "file").write_text("x")
+    code, err = a2b(["detect", "--checkpoint", str(run_copy), "--images", str(images), "--out",
+                     str(tmp_path / "file" / "out")], capsys)
+    one_line_error(code, err, "--out", "is a file")
+    assert not (tmp_path / "out").exists()
+
+
+def test_evaluate_refuses_an_out_that_is_a_file(run_copy, sim_shards, tmp_path, capsys):
+    (tmp_path / "out").write_text("x")
+    code, err = a2b(["evaluate", "--checkpoint", str(run_copy), "--shards", str(sim_shards / "test"),
+                     "--out", str(tmp_path / "out")], capsys)
+    one_line_error(code, err, "--out", "is a file")
+    assert (tmp_path / "out").read_text() == "x"
+
+
+# ---------------------------------------------------------------------------------------------
+# Damaged checkpoints
+
+def test_truncated_checkpoint_is_named_by_evaluate_detect_and_export(run_copy, sim_shards, tmp_path, capsys):
+    damaged = state_file(run_copy, 8)
+    damaged.write_bytes(damaged.read_bytes()[:-100])
+    step8 = str(ckpt.step_dir(run_copy, 8))
+    code, err = a2b(["export", step8, str(tmp_path / "g.pt")], capsys)
+    one_line_error(code, err, str(damaged), "damaged")
+    assert list(tmp_path.glob("*g.pt*")) == []
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "a.png").write_bytes(_png())
+    code, err = a2b(["detect", "--checkpoint", step8, "--images", str(images), "--out", str(tmp_path / "d")], capsys)
+    one_line_error(code, err, str(damaged))
+    proc = run([sys.executable, "-m", "a2b_dist.cli", "evaluate", "--checkpoint", step8, "--shards",
+                str(sim_shards / "test"), "--out", str(tmp_path / "e")], check=False)
+    one_line_error(proc.returncode, proc.stderr, str(damaged))
+    # A run folder means its newest loadable checkpoint: the damaged one is reported and skipped.
+    code, err = a2b(["export", str(run_copy), str(tmp_path / "g.pt")], capsys)
+    assert code == 0 and f"skipping damaged checkpoint {ckpt.step_dir(run_copy, 8)}" in err
+    import torch
+    assert torch.load(tmp_path / "g.pt", weights_only=True)["step"] == 4
+
+
+def test_flipped_byte_is_caught_by_the_recorded_hash(run_copy):
+    damaged = state_file(run_copy, 8)
+    data = bytearray(damaged.read_bytes())
+    data[-1] ^= 0xFF                                  # same size, header intact: only the hash can tell
+    damaged.write_bytes(bytes(data))
+    problem = ckpt.checkpoint_problem(ckpt.step_dir(run_copy, 8))
+    assert problem is not None and str(damaged) in problem and "SHA-256" in problem
+    assert ckpt.checkpoint_problem(ckpt.step_dir(run_copy, 4)) is None
+
+
+@pytest.mark.parametrize("damage", ["truncated state", "corrupt meta.json"])
+def test_resume_auto_falls_back_to_the_newest_loadable_checkpoint(run_copy, sim_shards, damage):
+    if damage == "truncated state":
+        state_file(run_copy, 8).write_bytes(state_file(run_copy, 8).read_bytes()[:50])
+        named = state_file(run_copy, 8)
+    else:
+        (ckpt.step_dir(run_copy, 8) / "meta.json").write_text('{"step": 8, "form')
+        named = ckpt.step_dir(run_copy, 8) / "meta.json"
+    out = run(train_cmd(1, f"data.root={sim_shards}", f"train.run_dir={run_copy}", "train.steps=10",
+                        "optim.decay_steps=2"))
+    text = out.stdout + out.stderr
+    assert f"skipping damaged checkpoint {ckpt.step_dir(run_copy, 8)}" in text and str(named) in text
+    assert f"resumed from {ckpt.step_dir(run_copy, 4)} at step 4" in text
+    assert ckpt.read_meta(ckpt.latest_checkpoint(run_copy))["step"] == 10
+
+
+def test_meta_without_config_is_named(run_copy, capsys, tmp_path):
+    meta_path = ckpt.step_dir(run_copy, 8) / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["config"]
+    meta_path.write_text(json.dumps(meta))
+    code, err = a2b(["export", str(ckpt.step_dir(run_copy, 8)), str(tmp_path / "g.pt")], capsys)
+    one_line_error(code, err, str(meta_path), "'config'")
+
+
+def test_export_to_an_existing_folder_leaves_nothing(run_copy, tmp_path, capsys):
+    target = tmp_path / "exports"
+    target.mkdir()
+    code, err = a2b(["export", str(run_copy), str(target)], capsys)
+    one_line_error(code, err, str(target), "is a folder")
+    assert list(target.iterdir()) == [] and list(tmp_path.glob("*.tmp*")) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Resume and start
+
+def test_resume_with_another_model_names_the_fields(run_copy, sim_shards):
+    before = {p.name: p.read_bytes() for p in run_copy.iterdir() if p.is_file()}
+    proc = run(train_cmd(1, f"data.root={sim_shards}", f"train.run_dir={run_copy}", "train.steps=12",
+                         "model.width=16", "model.res_blocks=2"), check=False)
+    line = one_line_error(proc.returncode, proc.stderr, "model.width=8 (this run: 16)", "model.res_blocks=1")
+    assert "resume with the checkpoint's values" in line
+    assert {p.name: p.read_bytes() for p in run_copy.iterdir() if p.is_file()} == before   # nothing touched
+
+
+def test_failed_start_leaves_no_run_folder(tmp_path):
+    proc = run(train_cmd(1, f"data.root={tmp_path / 'no-shards'}", f"train.run_dir={tmp_path / 'run'}"),
+               check=False)
+    one_line_error(proc.returncode, proc.stderr, "no-shards")
+    assert not (tmp_path / "run").exists()
+
+
+def test_failed_checkpoint_write_leaves_no_partial_folder(sim_shards, trained, tmp_path):
+    """A real OS limit on file size (RLIMIT_FSIZE, SIGXFSZ ignored) makes the checkpoint's largest
+    file fail with EFBIG, as a full disk would with ENOSPC, while the small files still write."""
+    limit = state_file(trained, 4).stat().st_size // 2
+    others = [p.stat().st_size for p in trained.rglob("*") if p.is_file() and "checkpoints" not in p.parts]
+    assert max(others) < limit, "the run's other files must fit under the limit for this test"
+
+    def small_files():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+
+    run_dir = tmp_path / "run"
+    cmd = train_cmd(1, f"data.root={sim_shards}", f"train.run_dir={run_dir}")
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, preexec_fn=small_files,
+                          env={**ENV, "PYTHONDONTWRITEBYTECODE": "1"})
+    one_line_error(proc.returncode, proc.stderr, f"could not write checkpoint {ckpt.step_dir(run_dir, 4)}",
+                   "File too large")
+    assert list((run_dir / "checkpoints").iterdir()) == []
+
+
+def test_metrics_hold_one_history_after_a_crash_and_resume(sim_shards, tmp_path):
+    run_dir = tmp_path / "run"
+    args = [f"data.root={sim_shards}", f"train.run_dir={run_dir}", "train.log_every=1"]
+    # The process SIGKILLs itself while writing the step-8 checkpoint: rows 5-8 are logged, then rerun.
+    proc = run(train_cmd(1, *args), env={**ENV, "A2B_FAULT_KILL_IN_CHECKPOINT": "8"}, check=False)
+    assert proc.returncode == -signal.SIGKILL
+    run(train_cmd(1, *args))
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 9))
+
+
+# ---------------------------------------------------------------------------------------------
+# SIGTERM: scancel, time limits, preemption without --signal
+
+def test_sigterm_to_a_two_process_run_saves_and_resumes_exactly(sim_shards, tmp_path):
+    common = [f"data.root={sim_shards}", "train.steps=400", "train.checkpoint_every=1000", "train.log_every=1",
+              "train.sample_every=0", "data.num_workers=1"]
+    run(train_cmd(2, *common, f"train.run_dir={tmp_path / 'full'}"))
+
+    run_dir = tmp_path / "split"
+    log = open(tmp_path / "split.log", "w")
+    proc = subprocess.Popen(train_cmd(2, *common, f"train.run_dir={run_dir}"), cwd=ROOT, env=ENV, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before the signal; raise train.steps"
+    os.killpg(proc.pid, signal.SIGTERM)   # as SLURM signals every process of the job step
+    proc.wait(timeout=300)
+    log.close()
+    text = (tmp_path / "split.log").read_text()
+    saved = ckpt.list_checkpoints(run_dir)
+    assert len(saved) == 1, text[-3000:]
+    step = ckpt.read_meta(saved[0])["step"]
+    assert 3 <= step < 400 and "caught SIGTERM" in text and f"stopped by SIGTERM at step {step}" in text
+
+    out = run(train_cmd(2, *common, f"train.run_dir={run_dir}"))
+    assert f"at step {step}" in out.stdout + out.stderr
+    assert_same_weights(final_weights(tmp_path / "full"), final_weights(run_dir))
