@@ -126,7 +126,8 @@ class TrainingTask(submitit.helpers.Checkpointable):
         cfg = from_dict(self.config, "submission")
         run_dir = Path(cfg.train.run_dir)
         attempt = _attempt()
-        newest = ckpt.latest_checkpoint(run_dir)
+        newest = ckpt.newest_loadable(run_dir, warn=lambda m: print(m, file=sys.stderr)) if rank == 0 \
+            else ckpt.newest_loadable(run_dir, warn=lambda m: None)
         resume = "auto" if attempt["restart"] > 0 and newest is not None else self.resume
         if rank == 0:
             record_event(run_dir, "start", **attempt, world_size=dist_env.world_size,
@@ -143,6 +144,13 @@ class TrainingTask(submitit.helpers.Checkpointable):
         if not result["stopped"] or result["step"] >= cfg.train.steps:   # a signal at the last step: done
             if rank == 0:
                 record_event(run_dir, "finished", **attempt, step=result["step"])
+            return result
+        if result["stop_signal"] == "SIGTERM" and stop.received is None:
+            # SIGTERM (scancel, a time limit, `scontrol requeue`, preemption without --signal): the
+            # checkpoint is saved; SLURM itself requeues or ends the job, and a requeued start resumes
+            # from that checkpoint. Calling submitit's requeue here would queue the job a second time.
+            if rank == 0:
+                record_event(run_dir, "stopped", **attempt, step=result["step"], signal=result["stop_signal"])
             return result
         if rank == 0:
             record_event(run_dir, "stopped", **attempt, step=result["step"],
@@ -166,7 +174,7 @@ class TrainingTask(submitit.helpers.Checkpointable):
 def _resume_step(resume: str, newest: Optional[Path]) -> Optional[int]:
     if resume == "none":
         return None
-    path = newest if resume == "auto" else ckpt.resolve_checkpoint(resume)
+    path = newest if resume == "auto" else ckpt.resolve_checkpoint(resume)   # newest: newest_loadable's
     return None if path is None else int(ckpt.read_meta(path)["step"])
 
 

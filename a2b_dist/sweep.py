@@ -140,8 +140,9 @@ def parse_space(data: Any, source: str) -> dict[str, Param]:
         if set(spec) != {"dist", "low", "high"}:
             raise ConfigError(f"{where}: dist: {dist} takes exactly low and high (got {', '.join(spec)})")
         low, high = spec["low"], spec["high"]
-        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (low, high)) or low >= high:
-            raise ConfigError(f"{where}: low and high must be numbers with low < high (got {low!r}, {high!r})")
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in (low, high)) \
+                or low >= high:
+            raise ConfigError(f"{where}: low and high must be finite numbers with low < high (got {low!r}, {high!r})")
         if dist == "loguniform" and low <= 0:
             raise ConfigError(f"{where}: loguniform needs low > 0 (got {low})")
         if dist == "randint" and not (float(low).is_integer() and float(high).is_integer()):

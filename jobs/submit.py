@@ -16,6 +16,8 @@ details. Errors in the arguments or the config stop here, before anything is sub
 from __future__ import annotations
 
 import argparse
+import math
+import re
 import shutil
 import sys
 import time
@@ -27,6 +29,19 @@ from a2b_dist.config import Config, load_config, to_dict, to_yaml  # noqa: E402
 from a2b_dist.errors import UserError  # noqa: E402
 
 CLUSTERS = ("slurm", "local", "debug")
+# What each text argument may hold: SLURM's own characters for it, never a newline or a '#' that
+# would start a new #SBATCH line in the batch script submitit writes.
+_NAME = r"[A-Za-z0-9_.+-]+"
+SBATCH_TEXT = {
+    "partition": (re.compile(rf"{_NAME}(,{_NAME})*"), "letters, digits, _ . + - and commas between names"),
+    "account": (re.compile(_NAME), "letters, digits and _ . + -"),
+    "qos": (re.compile(rf"{_NAME}(,{_NAME})*"), "letters, digits, _ . + - and commas between names"),
+    "name": (re.compile(_NAME), "letters, digits and _ . + -"),
+    "constraint": (re.compile(r"[A-Za-z0-9_.+\-&|,*\[\]():!]+"), "feature names and the operators & | , * [ ] ( ) : !"),
+    "exclude": (re.compile(r"[A-Za-z0-9_.\-,\[\]]+"), "a host list: letters, digits, _ . - , [ ]"),
+    "comment": (re.compile(r"[ -\"$-~]+"), "printable characters other than '#' (no newline)"),
+}
+PRINTABLE = re.compile(r"[^\x00-\x1f\x7f]+")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,8 +93,18 @@ def check_arguments(args: argparse.Namespace) -> None:
             raise UserError(f"--{name.replace('_', '-')} must be 0 or more (got {getattr(args, name)})")
     if args.cpus_per_task is not None and args.cpus_per_task < 1:
         raise UserError(f"--cpus-per-task must be at least 1 (got {args.cpus_per_task})")
-    if args.mem_gb is not None and args.mem_gb <= 0:
-        raise UserError(f"--mem-gb must be positive (got {args.mem_gb})")
+    if args.mem_gb is not None and not (math.isfinite(args.mem_gb) and args.mem_gb > 0):
+        raise UserError(f"--mem-gb must be a positive, finite number of GB (got {args.mem_gb})")
+    for name, (pattern, allowed) in SBATCH_TEXT.items():
+        value = getattr(args, name)
+        if value is not None and not pattern.fullmatch(value):
+            raise UserError(f"--{name.replace('_', '-')} {value!r}: only {allowed} are allowed "
+                            "(the value goes into the batch script)")
+    for name in ("run_dir", "config"):
+        value = getattr(args, name)
+        if value is not None and not PRINTABLE.fullmatch(value):
+            raise UserError(f"--{name.replace('_', '-')} {value!r}: a path with control characters (a newline?) "
+                            "cannot go into the batch script")
     if args.cluster != "slurm" and args.nodes > 1:
         raise UserError(f"--cluster {args.cluster} runs on this machine only: use --nodes 1 "
                         "(and --gpus-per-node for the number of tasks)")
@@ -101,6 +126,9 @@ def resolve_config(args: argparse.Namespace) -> Config:
         cfg.train.run_dir = args.run_dir
     # The job may start in another directory (and node): pin every path now.
     cfg.train.run_dir = str(Path(cfg.train.run_dir).resolve())
+    if not PRINTABLE.fullmatch(cfg.train.run_dir):   # the logs' path goes into the batch script
+        raise UserError(f"train.run_dir {cfg.train.run_dir!r}: a path with control characters (a newline?) "
+                        "cannot go into the batch script")
     cfg.data.root = str(Path(cfg.data.root).resolve())
     if cfg.eval.fid_weights:
         cfg.eval.fid_weights = str(Path(cfg.eval.fid_weights).resolve())
@@ -124,7 +152,8 @@ def n_tasks(args: argparse.Namespace) -> int:
 
 def executor_parameters(args: argparse.Namespace, cfg: Config) -> dict:
     """submitit AutoExecutor parameters; slurm_* ones are sbatch options under their sbatch names."""
-    params = {"name": args.name or f"a2b-{Path(cfg.train.run_dir).name}", "timeout_min": args.time,
+    default_name = re.sub(r"[^A-Za-z0-9_.+-]", "_", f"a2b-{Path(cfg.train.run_dir).name}")
+    params = {"name": args.name or default_name, "timeout_min": args.time,
               "nodes": args.nodes, "tasks_per_node": max(args.gpus_per_node, 1),
               "cpus_per_task": args.cpus_per_task or cfg.data.num_workers + 1}
     if args.gpus_per_node:

@@ -166,19 +166,23 @@ def test_usr2_saves_requeues_and_resumes_from_that_step(slurm_env, sim_shards, t
     assert "COMPLETED (nodes n[1-2], restarts 1)" in status
 
 
-def test_scontrol_requeue_resumes_from_the_last_periodic_checkpoint(slurm_env, sim_shards, tmp_path):
-    """`scontrol requeue` kills the job without calling checkpoint(); the restart finds the newest
-    periodic checkpoint on disk and continues from there to exactly train.steps."""
+def test_scontrol_requeue_saves_on_sigterm_and_the_restart_resumes_there(slurm_env, sim_shards, tmp_path):
+    """`scontrol requeue` sends SIGTERM and requeues the job itself (checkpoint() is not called):
+    all ranks save at the next step boundary, the task records the stop without queueing the job a
+    second time, and the restart resumes from that checkpoint, not from the last periodic one."""
     run_dir = tmp_path / "run"
-    job_id = submit(slurm_env, *submit_args(sim_shards, run_dir, "--nodes", "2", *RESOURCES, steps=100, every=10))
+    job_id = submit(slurm_env, *submit_args(sim_shards, run_dir, "--nodes", "2", *RESOURCES, steps=100, every=50))
     wait_step(run_dir, 12)
     sh(slurm_env, "scontrol", "requeue", job_id)
     assert wait_done(slurm_env, job_id, run_dir) == ["REQUEUED", "COMPLETED"], logs(run_dir)
     log = [e for e in events(run_dir) if e["event"] != "submitted"]
-    assert [(e["event"], e["restart"]) for e in log] == [("start", 0), ("start", 1), ("finished", 1)], log
-    resumed = log[1]["resume_step"]
-    assert resumed is not None and resumed >= 10 and resumed % 10 == 0 and log[2]["step"] == 100
-    assert metric_steps(run_dir)[-1] == 100
+    assert [(e["event"], e["restart"]) for e in log] == [
+        ("start", 0), ("stopped", 0), ("start", 1), ("finished", 1)], log
+    stopped = log[1]["step"]
+    assert log[1]["signal"] == "SIGTERM" and 12 <= stopped < 100, log
+    assert log[2]["resume_step"] == stopped and log[3]["step"] == 100, log
+    steps = metric_steps(run_dir)
+    assert steps == sorted(set(steps)) and steps[-1] == 100   # one history, nothing trained twice
     assert world_sizes(run_dir) == [2, 2]
     assert_replicas_agree(run_dir, world_size=2, step=100)
 

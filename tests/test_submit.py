@@ -76,6 +76,17 @@ def main_in_process(argv: list[str], capsys) -> tuple[int, str, str]:
     (["--partition", "gpu", "--nodes", "3"], "train.batch_size=4 must be divisible by the number of tasks (3"),
     (["--cluster", "local", "--nodes", "2"], "runs on this machine only"),
     (["--partition", "gpu", "--resume", "/no/such/checkpoint"], "does not exist"),
+    (["--partition", "gpu", "--mem-gb", "nan"], "--mem-gb must be a positive, finite number"),
+    (["--partition", "gpu", "--mem-gb", "inf"], "--mem-gb must be a positive, finite number"),
+    (["--partition", "gpu\n#SBATCH --wrap=id"], "--partition 'gpu\\n#SBATCH --wrap=id': only letters"),
+    (["--partition", "gpu", "--account", "lab #SBATCH"], "--account"),
+    (["--partition", "gpu", "--comment", "ok\n#SBATCH --uid=0"], "--comment"),
+    (["--partition", "gpu", "--comment", "a # b"], "other than '#'"),
+    (["--partition", "gpu", "--constraint", "h200\n"], "--constraint"),
+    (["--partition", "gpu", "--exclude", "n1;rm"], "a host list"),
+    (["--partition", "gpu", "--name", "x y"], "--name"),
+    (["--partition", "gpu", "--qos", "high\r"], "--qos"),
+    (["--partition", "gpu", "--run-dir", "runs/a\n#SBATCH --uid=0"], "--run-dir"),
 ])
 def test_bad_arguments_fail_before_submission(sim_shards, tmp_path, capsys, extra, message):
     run_dir = tmp_path / "run"

@@ -120,9 +120,14 @@ def test_search_space_mistakes_name_the_entry(tmp_path):
                        ({"loss.lambda_id": {"dist": "loguniform", "low": 0, "high": 1}}, "low > 0"),
                        ({"loss.lambda_id": {"dist": "uniform", "low": 2, "high": 1}}, "low < high"),
                        ({"loss.lambda_id": {"dist": "uniform", "low": 0}}, "exactly low and high"),
+                       ({"loss.lambda_id": {"dist": "uniform", "low": float("nan"), "high": 1}}, "finite numbers"),
+                       ({"loss.lambda_id": {"dist": "loguniform", "low": 1e-3, "high": float("inf")}}, "finite"),
                        ([1, 2], "non-empty mapping")]:
         with pytest.raises(ConfigError, match=words):
             sweep.parse_space(bad, "space.yaml")
+    (tmp_path / "nan.yaml").write_text("loss.lambda_id: {dist: uniform, low: .nan, high: 1}\n")
+    with pytest.raises(ConfigError, match=r"nan.yaml: loss.lambda_id: low and high must be finite"):
+        sweep.load_space(tmp_path / "nan.yaml")
     (tmp_path / "s.yaml").write_text("optim.lr: {dist: loguniform, low: 1.0e-5, high: 1.0e-3}\n"
                                      "model.upsample: {dist: choice, values: [transpose, nearest]}\n")
     space = sweep.load_space(tmp_path / "s.yaml")
