@@ -67,6 +67,19 @@ def parse_threshold(value: Optional[str]) -> tuple[Optional[float], Optional[dic
     return float(threshold), metrics
 
 
+def check_headers(paths: list[Path]) -> None:
+    """Open every image's header (no pixels decoded): an unreadable file or one that claims too many
+    pixels is a UserError naming it, before the output folder is made."""
+    from a2b_dist.data import DataError
+    from a2b_dist.data.images import image_bit_depth
+
+    for p in paths:
+        try:
+            image_bit_depth(p)
+        except DataError as e:
+            raise UserError(f"{e}; remove or replace it") from None
+
+
 def load_batch(paths: list[Path], size: int, channels: int) -> torch.Tensor:
     """(B, C, size, size) in [-1, 1], the shards' preprocessing; an unreadable file is a UserError."""
     from a2b_dist.data import DataError, load_image, to_tensor
@@ -111,6 +124,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     threshold, metrics = parse_threshold(args.threshold)
     device = (check_device("--device", args.device) if args.device
               else torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    check_headers(paths)   # unreadable files and decompression bombs before anything is written
     generator, cfg = load_generator(args.checkpoint, device=device)
     generator.eval()
 

@@ -270,3 +270,27 @@ def test_sigterm_to_a_two_process_run_saves_and_resumes_exactly(sim_shards, tmp_
     out = run(train_cmd(2, *common, f"train.run_dir={run_dir}"))
     assert f"at step {step}" in out.stdout + out.stderr
     assert_same_weights(final_weights(tmp_path / "full"), final_weights(run_dir))
+
+
+def bomb_png(width: int = 20000, height: int = 20000) -> bytes:
+    """A valid 32 x 32 PNG whose IHDR claims width x height (CRC fixed): a few hundred bytes that a
+    reader without a size check would try to expand to width x height pixels."""
+    import struct
+    import zlib
+
+    data = bytearray(_png())
+    assert data[12:16] == b"IHDR"
+    data[16:24] = struct.pack(">II", width, height)
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    return bytes(data)
+
+
+def test_detect_names_an_image_whose_header_claims_too_many_pixels(run_copy, tmp_path, capsys):
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "a.png").write_bytes(_png())
+    (images / "bomb.png").write_bytes(bomb_png())
+    code, err = a2b(["detect", "--checkpoint", str(run_copy), "--images", str(images), "--out", str(tmp_path / "out")],
+                    capsys)
+    one_line_error(code, err, str(images / "bomb.png"), "400,000,000 pixels", "decompression bomb")
+    assert not (tmp_path / "out").exists()

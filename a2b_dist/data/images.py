@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import io
 import os
-from typing import Union
+import re
+import warnings
+from contextlib import contextmanager
+from typing import Iterator, Union
 
 import numpy as np
 import torch
@@ -22,6 +25,10 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from .manifest import DataError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+# The most pixels an image file may claim in its header (Pillow's own bomb threshold, about 9,500 x
+# 9,500): a radiograph or an MRI slice is far smaller; a header claiming more is refused before any
+# pixel is decoded (a "decompression bomb" is a few kB that expand to gigabytes).
+MAX_PIXELS = Image.MAX_IMAGE_PIXELS
 LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float64)
 
 PathLike = Union[str, os.PathLike]
@@ -113,31 +120,51 @@ def encode_png(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def decode_png(data: bytes) -> np.ndarray:
-    """PNG bytes -> (C, H, W) uint8 or uint16. Raises ValueError/OSError on bad bytes."""
-    with Image.open(io.BytesIO(data)) as image:
+@contextmanager
+def open_image(source: Union[PathLike, io.BytesIO], name: object = None) -> Iterator[Image.Image]:
+    """The one way this package opens an image: Pillow, with the header's size checked against
+    MAX_PIXELS before decoding. Every failure is a DataError naming ``name`` (default: the path)."""
+    name = source if name is None else name
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)   # checked below, as an error
+            with Image.open(source) as image:
+                width, height = image.size
+                if width * height > MAX_PIXELS:
+                    raise DataError(_too_large(name, f"{width} x {height}"))
+                yield image
+    except DataError:
+        raise
+    except Image.DecompressionBombError as exc:   # Pillow refuses twice its limit already in open()
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        raise DataError(_too_large(name, f"{int(found.group(1)):,}" if found else "too many")) from None
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
+        raise DataError(f"{name}: not a readable image ({exc})") from None
+
+
+def _too_large(name: object, claimed: str) -> str:
+    return (f"{name}: the header claims {claimed} pixels, more than the {MAX_PIXELS:,} allowed (a damaged "
+            "file or a decompression bomb); shrink the image before building shards")
+
+
+def decode_png(data: bytes, name: object = "a PNG in a shard") -> np.ndarray:
+    """PNG bytes -> (C, H, W) uint8 or uint16. Raises DataError on bad bytes."""
+    with open_image(io.BytesIO(data), name) as image:
         if image.format != "PNG":
-            raise ValueError(f"not a PNG but {image.format}")
+            raise DataError(f"{name}: not a PNG but {image.format}")
         array = _to_array(image)
     return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
 
 
 def image_bit_depth(path: PathLike) -> int:
     """8 or 16, from the file header only (no pixel decoding)."""
-    try:
-        with Image.open(path) as image:
-            return 16 if image.mode.startswith("I") else 8
-    except (OSError, UnidentifiedImageError) as exc:
-        raise DataError(f"{path}: not a readable image ({exc})") from None
+    with open_image(path) as image:
+        return 16 if image.mode.startswith("I") else 8
 
 
 def _read(path: PathLike) -> np.ndarray:
-    try:
-        with Image.open(path) as image:
-            image = ImageOps.exif_transpose(image)
-            return _to_array(image)
-    except (OSError, UnidentifiedImageError, ValueError) as exc:
-        raise DataError(f"{path}: not a readable image ({exc})") from None
+    with open_image(path) as image:
+        return _to_array(ImageOps.exif_transpose(image))
 
 
 def _to_array(image: Image.Image) -> np.ndarray:
