@@ -50,7 +50,9 @@ class DataConfig:
     channels: int = 1
     num_workers: int = 2          # loader processes per training process
     shuffle_buffer: int = 256     # samples held for shuffling, per loader worker
-    skip_corrupt: bool = False    # skip and count undecodable samples instead of failing
+    skip_corrupt: bool = False    # skip and count undecodable samples and damaged shards instead of failing
+    verify: str = "count"         # checks of each shard against its manifest on open: size, count
+                                  # (size and tar headers), sha256 (also the hash: reads every shard once)
     hflip: bool = False           # random horizontal flip of training images (the authors' augmentation;
                                   # off by default: laterality matters in many medical images)
 
@@ -177,6 +179,7 @@ _RANGES: dict[str, tuple[Any, Any]] = {
 }
 _CHOICES: dict[str, tuple[Any, ...]] = {
     "data.channels": (1, 3),
+    "data.verify": ("size", "count", "sha256"),
     "model.upsample": ("transpose", "nearest", "bilinear"),
     "model.mask_activation": ("sigmoid", "tanh"),
     "loss.focus_warmup_terms": ("both", "zero_one"),

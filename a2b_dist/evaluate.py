@@ -594,7 +594,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fid-cache", default=None, help="folder for cached healthy statistics (.npz)")
     p.add_argument("--seed", type=int, default=0, help="picks the panel and FID samples (default 0)")
     p.add_argument("--num-workers", type=int, default=0, help="loader processes per process (default 0)")
-    p.add_argument("--skip-corrupt", action="store_true", help="skip undecodable samples and count them")
+    p.add_argument("--skip-corrupt", action="store_true",
+                   help="skip undecodable samples and damaged shards and count them")
+    p.add_argument("--verify", choices=("size", "count", "sha256"), default="count",
+                   help="checks of each shard against the manifest before scoring (sha256 reads every shard)")
     p.add_argument("--group-by", default=None, metavar="FIELD",
                    help="also aggregate scores per group named by this field of each sample's json "
                         "(patient, volume, group): mean and max score, AUROC per group; writes groups.csv")
@@ -645,7 +648,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     from accelerate import Accelerator
 
     from a2b_dist.checkpoint import load_generator
-    from a2b_dist.data import read_manifest
+    from a2b_dist.data.manifest import open_role
 
     args = build_parser().parse_args(argv)
     _check_args(args)
@@ -656,7 +659,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     # Load the generator and its config; the shards must match its image size and channels.
     generator, cfg = load_generator(args.checkpoint, device=device)
     size, channels = cfg.data.image_size, cfg.data.channels
-    manifest = read_manifest(args.shards, image_size=size, channels=channels)
+    manifest = open_role(args.shards, image_size=size, channels=channels, skip_corrupt=args.skip_corrupt,
+                         verify=args.verify)
     groups = sample_groups(args.shards, args.group_by) if args.group_by else None  # fail before scoring
     if args.fid:  # fail before the long passes when the Inception weights are missing
         from a2b_dist import fid

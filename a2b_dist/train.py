@@ -302,7 +302,7 @@ class MetricsLog:
 
 
 def _open_streams(cfg: Config, rank: int, world: int):
-    from a2b_dist.data import TrainStream, read_manifest
+    from a2b_dist.data import TrainStream
 
     root = Path(cfg.data.root)
     per_rank = cfg.train.batch_size // world
@@ -314,12 +314,11 @@ def _open_streams(cfg: Config, rank: int, world: int):
                 f"no {role} shards at {role_dir} (data.root={cfg.data.root}). Build them first, for "
                 f"example: python shards/build.py simulated --source mnist5k --size {cfg.data.image_size} "
                 f"--out {cfg.data.root}")
-        read_manifest(role_dir, image_size=cfg.data.image_size, channels=cfg.data.channels)
-        streams[role] = TrainStream(
+        streams[role] = TrainStream(   # checks the shards (data.verify; damaged ones skipped with data.skip_corrupt)
             role_dir, batch_size=per_rank, image_size=cfg.data.image_size, channels=cfg.data.channels,
             seed=derive_seed(cfg.train.seed, tag), rank=rank, world_size=world,
             num_workers=cfg.data.num_workers, shuffle_buffer=cfg.data.shuffle_buffer,
-            skip_corrupt=cfg.data.skip_corrupt)
+            skip_corrupt=cfg.data.skip_corrupt, verify=cfg.data.verify)
     return streams
 
 

@@ -13,6 +13,7 @@
         --out data/cxr8 --size 256 --channels 1 --split healthy=0.4,mixed=0.4,val=0.05,test=0.15
     python shards/build.py nifti --volumes brains/ --labels brains/labels.csv --axis 2 --out data/brain \
         --size 128 --channels 1 --split healthy=0.4,mixed=0.4,val=0.05,test=0.15
+    python shards/build.py verify data/xray            # every shard's size, count and sha256
 
 Each role lands in OUT/<role>/ all at once: a failed build leaves no output folder behind.
 """
@@ -20,14 +21,15 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import signal
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from a2b_dist.data.manifest import ROLES, DataError  # noqa: E402
-from a2b_dist.data.medical import SliceRule, dicom_roles, listed_roles, nifti_roles, parse_window  # noqa: E402
+from a2b_dist.data.manifest import ROLES, DataError, verify_roles  # noqa: E402
+from a2b_dist.data.medical import SliceRule, dicom_roles, listed_roles, nifti_roles, parse_window, write_skipped  # noqa: E402
 from a2b_dist.data.simulate import ANOMALIES, SOURCES, simulated_roles  # noqa: E402
 from a2b_dist.data.sources import folder_role, npz_roles  # noqa: E402
 from a2b_dist.data.write import write_roles  # noqa: E402
@@ -142,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
                                         "else each image's range)")
     dicom.add_argument("--bit-depth", type=int, choices=(8, 16), default=16, help="stored levels (default 16)")
     dicom.add_argument("--split", default="healthy=0.4,mixed=0.4,val=0.05,test=0.15", help=group_split)
+    dicom.add_argument("--strict", action="store_true",
+                       help="stop at the first file that is not a readable single-frame image, or has no PatientID "
+                            "(default: skip it, count it, list it in OUT/dicom-skipped.csv)")
     common(dicom)
 
     listed = commands.add_parser("split", help="image files listed in a CSV with a group column, split by group")
@@ -175,14 +180,55 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--count", type=positive_int, help="--source phantom: number of heads generated (default 5000)")
     sim.add_argument("--scale", type=unit_fraction, default=1.0, help="shrink every role (small test sets)")
     common(sim, channels=False)
+
+    verify = commands.add_parser("verify", help="check every shard against its manifest: size, sample count, sha256")
+    verify.add_argument("folders", nargs="+", type=Path, metavar="DIR",
+                        help="a role folder (holding manifest.json) or a data root holding role folders")
     return parser
+
+
+def verify(folders: list[Path]) -> int:
+    """Print one line per role (and one per damaged shard); 0 when every shard matches, else 1."""
+    bad = 0
+    for folder in folders:
+        try:
+            results = verify_roles(folder)
+        except DataError as exc:
+            print(f"shards/build.py verify: error: {exc}", file=sys.stderr)
+            return 2
+        for role_dir, manifest, problems in results:
+            if problems:
+                bad += len(problems)
+                print(f"{role_dir}: DAMAGED ({len(problems)} problem{'s' * (len(problems) > 1)})")
+                for problem in problems:
+                    print(f"  {problem}")
+            else:
+                n = len(manifest['shards'])
+                print(f"{role_dir}: ok, {n} shard{'s' * (n != 1)}, {manifest['samples']} samples, "
+                      "sizes, counts and sha256 match the manifest")
+    if bad:
+        print(f"shards/build.py verify: {bad} problem{'s' * (bad > 1)} found; rebuild the damaged roles "
+              "(or train with data.skip_corrupt=true to skip what cannot be read)", file=sys.stderr)
+    return 1 if bad else 0
+
+
+class Terminated(BaseException):
+    """SIGTERM (scancel, a time limit) as an exception, so that the staging folders are removed.
+    A BaseException: no ``except Exception`` in a reader may swallow it."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated()
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    if args.command == "verify":
+        return verify(args.folders)
     command = shlex.join(["python", "shards/build.py", *argv])
     started = time.perf_counter()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         if args.command == "folder":
             spec, source, bit_depth = folder_role(
@@ -196,10 +242,10 @@ def main(argv: list[str] | None = None) -> int:
             )
             channels = args.channels
         elif args.command == "dicom":
-            roles, source, bit_depth = dicom_roles(
+            roles, source, bit_depth, scan = dicom_roles(
                 args.images, size=args.size, channels=args.channels, split=args.split, labels_csv=args.labels,
                 group_column=args.group_column, window=parse_window(args.window), bit_depth=args.bit_depth,
-                seed=args.seed,
+                seed=args.seed, strict=args.strict,
             )
             channels = args.channels
         elif args.command == "split":
@@ -223,19 +269,31 @@ def main(argv: list[str] | None = None) -> int:
             args.out, roles, image_size=args.size, channels=channels, bit_depth=bit_depth, source=source,
             seed=args.seed, command=command, maxcount=args.maxcount, maxsize=args.maxsize, overwrite=args.overwrite,
         )
+        notes = []
+        if args.command == "dicom":
+            listed = write_skipped(args.out, scan)
+            notes = scan.summary() + ([f"the skipped files and why: {listed}"] if listed else [])
     except DataError as exc:
         print(f"shards/build.py {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # unwritable --out, disk full: the message names the file
-        print(f"shards/build.py {args.command}: error: {exc}", file=sys.stderr)
+        print(f"shards/build.py {args.command}: error: {exc.strerror if exc.filename is None and exc.strerror else exc}",
+              file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("shards/build.py: interrupted; no output written", file=sys.stderr)
         return 130
+    except Terminated:
+        print("shards/build.py: stopped by SIGTERM; no output written", file=sys.stderr)
+        return 128 + signal.SIGTERM
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     for role, manifest in manifests.items():
         labels = ", ".join(f"{k}: {v}" for k, v in manifest["labels"].items())
         groups = f", {len(manifest['groups'])} {manifest.get('group_by', 'group')} groups" if "groups" in manifest else ""
         print(f"{args.out / role}: {manifest['samples']} samples ({labels}){groups}, {len(manifest['shards'])} shards")
+    for note in notes:
+        print(note)
     print(f"built in {time.perf_counter() - started:.1f} s")
     return 0
 

@@ -17,12 +17,13 @@ pydicom = pytest.importorskip("pydicom")
 nib = pytest.importorskip("nibabel")
 from pydicom.dataset import FileDataset, FileMetaDataset  # noqa: E402
 from pydicom.encaps import encapsulate  # noqa: E402
-from pydicom.uid import JPEG2000Lossless, ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid  # noqa: E402
+from pydicom.uid import JPEGLSLossless, ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid  # noqa: E402
 
 from a2b_dist.data import eval_batches, read_manifest  # noqa: E402
 from a2b_dist.errors import UserError  # noqa: E402
 from a2b_dist.data.manifest import DataError, sample_origins  # noqa: E402
-from a2b_dist.data.medical import SliceRule, kept_slices, normalise_volume, read_dicom, split_groups  # noqa: E402
+from a2b_dist.data.medical import (DicomSkip, SliceRule, kept_slices, normalise_volume, read_dicom,  # noqa: E402
+                                   split_groups)
 from conftest import BUILD, ROOT  # noqa: E402
 
 spec = importlib.util.spec_from_file_location("shards_build", BUILD)
@@ -87,15 +88,60 @@ def test_monochrome1_is_inverted_by_hand(tmp_path):
 
 
 def test_compressed_syntax_names_the_decoder(tmp_path, capsys):
-    write_dicom(tmp_path / "scans" / "j2k.dcm", np.zeros((8, 8), np.uint16), syntax=JPEG2000Lossless)
-    with pytest.raises(DataError, match=r"JPEG 2000.*pip install pylibjpeg pylibjpeg-openjpeg"):
-        read_dicom(tmp_path / "scans" / "j2k.dcm")
-    proc = subprocess.run([sys.executable, str(BUILD), "dicom", "--images", str(tmp_path / "scans"), "--split",
-                           "healthy=1", "--out", str(tmp_path / "out"), "--size", "8", "--channels", "1"],
-                          capture_output=True, text=True)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert proc.stderr.count("\n") == 1 and "pip install pylibjpeg pylibjpeg-openjpeg" in proc.stderr
-    assert not (tmp_path / "out").exists()
+    """JPEG-LS needs pylibjpeg-libjpeg, which is not installed here: the file is skipped with the
+    package to install; a folder holding only such files is a one-line error that names it."""
+    write_dicom(tmp_path / "scans" / "jls.dcm", np.zeros((8, 8), np.uint16), syntax=JPEGLSLossless)
+    with pytest.raises(DicomSkip, match=r"JPEG-LS.*pip install pylibjpeg pylibjpeg-libjpeg") as info:
+        read_dicom(tmp_path / "scans" / "jls.dcm")
+    assert info.value.reason == "needs a decoder for JPEG-LS Lossless Image Compression"
+    for strict in ([], ["--strict"]):
+        proc = subprocess.run([sys.executable, str(BUILD), "dicom", "--images", str(tmp_path / "scans"), "--split",
+                               "healthy=1", "--out", str(tmp_path / "out"), "--size", "8", "--channels", "1", *strict],
+                              capture_output=True, text=True)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr
+        assert proc.stderr.count("\n") == 1 and "pip install pylibjpeg pylibjpeg-libjpeg" in proc.stderr, proc.stderr
+        assert not (tmp_path / "out").exists()
+
+
+PYDICOM_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
+
+
+def test_pydicom_test_files_build_with_a_summary(tmp_path):
+    """pydicom's own test files (real files written by many tools: no preamble, no PatientID,
+    palette and YBR colour, RT plans, structured reports, multi-frame, truncated, badly encoded):
+    the default build reads what can be read, skips the rest with a summary and a list, and prints
+    pydicom's warnings as one counted line; --strict stops at the first skipped file."""
+    found = sorted(p.relative_to(PYDICOM_FILES).as_posix() for p in PYDICOM_FILES.rglob("*.dcm"))
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, str(BUILD), "dicom", "--images", str(PYDICOM_FILES), "--split",
+                           "healthy=0.5,mixed=0.5", "--out", str(out), "--size", "32", "--channels", "1"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.count("\n") <= 2, proc.stderr           # no warning printed per file
+    with open(out / "dicom-skipped.csv", newline="") as f:
+        skipped = {row["path"]: row["reason"] for row in csv.DictReader(f)}
+    built = {o["path"]: o for role in ("healthy", "mixed") for o in sample_origins(out / role).values()}
+    assert not set(skipped) & set(built) and set(skipped) | set(built) <= set(found)
+    source = read_manifest(out / "healthy")["source"]
+    assert source["files"] == len(found) and source["skipped"]["count"] == len(skipped)
+    assert f"skipped {len(skipped)} of {len(found)} files" in proc.stdout and "pydicom warned" in proc.stdout
+    # What each kind of file became.
+    assert skipped["rtplan.dcm"] == skipped["test-SR.dcm"] == "no image (no PixelData)"
+    assert skipped["rtdose.dcm"] == "multi-frame" and skipped["MR_truncated.dcm"] == "pixel data does not decode"
+    assert skipped["JPEG-lossy.dcm"].startswith("needs a decoder for JPEG Extended")
+    assert built["examples_palette.dcm"]["photometric"] == "PALETTE COLOR"
+    assert built["SC_rgb_dcmtk_+eb+cy+n1.dcm"]["photometric"] == "YBR_FULL"
+    assert built["MR_small_bigendian.dcm"]["patient"] == built["MR_small_RLE.dcm"]["patient"] == "4MR1"
+    assert built["image_dfl.dcm"]["patient"].startswith(("study-", "file-"))      # no PatientID: a fallback
+    assert source["groups_from"]["PatientID"] >= 30 and "no PatientID in" in proc.stdout
+    # The same files, --strict: the first file skipped above is the error, nothing written.
+    proc = subprocess.run([sys.executable, str(BUILD), "dicom", "--images", str(PYDICOM_FILES), "--split",
+                           "healthy=0.5,mixed=0.5", "--out", str(tmp_path / "strict"), "--size", "32", "--channels",
+                           "1", "--strict"], capture_output=True, text=True, timeout=300)
+    fallback = {p for p, o in built.items() if o["patient"].startswith(("study-", "file-"))}
+    first = next(p for p in found if p in skipped or p in fallback)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and first in proc.stderr, (first, proc.stderr)
+    assert "--strict" in proc.stderr and not (tmp_path / "strict").exists()
 
 
 # Splits by patient.

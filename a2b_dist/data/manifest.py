@@ -10,8 +10,11 @@ import json
 import os
 import tarfile
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Optional
+
+from a2b_dist.errors import UserError
 
 FORMAT = "a2b-shards/1"
 MANIFEST = "manifest.json"
@@ -32,7 +35,7 @@ _REQUIRED = {
 _SHARD_REQUIRED = {"name": str, "samples": int, "bytes": int, "sha256": str}
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A data problem a user has to fix; the message names the file or field and what differs."""
 
 
@@ -211,30 +214,29 @@ def _open_role(role_dir, *, image_size, channels, verify) -> tuple[dict, list[st
         )
 
     _warn_shared_groups(role_dir, manifest)
-    damaged = []
-    for shard in manifest["shards"]:
-        file = role_dir / shard["name"]
-        if not file.is_file():
-            raise DataError(f"{file}: shard listed in {path} is missing")
-        size = file.stat().st_size
-        if size != shard["bytes"]:
-            damaged.append(
-                f"{file}: {size} bytes, {path} lists {shard['bytes']} (truncated or rewritten; "
-                f"{_intact_prefix(file)})"
-            )
-            continue
-        if verify in ("count", "sha256"):
-            try:
-                found = count_samples(file)
-            except (tarfile.TarError, OSError, EOFError) as exc:
-                damaged.append(f"{file}: unreadable tar ({exc})")
-                continue
-            if found != shard["samples"]:
-                damaged.append(f"{file}: holds {found} samples, {path} lists {shard['samples']}")
-                continue
-        if verify == "sha256" and sha256_file(file) != shard["sha256"]:
-            damaged.append(f"{file}: sha256 differs from the one in {path}")
-    return manifest, damaged
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:   # hashing releases the GIL
+        problems = list(pool.map(lambda shard: _shard_problem(role_dir / shard["name"], shard, path, verify),
+                                 manifest["shards"]))
+    return manifest, [p for p in problems if p is not None]
+
+
+def _shard_problem(file: Path, shard: dict, path: Path, verify: str) -> Optional[str]:
+    """What is wrong with one listed shard at this verify level (None: nothing found)."""
+    if not file.is_file():
+        raise DataError(f"{file}: shard listed in {path} is missing")
+    size = file.stat().st_size
+    if size != shard["bytes"]:
+        return f"{file}: {size} bytes, {path} lists {shard['bytes']} (truncated or rewritten; {_intact_prefix(file)})"
+    if verify in ("count", "sha256"):
+        try:
+            found = count_samples(file)
+        except (tarfile.TarError, OSError, EOFError) as exc:
+            return f"{file}: unreadable tar ({exc})"
+        if found != shard["samples"]:
+            return f"{file}: holds {found} samples, {path} lists {shard['samples']}"
+    if verify == "sha256" and sha256_file(file) != shard["sha256"]:
+        return f"{file}: sha256 differs from the one in {path} (the bytes changed after the build)"
+    return None
 
 
 def _check_fields(path: Path, obj: dict, required: dict[str, Any], prefix: str = "") -> None:
@@ -244,3 +246,25 @@ def _check_fields(path: Path, obj: dict, required: dict[str, Any], prefix: str =
         value = obj[name]
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
             raise DataError(f"{path}: field {prefix}{name} should be {kind.__name__}, found {value!r}")
+
+
+def verify_roles(folder: str | os.PathLike) -> list[tuple[Path, Optional[dict], list[str]]]:
+    """Check every shard of a role folder, or of each role under a data root, at verify="sha256":
+    [(role folder, manifest or None, problems)], one entry per role found."""
+    folder = Path(folder)
+    if (folder / MANIFEST).is_file():
+        role_dirs = [folder]
+    else:
+        role_dirs = [folder / r for r in ROLES if (folder / r / MANIFEST).is_file()]
+        if not role_dirs:
+            raise DataError(f"{folder}: neither a role folder (no {MANIFEST}) nor a data root with any of "
+                            f"{', '.join(ROLES)} in it")
+    out = []
+    for role_dir in role_dirs:
+        try:
+            manifest, damaged = _open_role(role_dir, image_size=None, channels=None, verify="sha256")
+        except DataError as exc:   # unreadable manifest, missing shard: reported per role, the others go on
+            out.append((role_dir, None, [str(exc)]))
+            continue
+        out.append((role_dir, manifest, damaged))
+    return out

@@ -97,54 +97,109 @@ def _decoder_hint(syntax) -> str:
     return "pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg"
 
 
-def read_dicom(path: Path, window: Optional[tuple[float, float]] = None, bit_depth: int = 16) -> tuple[np.ndarray, dict]:
-    """One DICOM file -> ((H, W) uint16/uint8 by the module's rule, header facts for the json)."""
-    pydicom = _require("pydicom")
-    from pydicom.errors import InvalidDicomError
+class DicomSkip(DataError):
+    """A file the dicom builder skips by default and stops at with ``--strict``; ``reason`` is the
+    short category counted in the build's summary, the message the whole story."""
 
+    def __init__(self, path: Path, reason: str, detail: str):
+        super().__init__(f"{path}: {detail}")
+        self.reason = reason
+
+
+COLOUR = ("PALETTE COLOR", "RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT")
+
+
+def read_dicom(path: Path, window: Optional[tuple[float, float]] = None, bit_depth: int = 16) -> tuple[np.ndarray, dict]:
+    """One DICOM file -> ((H, W) uint16/uint8 by the module's rule, header facts for the json).
+
+    Files without the DICM preamble are read too (pydicom's ``force=True``). Colour images
+    (PALETTE COLOR through its lookup table, RGB, YBR) become grey by luminance, scaled by their
+    largest level; the window does not apply to them. What cannot become one grey frame raises
+    DicomSkip naming the file and why (no pixel data, several frames, a missing decoder, damage).
+    """
+    pydicom = _require("pydicom")
     try:
-        ds = pydicom.dcmread(path)
-    except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
-        raise DataError(f"{path}: not a readable DICOM file ({exc})") from None
+        ds = pydicom.dcmread(path, force=True)
+    except Exception as exc:  # pydicom raises many kinds on a file that is not DICOM or is cut short
+        raise DicomSkip(path, "not readable as DICOM", f"not a readable DICOM file ({type(exc).__name__}: {exc})") from None
     if "PixelData" not in ds:
-        raise DataError(f"{path}: the DICOM file holds no image (no PixelData)")
-    syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+        kind = str(ds.get("Modality", "") or "") or getattr(ds.get("SOPClassUID"), "name", "") or "no SOP class"
+        raise DicomSkip(path, "no image (no PixelData)", f"the DICOM file holds no image (no PixelData; {kind})")
+    try:
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
+        slope = float(ds.get("RescaleSlope", 1) or 1)
+        intercept = float(ds.get("RescaleIntercept", 0) or 0)
+    except (ValueError, TypeError) as exc:
+        raise DicomSkip(path, "unreadable header values", f"a header value does not parse ({exc})") from None
+    if frames > 1:
+        raise DicomSkip(path, "multi-frame", f"holds {frames} frames; the dicom builder takes single-frame images "
+                                             "(write the frames as files, or use the nifti builder for volumes)")
+    if photometric not in ("MONOCHROME1", "MONOCHROME2") + COLOUR:
+        raise DicomSkip(path, f"unsupported photometric {photometric}",
+                        f"photometric interpretation {photometric} is not supported (MONOCHROME1/2, "
+                        f"{', '.join(COLOUR)})")
+    meta = getattr(ds, "file_meta", None)
+    syntax = meta.get("TransferSyntaxUID") if meta is not None else None
     try:
         stored = ds.pixel_array
     except Exception as exc:  # pydicom raises RuntimeError/NotImplementedError/ValueError by handler
-        if syntax is not None and syntax.is_compressed:
-            raise DataError(
-                f"{path}: pixel data is compressed as {syntax.name} ({syntax}), which pydicom decodes only "
-                f"with an extra package: pip install {_decoder_hint(syntax)}"
-            ) from None
-        raise DataError(f"{path}: cannot decode the pixel data ({exc})") from None
-    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
-    if photometric not in ("MONOCHROME1", "MONOCHROME2") or stored.ndim != 2:
-        raise DataError(f"{path}: expected one grayscale frame (MONOCHROME1/2), found {photometric} "
-                        f"with pixel array shape {stored.shape}")
+        text = str(exc).lower()
+        if syntax is not None and syntax.is_compressed and ("missing" in text or "does not support" in text):
+            raise DicomSkip(path, f"needs a decoder for {syntax.name}",
+                            f"pixel data is compressed as {syntax.name} ({syntax}), which pydicom decodes only "
+                            f"with an extra package: pip install {_decoder_hint(syntax)}") from None
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DicomSkip(path, "pixel data does not decode",
+                        f"cannot decode the pixel data ({type(exc).__name__}: {first[:200]})") from None
 
-    # 1. Modality values (float64 holds every 16-bit value exactly).
-    slope = float(ds.get("RescaleSlope", 1) or 1)
-    intercept = float(ds.get("RescaleIntercept", 0) or 0)
-    values = stored.astype(np.float64) * slope + intercept
-    # 2. Window: the command line, else the file, else the image's range.
-    source = "command line"
-    if window is None and "WindowCenter" in ds and "WindowWidth" in ds:
-        window, source = (_first(ds.WindowCenter), _first(ds.WindowWidth)), "file"
-    if window is None:
-        lo, hi = float(values.min()), float(values.max())
-        window, source = ((lo + hi + 1) / 2, max(hi - lo + 1, 1.0)), "image range"
-    unit = voi_window(values, *window)
-    # 3. MONOCHROME1 shows low values white: invert so that white is high, as in every other image.
-    if photometric == "MONOCHROME1":
-        unit = 1.0 - unit
+    if photometric in COLOUR:
+        if photometric == "PALETTE COLOR":
+            from pydicom.pixels import apply_color_lut
+
+            try:
+                rgb = apply_color_lut(stored, ds)
+            except Exception as exc:
+                raise DicomSkip(path, "palette does not apply", f"its colour palette cannot be applied ({exc})") from None
+            top = float(np.iinfo(rgb.dtype).max) if rgb.dtype.kind == "u" else float(rgb.max() or 1)
+        else:
+            rgb = stored   # pydicom returns YBR data converted to RGB
+            top = float(2 ** int(ds.get("BitsStored", stored.dtype.itemsize * 8)) - 1)
+        if rgb.ndim != 3 or rgb.shape[2] != 3:
+            raise DicomSkip(path, "unexpected pixel layout", f"{photometric} pixels of shape {rgb.shape}, expected (H, W, 3)")
+        from .images import LUMA
+
+        unit = np.clip((rgb.astype(np.float64) @ LUMA) / top, 0.0, 1.0)
+        window, source = None, f"colour: {photometric} to grey by luminance (0.299 R + 0.587 G + 0.114 B) / {top:g}"
+    else:
+        if stored.ndim != 2:
+            raise DicomSkip(path, "unexpected pixel layout", f"{photometric} pixels of shape {stored.shape}, expected (H, W)")
+        # 1. Modality values (float64 holds every 16-bit value exactly).
+        values = stored.astype(np.float64) * slope + intercept
+        # 2. Window: the command line, else the file, else the image's range.
+        source = "command line"
+        if window is None and "WindowCenter" in ds and "WindowWidth" in ds:
+            try:
+                window, source = (_first(ds.WindowCenter), _first(ds.WindowWidth)), "file"
+            except (ValueError, TypeError):
+                window = None
+            if window is not None and window[1] < 1:
+                window = None   # a width below 1 is not a window (seen in exports); use the image's range
+        if window is None:
+            lo, hi = float(values.min()), float(values.max())
+            window, source = ((lo + hi + 1) / 2, max(hi - lo + 1, 1.0)), "image range"
+        unit = voi_window(values, *window)
+        # 3. MONOCHROME1 shows low values white: invert so that white is high, as in every other image.
+        if photometric == "MONOCHROME1":
+            unit = 1.0 - unit
     facts = {
-        "patient": str(ds.get("PatientID", "") or ""),
+        "patient": str(ds.get("PatientID", "") or "").strip(),
+        "study": str(ds.get("StudyInstanceUID", "") or "").strip(),
         "photometric": photometric,
         "rescale": [slope, intercept],
-        "window": [float(window[0]), float(window[1])],
+        "window": [float(window[0]), float(window[1])] if window is not None else None,
         "window_from": source,
-        "bits_stored": int(ds.get("BitsStored", stored.dtype.itemsize * 8)),
+        "bits_stored": int(ds.get("BitsStored", stored.dtype.itemsize * 8) or 0),
     }
     return to_levels(unit, bit_depth), facts
 
@@ -225,6 +280,75 @@ def _read_csv(path: Path, root: Path, group_column: Optional[str]) -> list[_Row]
     return [_Row(rel, label, group, mask) for _, rel, label, group, mask in read_label_csv(path, root, group_column)]
 
 
+@dataclass
+class DicomScan:
+    """What the dicom builder found before writing: the files it skipped (with why), where each
+    patient came from, and pydicom's warnings counted by message instead of printed one by one."""
+
+    files: int = 0
+    skipped: list[tuple[str, str, str]] = field(default_factory=list)   # (path, reason, message)
+    groups_from: dict[str, int] = field(default_factory=dict)
+    warnings: dict[str, int] = field(default_factory=dict)
+
+    def summary(self) -> list[str]:
+        """Lines for the person who ran the build."""
+        lines = []
+        if self.skipped:
+            reasons: dict[str, int] = {}
+            for _, reason, _ in self.skipped:
+                reasons[reason] = reasons.get(reason, 0) + 1
+            lines.append(f"skipped {len(self.skipped)} of {self.files} files: "
+                         + "; ".join(f"{n} {r}" for r, n in sorted(reasons.items(), key=lambda x: -x[1])))
+        fallback = {k: v for k, v in self.groups_from.items() if k != "PatientID"}
+        if fallback:
+            lines.append("no PatientID in " + ", ".join(f"{n} files (grouped by {k})" for k, v in fallback.items()
+                                                         for n in [v])
+                         + "; pass --labels CSV --group-column NAME to give their patients")
+        if self.warnings:
+            top = sorted(self.warnings.items(), key=lambda x: -x[1])[:3]
+            lines.append(f"pydicom warned {sum(self.warnings.values())} times ({len(self.warnings)} kinds; most often: "
+                         + "; ".join(f"{n}x {m}" for m, n in top) + ")")
+        return lines
+
+
+class _CountWarnings:
+    """Count pydicom's warnings (the warnings module and its logger) by message while reading."""
+
+    def __init__(self, counts: dict[str, int]):
+        self.counts = counts
+
+    def __enter__(self):
+        import logging
+        import warnings
+
+        self._catch = warnings.catch_warnings(record=True)
+        self._seen = self._catch.__enter__()
+        warnings.simplefilter("always")
+        self._logger = logging.getLogger("pydicom")
+        counts = self.counts
+
+        class Handler(logging.Handler):
+            def emit(self, record):
+                key = record.getMessage().strip().splitlines()[0][:120] if record.getMessage().strip() else "(empty)"
+                counts[key] = counts.get(key, 0) + 1
+
+        self._handler = Handler(level=logging.WARNING)
+        self._propagate = self._logger.propagate
+        self._logger.addHandler(self._handler)
+        self._logger.propagate = False
+        return self
+
+    def __exit__(self, *exc):
+        for w in self._seen:
+            text = str(w.message).strip()
+            key = text.splitlines()[0][:120] if text else w.category.__name__
+            self.counts[key] = self.counts.get(key, 0) + 1
+        self._logger.removeHandler(self._handler)
+        self._logger.propagate = self._propagate
+        self._catch.__exit__(*exc)
+        return False
+
+
 def dicom_roles(
     images_dir: str | Path,
     *,
@@ -236,8 +360,15 @@ def dicom_roles(
     window: Optional[tuple[float, float]] = None,
     bit_depth: int = 16,
     seed: int = 0,
-) -> tuple[dict[str, RoleSpec], dict, int]:
-    """Roles from a folder of DICOM files, split by patient: (role specs, source, bit depth)."""
+    strict: bool = False,
+) -> tuple[dict[str, RoleSpec], dict, int, DicomScan]:
+    """Roles from a folder of DICOM files, split by patient: (role specs, source, bit depth, scan).
+
+    Every file is read once before the split (headers and pixels): what cannot become one grey
+    frame is skipped and listed in the scan (``strict``: the first such file is an error). The
+    patient is the CSV's group column, else PatientID, else (not ``strict``) StudyInstanceUID,
+    else the file itself, each fallback counted in the scan.
+    """
     images_dir = Path(images_dir)
     if not images_dir.is_dir():
         raise DataError(f"--images {images_dir}: no such folder")
@@ -249,20 +380,39 @@ def dicom_roles(
             raise DataError(f"--images {images_dir}: no DICOM files found ({', '.join(DICOM_SUFFIXES)})")
     else:
         rows = _read_csv(Path(labels_csv), images_dir, group_column)
+    _require("pydicom")
 
-    # The group of every file: the CSV column, else PatientID (headers only, no pixel decoding).
-    pydicom = _require("pydicom")
-
-    for row in rows:
-        if row.group is None:
+    # Read every file once: skip (or, strict, stop at) what is not one grey frame; find each patient.
+    scan = DicomScan(files=len(rows))
+    readable = []
+    with _CountWarnings(scan.warnings):
+        for row in rows:
             try:
-                header = pydicom.dcmread(images_dir / row.rel, stop_before_pixels=True, specific_tags=["PatientID"])
-            except Exception as exc:  # pydicom raises several kinds on a file that is not DICOM
-                raise DataError(f"{images_dir / row.rel}: not a readable DICOM file ({exc})") from None
-            row.group = str(header.get("PatientID", "") or "").strip()
-            if not row.group:
-                raise DataError(f"{images_dir / row.rel}: no PatientID in the header; give each image's patient "
-                                "in a CSV column with --labels CSV --group-column NAME")
+                _, facts = read_dicom(images_dir / row.rel, window, bit_depth)
+            except DicomSkip as exc:
+                if strict:
+                    raise DataError(f"{exc} (--strict stops at the first file that is skipped otherwise)") from None
+                scan.skipped.append((row.rel, exc.reason, str(exc)))
+                continue
+            if row.group is None:
+                if facts["patient"]:
+                    row.group, origin = facts["patient"], "PatientID"
+                elif strict:
+                    raise DataError(f"{images_dir / row.rel}: no PatientID in the header; give each image's patient "
+                                    "in a CSV column with --labels CSV --group-column NAME (--strict; without it "
+                                    "such files are grouped by study)")
+                elif facts["study"]:
+                    row.group, origin = f"study-{facts['study']}", "StudyInstanceUID"
+                else:
+                    row.group, origin = f"file-{row.rel}", "file"
+            else:
+                origin = group_column or "CSV"
+            scan.groups_from[origin] = scan.groups_from.get(origin, 0) + 1
+            readable.append(row)
+    if not readable:
+        raise DataError(f"--images {images_dir}: none of the {len(rows)} DICOM files is a readable single-frame image "
+                        f"({'; '.join(sorted({m for _, _, m in scan.skipped}))[:600]})")
+    rows = readable
     by_group: dict[str, list[Optional[int]]] = {}
     for row in rows:
         by_group.setdefault(row.group, []).append(row.label)
@@ -274,29 +424,62 @@ def dicom_roles(
         chosen = _sample_order([r for r in rows if r.group in members], seed)
         roles[role] = RoleSpec(_dicom_samples(images_dir, chosen, role, size, channels, window, bit_depth),
                                info={"group_by": "patient"})
+    reasons: dict[str, int] = {}
+    for _, reason, _ in scan.skipped:
+        reasons[reason] = reasons.get(reason, 0) + 1
     source = {
         "kind": "dicom",
         "images": str(images_dir.resolve()),
         "labels_csv": str(Path(labels_csv).resolve()) if labels_csv else None,
         "group_column": group_column or "PatientID (DICOM header)",
-        "files": len(rows),
+        "files": scan.files,
+        "skipped": {"count": len(scan.skipped), "reasons": reasons, "list": SKIPPED_LIST if scan.skipped else None},
+        "groups_from": scan.groups_from,
+        "pydicom_warnings": sum(scan.warnings.values()),
         "patients": len(by_group),
         "split": split,
         "counts": {role: {"groups": len(g), "images": sum(len(by_group[x]) for x in g)} for role, g in assigned.items()},
         "window": list(window) if window else "the file's first WindowCenter/WindowWidth, else the image's range",
         "conversion": "stored * RescaleSlope + RescaleIntercept (float64); DICOM linear VOI window to [0, 1]; "
-                      f"MONOCHROME1 inverted; x {65535 if bit_depth == 16 else 255}, rounded",
+                      f"MONOCHROME1 inverted; colour (palette, RGB, YBR) to grey by luminance; "
+                      f"x {65535 if bit_depth == 16 else 255}, rounded",
         "resize": "shorter side to size (bilinear, antialiased), centre crop; masks nearest",
     }
-    return roles, source, bit_depth
+    return roles, source, bit_depth, scan
+
+
+SKIPPED_LIST = "dicom-skipped.csv"   # written beside the role folders: path,reason,message
+
+
+def write_skipped(out_root: Path, scan: DicomScan) -> Optional[Path]:
+    """OUT/dicom-skipped.csv (through a temporary name), or nothing when no file was skipped."""
+    import csv
+    import os
+
+    target = Path(out_root) / SKIPPED_LIST
+    if not scan.skipped:
+        target.unlink(missing_ok=True)   # a list from an earlier build of this folder is not this build's
+        return None
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "reason", "message"])
+        writer.writerows(scan.skipped)
+    os.replace(tmp, target)
+    return target
 
 
 def _dicom_samples(images_dir, rows, role, size, channels, window, bit_depth) -> Iterator[Sample]:
+    import warnings
+
     from .images import load_mask
 
     for row in rows:
-        plane, facts = read_dicom(images_dir / row.rel, window, bit_depth)
-        origin = {"path": row.rel, "patient": row.group, **{k: v for k, v in facts.items() if k != "patient"}}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")   # the scan counted them already
+            plane, facts = read_dicom(images_dir / row.rel, window, bit_depth)
+        origin = {"path": row.rel, "patient": row.group,
+                  **{k: v for k, v in facts.items() if k not in ("patient", "study")}}
         if row.label is not None:
             origin["label"] = row.label
         if row.mask:

@@ -253,6 +253,7 @@ class TrainStream:
         num_workers: int = 0,
         shuffle_buffer: int = 256,
         skip_corrupt: bool = False,
+        verify: str = "count",
     ):
         batch_size = _check_int("batch_size", batch_size, 1)
         seed = _check_int("seed", seed, 0)
@@ -263,7 +264,8 @@ class TrainStream:
         num_workers = _check_int("num_workers", num_workers, 0)
         shuffle_buffer = _check_int("shuffle_buffer", shuffle_buffer, 1)
         role_dir = Path(role_dir)
-        self.manifest = open_role(role_dir, image_size=image_size, channels=channels, skip_corrupt=skip_corrupt)
+        self.manifest = open_role(role_dir, image_size=image_size, channels=channels, skip_corrupt=skip_corrupt,
+                                  verify=verify)
         shards = [(str(role_dir / s["name"]), s["samples"]) for s in self.manifest["shards"]]
         counts = np.array([n for _, n in shards], dtype=np.float64)
         if counts.sum() == 0:
@@ -479,6 +481,7 @@ def eval_batches(
     world_size: int = 1,
     num_workers: int = 0,
     skip_corrupt: bool = False,
+    verify: str = "count",
 ) -> EvalBatches:
     """A finite pass over this rank's share of a role; all ranks together see every sample once.
 
@@ -492,7 +495,8 @@ def eval_batches(
         raise DataError(f"rank {rank} is outside world_size {world_size}")
     _check_int("num_workers", num_workers, 0)
     role_dir = Path(role_dir)
-    manifest = open_role(role_dir, image_size=image_size, channels=channels, skip_corrupt=skip_corrupt)
+    manifest = open_role(role_dir, image_size=image_size, channels=channels, skip_corrupt=skip_corrupt,
+                         verify=verify)
     total = manifest["samples"]
     lo, hi = total * rank // world_size, total * (rank + 1) // world_size
     workers = max(1, num_workers)

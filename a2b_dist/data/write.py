@@ -89,6 +89,10 @@ def write_roles(
             raise DataError(f"groups in two roles would leak between training and test: {shared[0]}")
         for role, path in staged.items():
             _replace(path, out_root / role)
+    except OSError as exc:   # a full disk, a file-size limit, a folder that became unwritable
+        target = out_root / role / writer.name if writer is not None and writer.name else out_root
+        raise OSError(exc.errno, f"could not write {exc.filename or target}: {exc.strerror or exc}; "
+                                 f"the partial output was removed, nothing under {out_root} changed") from None
     finally:
         if writer is not None:
             writer.abort()
@@ -131,6 +135,7 @@ class _RoleWriter:
         self.labels: Counter = Counter()
         self.masks = 0
         self.groups: set[str] = set()
+        self.name: Optional[str] = None   # the shard being written
         self._tar = None
 
     def add(self, sample: Sample) -> None:
@@ -174,10 +179,14 @@ class _RoleWriter:
         }
 
     def abort(self) -> None:
-        """Close an open shard without keeping it (the staging folder is removed anyway)."""
+        """Close an open shard without keeping it (the staging folder is removed anyway). Closing
+        writes the end-of-archive blocks, which fails again on a full disk: that is ignored here."""
         if self._tar is not None:
-            self._tar.close()
-            self._tar = None
+            tar, self._tar = self._tar, None
+            try:
+                tar.close()
+            except OSError:
+                pass
 
     def _encode(self, sample: Sample) -> dict:
         where = f"role {self.role}, key {sample.key!r}"
@@ -209,7 +218,7 @@ class _RoleWriter:
         return record
 
     def _open_shard(self) -> None:
-        self._name = shard_name(self.role, len(self.shards))
+        self._name = self.name = shard_name(self.role, len(self.shards))
         self._partial = self.folder / (self._name + ".partial")
         # mtime 0 and fixed owner: the same build gives byte-identical shards (same sha256).
         self._tar = wds.TarWriter(str(self._partial), encoder=False, mtime=0.0, user="a2b", group="a2b")
