@@ -450,9 +450,5 @@ def state_digest(states: dict) -> str:
     return h.hexdigest()
 
 
-def checkpoint_config(path: str | Path) -> Config:
-    return from_dict(read_meta(resolve_checkpoint(path))["config"])
-
-
 def meta_for(cfg: Config, step: int, **extra: Any) -> dict:
     return {"step": step, "config": to_dict(cfg), **extra}
