@@ -126,8 +126,7 @@ class TrainingTask(submitit.helpers.Checkpointable):
         cfg = from_dict(self.config, "submission")
         run_dir = Path(cfg.train.run_dir)
         attempt = _attempt()
-        newest = ckpt.newest_loadable(run_dir, warn=lambda m: print(m, file=sys.stderr)) if rank == 0 \
-            else ckpt.newest_loadable(run_dir, warn=lambda m: None)
+        newest = ckpt.latest_checkpoint(run_dir)   # for the record; train() checks it and falls back if damaged
         resume = "auto" if attempt["restart"] > 0 and newest is not None else self.resume
         if rank == 0:
             record_event(run_dir, "start", **attempt, world_size=dist_env.world_size,
@@ -145,17 +144,15 @@ class TrainingTask(submitit.helpers.Checkpointable):
             if rank == 0:
                 record_event(run_dir, "finished", **attempt, step=result["step"])
             return result
-        if result["stop_signal"] == "SIGTERM" and stop.received is None:
-            # SIGTERM (scancel, a time limit, `scontrol requeue`, preemption without --signal): the
-            # checkpoint is saved; SLURM itself requeues or ends the job, and a requeued start resumes
-            # from that checkpoint. Calling submitit's requeue here would queue the job a second time.
-            if rank == 0:
-                record_event(run_dir, "stopped", **attempt, step=result["step"], signal=result["stop_signal"])
-            return result
+        # SIGTERM alone (scancel, a time limit, `scontrol requeue`, preemption without --signal): the
+        # checkpoint is saved and SLURM itself requeues or ends the job; a requeued start resumes from
+        # that checkpoint. Calling submitit's requeue as well would queue the job a second time.
+        by_sigterm = result["stop_signal"] == "SIGTERM" and stop.received is None
         if rank == 0:
             record_event(run_dir, "stopped", **attempt, step=result["step"],
-                         signal=signal.Signals(stop.signum).name)
-            stop.checkpoint_and_requeue()   # on SLURM: requeues and exits; returns where nothing requeues
+                         signal="SIGTERM" if by_sigterm else signal.Signals(stop.signum).name)
+            if not by_sigterm:
+                stop.checkpoint_and_requeue()   # on SLURM: requeues and exits; returns where nothing requeues
         return result
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> Optional[submitit.helpers.DelayedSubmission]:
@@ -174,7 +171,7 @@ class TrainingTask(submitit.helpers.Checkpointable):
 def _resume_step(resume: str, newest: Optional[Path]) -> Optional[int]:
     if resume == "none":
         return None
-    path = newest if resume == "auto" else ckpt.resolve_checkpoint(resume)   # newest: newest_loadable's
+    path = newest if resume == "auto" else ckpt.resolve_checkpoint(resume)
     return None if path is None else int(ckpt.read_meta(path)["step"])
 
 

@@ -100,11 +100,9 @@ def check_arguments(args: argparse.Namespace) -> None:
         if value is not None and not pattern.fullmatch(value):
             raise UserError(f"--{name.replace('_', '-')} {value!r}: only {allowed} are allowed "
                             "(the value goes into the batch script)")
-    for name in ("run_dir", "config"):
-        value = getattr(args, name)
-        if value is not None and not PRINTABLE.fullmatch(value):
-            raise UserError(f"--{name.replace('_', '-')} {value!r}: a path with control characters (a newline?) "
-                            "cannot go into the batch script")
+    if args.config is not None and not PRINTABLE.fullmatch(args.config):
+        raise UserError(f"--config {args.config!r}: a path with control characters (a newline?) "
+                        "cannot go into the batch script")
     if args.cluster != "slurm" and args.nodes > 1:
         raise UserError(f"--cluster {args.cluster} runs on this machine only: use --nodes 1 "
                         "(and --gpus-per-node for the number of tasks)")
@@ -127,7 +125,8 @@ def resolve_config(args: argparse.Namespace) -> Config:
     # The job may start in another directory (and node): pin every path now.
     cfg.train.run_dir = str(Path(cfg.train.run_dir).resolve())
     if not PRINTABLE.fullmatch(cfg.train.run_dir):   # the logs' path goes into the batch script
-        raise UserError(f"train.run_dir {cfg.train.run_dir!r}: a path with control characters (a newline?) "
+        name = "--run-dir" if args.run_dir else "train.run_dir"
+        raise UserError(f"{name} {cfg.train.run_dir!r}: a path with control characters (a newline?) "
                         "cannot go into the batch script")
     cfg.data.root = str(Path(cfg.data.root).resolve())
     if cfg.eval.fid_weights:

@@ -19,6 +19,30 @@ def build_shards(*args: str) -> subprocess.CompletedProcess:
     return proc
 
 
+def png_bytes() -> bytes:
+    """A 32 x 32 grey 8-bit PNG."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("L", (32, 32), 128).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def bomb_png(width: int = 20000, height: int = 20000) -> bytes:
+    """A valid 32 x 32 PNG whose IHDR claims width x height (CRC fixed): a few hundred bytes that a
+    reader without a size check would try to expand to width x height pixels."""
+    import struct
+    import zlib
+
+    data = bytearray(png_bytes())
+    assert data[12:16] == b"IHDR"
+    data[16:24] = struct.pack(">II", width, height)
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    return bytes(data)
+
+
 @pytest.fixture(scope="session")
 def sim_shards(tmp_path_factory) -> Path:
     """OUT with healthy/ mixed/ val/ test/ from the simulated protocol at 32 px, scaled to 5%:

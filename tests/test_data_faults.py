@@ -13,8 +13,8 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import BUILD, ROOT
-from test_reliability import bomb_png, one_line_error, _png
+from conftest import BUILD, ROOT, bomb_png, png_bytes
+from test_reliability import one_line_error
 from test_train import ENV
 
 
@@ -35,7 +35,7 @@ def test_folder_builder_names_an_image_whose_header_claims_too_many_pixels(tmp_p
     images = tmp_path / "images"
     images.mkdir()
     for i in range(3):
-        (images / f"ok{i}.png").write_bytes(_png())
+        (images / f"ok{i}.png").write_bytes(png_bytes())
     (images / "bomb.png").write_bytes(bomb_png())
     proc = build("folder", "--images", str(images), "--role", "healthy", "--out", str(tmp_path / "out"),
                  "--size", "32", "--channels", "1")

@@ -19,6 +19,7 @@ import pytest
 
 from a2b_dist import checkpoint as ckpt
 from a2b_dist import cli
+from conftest import bomb_png, png_bytes
 from test_train import ENV, ROOT, assert_same_weights, final_weights, run, train_cmd
 
 
@@ -75,7 +76,7 @@ def test_nan_and_infinity_in_the_config_are_refused(override, field, tmp_path, c
 def test_detect_threshold_must_be_a_finite_number(run_copy, tmp_path, capsys):
     images = tmp_path / "images"
     images.mkdir()
-    (images / "a.png").write_bytes(_png())
+    (images / "a.png").write_bytes(png_bytes())
     for flag, value in (("--threshold", "nan"), ("--threshold", "-inf"), ("--topk-percent", "inf")):
         code, err = a2b(["detect", "--checkpoint", str(run_copy), "--images", str(images), "--out",
                          str(tmp_path / "out"), flag, value], capsys)
@@ -83,22 +84,12 @@ def test_detect_threshold_must_be_a_finite_number(run_copy, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-def _png() -> bytes:
-    import io
-
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.new("L", (32, 32), 128).save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def test_detect_refuses_a_missing_device_and_an_out_that_is_a_file(run_copy, tmp_path, capsys):
     import torch
 
     images = tmp_path / "images"
     images.mkdir()
-    (images / "a.png").write_bytes(_png())
+    (images / "a.png").write_bytes(png_bytes())
     if not torch.cuda.is_available():
         code, err = a2b(["detect", "--checkpoint", str(run_copy), "--images", str(images), "--out",
                          str(tmp_path / "out"), "--device", "cuda"], capsys)
@@ -133,7 +124,7 @@ def test_truncated_checkpoint_is_named_by_evaluate_detect_and_export(run_copy, s
     assert list(tmp_path.glob("*g.pt*")) == []
     images = tmp_path / "images"
     images.mkdir()
-    (images / "a.png").write_bytes(_png())
+    (images / "a.png").write_bytes(png_bytes())
     code, err = a2b(["detect", "--checkpoint", step8, "--images", str(images), "--out", str(tmp_path / "d")], capsys)
     one_line_error(code, err, str(damaged))
     proc = run([sys.executable, "-m", "a2b_dist.cli", "evaluate", "--checkpoint", step8, "--shards",
@@ -272,23 +263,10 @@ def test_sigterm_to_a_two_process_run_saves_and_resumes_exactly(sim_shards, tmp_
     assert_same_weights(final_weights(tmp_path / "full"), final_weights(run_dir))
 
 
-def bomb_png(width: int = 20000, height: int = 20000) -> bytes:
-    """A valid 32 x 32 PNG whose IHDR claims width x height (CRC fixed): a few hundred bytes that a
-    reader without a size check would try to expand to width x height pixels."""
-    import struct
-    import zlib
-
-    data = bytearray(_png())
-    assert data[12:16] == b"IHDR"
-    data[16:24] = struct.pack(">II", width, height)
-    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
-    return bytes(data)
-
-
 def test_detect_names_an_image_whose_header_claims_too_many_pixels(run_copy, tmp_path, capsys):
     images = tmp_path / "images"
     images.mkdir()
-    (images / "a.png").write_bytes(_png())
+    (images / "a.png").write_bytes(png_bytes())
     (images / "bomb.png").write_bytes(bomb_png())
     code, err = a2b(["detect", "--checkpoint", str(run_copy), "--images", str(images), "--out", str(tmp_path / "out")],
                     capsys)

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional
@@ -280,6 +282,9 @@ def _read_csv(path: Path, root: Path, group_column: Optional[str]) -> list[_Row]
     return [_Row(rel, label, group, mask) for _, rel, label, group, mask in read_label_csv(path, root, group_column)]
 
 
+FALLBACKS = ("StudyInstanceUID", "file")   # the group of a file without PatientID, in this order
+
+
 @dataclass
 class DicomScan:
     """What the dicom builder found before writing: the files it skipped (with why), where each
@@ -290,19 +295,19 @@ class DicomScan:
     groups_from: dict[str, int] = field(default_factory=dict)
     warnings: dict[str, int] = field(default_factory=dict)
 
+    def reasons(self) -> dict[str, int]:
+        """Skipped files per reason, most frequent first."""
+        return dict(Counter(reason for _, reason, _ in self.skipped).most_common())
+
     def summary(self) -> list[str]:
         """Lines for the person who ran the build."""
         lines = []
         if self.skipped:
-            reasons: dict[str, int] = {}
-            for _, reason, _ in self.skipped:
-                reasons[reason] = reasons.get(reason, 0) + 1
             lines.append(f"skipped {len(self.skipped)} of {self.files} files: "
-                         + "; ".join(f"{n} {r}" for r, n in sorted(reasons.items(), key=lambda x: -x[1])))
-        fallback = {k: v for k, v in self.groups_from.items() if k != "PatientID"}
+                         + "; ".join(f"{n} {r}" for r, n in self.reasons().items()))
+        fallback = {k: v for k, v in self.groups_from.items() if k in FALLBACKS}
         if fallback:
-            lines.append("no PatientID in " + ", ".join(f"{n} files (grouped by {k})" for k, v in fallback.items()
-                                                         for n in [v])
+            lines.append("no PatientID in " + ", ".join(f"{n} files (grouped by {k})" for k, n in fallback.items())
                          + "; pass --labels CSV --group-column NAME to give their patients")
         if self.warnings:
             top = sorted(self.warnings.items(), key=lambda x: -x[1])[:3]
@@ -311,42 +316,21 @@ class DicomScan:
         return lines
 
 
-class _CountWarnings:
-    """Count pydicom's warnings (the warnings module and its logger) by message while reading."""
+@contextmanager
+def _counted_warnings(counts: dict[str, int]) -> Iterator[None]:
+    """pydicom's warnings counted by their first line instead of printed once per file (its logger
+    has a NullHandler and prints nothing by itself)."""
+    import warnings
 
-    def __init__(self, counts: dict[str, int]):
-        self.counts = counts
-
-    def __enter__(self):
-        import logging
-        import warnings
-
-        self._catch = warnings.catch_warnings(record=True)
-        self._seen = self._catch.__enter__()
+    with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
-        self._logger = logging.getLogger("pydicom")
-        counts = self.counts
-
-        class Handler(logging.Handler):
-            def emit(self, record):
-                key = record.getMessage().strip().splitlines()[0][:120] if record.getMessage().strip() else "(empty)"
+        try:
+            yield
+        finally:
+            for w in seen:
+                text = str(w.message).strip()
+                key = text.splitlines()[0][:120] if text else w.category.__name__
                 counts[key] = counts.get(key, 0) + 1
-
-        self._handler = Handler(level=logging.WARNING)
-        self._propagate = self._logger.propagate
-        self._logger.addHandler(self._handler)
-        self._logger.propagate = False
-        return self
-
-    def __exit__(self, *exc):
-        for w in self._seen:
-            text = str(w.message).strip()
-            key = text.splitlines()[0][:120] if text else w.category.__name__
-            self.counts[key] = self.counts.get(key, 0) + 1
-        self._logger.removeHandler(self._handler)
-        self._logger.propagate = self._propagate
-        self._catch.__exit__(*exc)
-        return False
 
 
 def dicom_roles(
@@ -385,7 +369,7 @@ def dicom_roles(
     # Read every file once: skip (or, strict, stop at) what is not one grey frame; find each patient.
     scan = DicomScan(files=len(rows))
     readable = []
-    with _CountWarnings(scan.warnings):
+    with _counted_warnings(scan.warnings):
         for row in rows:
             try:
                 _, facts = read_dicom(images_dir / row.rel, window, bit_depth)
@@ -424,16 +408,13 @@ def dicom_roles(
         chosen = _sample_order([r for r in rows if r.group in members], seed)
         roles[role] = RoleSpec(_dicom_samples(images_dir, chosen, role, size, channels, window, bit_depth),
                                info={"group_by": "patient"})
-    reasons: dict[str, int] = {}
-    for _, reason, _ in scan.skipped:
-        reasons[reason] = reasons.get(reason, 0) + 1
     source = {
         "kind": "dicom",
         "images": str(images_dir.resolve()),
         "labels_csv": str(Path(labels_csv).resolve()) if labels_csv else None,
         "group_column": group_column or "PatientID (DICOM header)",
         "files": scan.files,
-        "skipped": {"count": len(scan.skipped), "reasons": reasons, "list": SKIPPED_LIST if scan.skipped else None},
+        "skipped": {"count": len(scan.skipped), "reasons": scan.reasons(), "list": SKIPPED_LIST if scan.skipped else None},
         "groups_from": scan.groups_from,
         "pydicom_warnings": sum(scan.warnings.values()),
         "patients": len(by_group),

@@ -481,7 +481,6 @@ def eval_batches(
     world_size: int = 1,
     num_workers: int = 0,
     skip_corrupt: bool = False,
-    verify: str = "count",
 ) -> EvalBatches:
     """A finite pass over this rank's share of a role; all ranks together see every sample once.
 
@@ -495,8 +494,7 @@ def eval_batches(
         raise DataError(f"rank {rank} is outside world_size {world_size}")
     _check_int("num_workers", num_workers, 0)
     role_dir = Path(role_dir)
-    manifest = open_role(role_dir, image_size=image_size, channels=channels, skip_corrupt=skip_corrupt,
-                         verify=verify)
+    manifest = open_role(role_dir, image_size=image_size, channels=channels, skip_corrupt=skip_corrupt)
     total = manifest["samples"]
     lo, hi = total * rank // world_size, total * (rank + 1) // world_size
     workers = max(1, num_workers)

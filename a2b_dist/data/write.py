@@ -92,7 +92,7 @@ def write_roles(
     except OSError as exc:   # a full disk, a file-size limit, a folder that became unwritable
         target = out_root / role / writer.name if writer is not None and writer.name else out_root
         raise OSError(exc.errno, f"could not write {exc.filename or target}: {exc.strerror or exc}; "
-                                 f"the partial output was removed, nothing under {out_root} changed") from None
+                                 "the partial output was removed") from None
     finally:
         if writer is not None:
             writer.abort()
@@ -218,8 +218,8 @@ class _RoleWriter:
         return record
 
     def _open_shard(self) -> None:
-        self._name = self.name = shard_name(self.role, len(self.shards))
-        self._partial = self.folder / (self._name + ".partial")
+        self.name = shard_name(self.role, len(self.shards))
+        self._partial = self.folder / (self.name + ".partial")
         # mtime 0 and fixed owner: the same build gives byte-identical shards (same sha256).
         self._tar = wds.TarWriter(str(self._partial), encoder=False, mtime=0.0, user="a2b", group="a2b")
         self._count = 0
@@ -228,8 +228,8 @@ class _RoleWriter:
     def _close_shard(self) -> None:
         self._tar.close()
         self._tar = None
-        final = self.folder / self._name
+        final = self.folder / self.name
         os.replace(self._partial, final)
         self.shards.append(
-            {"name": self._name, "samples": self._count, "bytes": final.stat().st_size, "sha256": sha256_file(final)}
+            {"name": self.name, "samples": self._count, "bytes": final.stat().st_size, "sha256": sha256_file(final)}
         )
