@@ -45,6 +45,7 @@ from safetensors.torch import save_file
 
 from a2b_dist.config import Config, from_dict, to_dict
 from a2b_dist.errors import UserError
+from a2b_dist.files import atomic_path, write_atomic
 
 class CheckpointError(UserError):
     """A checkpoint that cannot be read or written; the message names the folder or file."""
@@ -106,12 +107,7 @@ def _share(keys: list[str], tensors: dict, world_size: int) -> list[list[str]]:
 # Writing
 
 def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(data, indent=1), fsync=True)
 
 
 def save_checkpoint(target: Path, *, global_state: Optional[dict] = None, rank_state: dict,
@@ -424,15 +420,12 @@ def export_generator(checkpoint: str | Path, out: str | Path) -> Path:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot create the folder of export target {out}: {e.strerror or e}") from None
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
-        torch.save({"format": EXPORT_FORMAT, "generator": evaluation_weights(state), "config": meta["config"],
-                    "step": meta["step"], "source": str(ckpt)}, tmp)
-        os.replace(tmp, out)
+        with atomic_path(out) as tmp:
+            torch.save({"format": EXPORT_FORMAT, "generator": evaluation_weights(state),
+                        "config": meta["config"], "step": meta["step"], "source": str(ckpt)}, tmp)
     except OSError as e:
         raise UserError(f"cannot write export file {out}: {e.strerror or e}") from None
-    finally:
-        tmp.unlink(missing_ok=True)
     return out
 
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import importlib
 import sys
-from typing import Callable, Optional
+from typing import Optional
 
-from a2b_dist.errors import UserError
+from a2b_dist.errors import run_guarded
 
 COMMANDS = {
     "train": ("a2b_dist.train", "train A2B-GAN from shards"),
@@ -35,20 +35,6 @@ def export_main(argv: list[str]) -> int:
     out = export_generator(args.checkpoint, args.out)
     print(f"wrote {out}")
     return 0
-
-
-def run_guarded(fn: Callable[[list[str]], int], argv: list[str]) -> int:
-    """Run a command; user errors become one line on stderr and exit status 2."""
-    from a2b_dist.data import DataError
-
-    try:
-        return fn(argv) or 0
-    except (UserError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -314,7 +314,6 @@ def to_yaml(cfg: Config) -> str:
 
 def save_config(cfg: Config, path: str) -> None:
     """Write the resolved config as YAML (atomically: temporary name, then rename)."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(to_yaml(cfg))
-    os.replace(tmp, path)
+    from a2b_dist.files import write_atomic
+
+    write_atomic(path, to_yaml(cfg))

@@ -23,7 +23,9 @@ import torch
 
 from a2b_dist import losses
 from a2b_dist.errors import UserError, check_device, check_number, check_output_folder, number_arg
-from a2b_dist.evaluate import SCORE_KINDS, safe_name, plot_panel, write_atomic
+from a2b_dist.figures import plot_panel, safe_name
+from a2b_dist.files import write_atomic
+from a2b_dist.scoring import SCORE_KINDS
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 
@@ -178,6 +180,6 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    from a2b_dist.cli import run_guarded
+    from a2b_dist.errors import run_guarded
 
     sys.exit(run_guarded(main, sys.argv[1:]))

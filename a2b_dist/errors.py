@@ -8,11 +8,25 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 from typing import Any, Callable
 
 
 class UserError(Exception):
     """Something the user must fix (a path, an argument, a file); the message says what and how."""
+
+
+def run_guarded(fn: Callable[[list[str]], int], argv: list[str]) -> int:
+    """Run a command's ``main(argv)``; a UserError becomes one line on stderr and exit status 2, an
+    interrupt exit status 130 (no traceback for either)."""
+    try:
+        return fn(argv) or 0
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 def allowed_range(low: Any = None, high: Any = None) -> str:

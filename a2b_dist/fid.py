@@ -28,7 +28,8 @@ from torch.nn.functional import adaptive_avg_pool2d
 
 from a2b_dist import losses
 from a2b_dist.errors import UserError
-from a2b_dist.evaluate import gather_objects, sample_priority
+from a2b_dist.files import atomic_path
+from a2b_dist.distributed import gather_objects, sample_priority
 
 WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
 WEIGHTS_URL = fid_inception.FID_WEIGHTS_URL
@@ -244,9 +245,8 @@ def reference_statistics(healthy_dir: str | os.PathLike, model: InceptionV3, *, 
     mu, sigma = statistics(feats)
     if rank == 0:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.npz")
-        np.savez(tmp, mu=mu, sigma=sigma, n=len(feats), key=key)
-        os.replace(tmp, path)
+        with atomic_path(path, suffix=".npz") as tmp:
+            np.savez(tmp, mu=mu, sigma=sigma, n=len(feats), key=key)
     return {"mu": mu, "sigma": sigma, "n": len(feats), "path": str(path), "cached": False}
 
 

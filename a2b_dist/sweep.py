@@ -35,6 +35,7 @@ import yaml
 
 from a2b_dist.config import Config, ConfigError, from_dict, to_dict, to_yaml
 from a2b_dist.errors import UserError
+from a2b_dist.files import atomic_path, write_atomic
 
 LOSS_WEIGHTS = ("loss.lambda_rec", "loss.lambda_id", "loss.lambda_f", "loss.lambda_fs", "loss.lambda_fz")
 # One learning rate for both networks, as in the paper; a space may still search lr_g and lr_d apart.
@@ -487,13 +488,7 @@ def write_csv(path: Path, rows: Sequence[TrialRow], metric: str) -> None:
     w = csv.writer(buf)
     w.writerow(header)
     w.writerows([["" if v is None else v for v in b] for b in body])
-    _write_atomic(path, buf.getvalue())
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_atomic(path, buf.getvalue())
 
 
 def fresh_dir(parent: Path, name: str) -> Path:
@@ -513,7 +508,7 @@ def write_best(path: Path, base: dict, best: TrialRow, metric: str, run_dir: Pat
               f"# Train it again:            a2b train --config {path}\n"
               f"# On the full schedule, e.g.: a2b train --config {path} train.steps=400000 "
               "optim.decay_steps=100000\n")
-    _write_atomic(path, header + to_yaml(cfg))
+    write_atomic(path, header + to_yaml(cfg))
     return cfg
 
 
@@ -546,10 +541,9 @@ def plot_params(path: Path, rows: Sequence[TrialRow], space: dict[str, Param], m
         ax.axis("off")
     fig.suptitle(f"{metric} against each searched value ({len(rows)} trials; red: best)", fontsize=10)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
-    fig.savefig(tmp, dpi=100)
+    with atomic_path(path, suffix=path.suffix) as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 __all__ = ["Param", "default_space", "parse_space", "load_space", "check_space", "apply_params",

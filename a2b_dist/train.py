@@ -37,6 +37,7 @@ from a2b_dist import ds_backend
 from a2b_dist import losses as L
 from a2b_dist.config import Config, ConfigError, from_dict, save_config
 from a2b_dist.errors import UserError
+from a2b_dist.files import atomic_path, write_atomic
 from a2b_dist.nets import build_critic, build_generator
 
 # Under fp16 a loss-scale overflow makes a step's losses inf (GradScaler skips it); more than this
@@ -205,6 +206,80 @@ class DeepSpeedUpdates(A2BUpdates):
         trained.step()
 
 
+def set_learning_rates(cfg: Config, models: Models, step: int) -> tuple[float, float]:
+    """Both learning rates for ``step`` (the paper: linear decay to 0 over the last optim.decay_steps)."""
+    lr_g = L.linear_decay_lr(cfg.optim.lr_g, step, cfg.train.steps, cfg.optim.decay_steps)
+    lr_d = L.linear_decay_lr(cfg.optim.lr_d, step, cfg.train.steps, cfg.optim.decay_steps)
+    for group in models.opt_g.param_groups:
+        group["lr"] = lr_g
+    for group in models.opt_d.param_groups:
+        group["lr"] = lr_d
+    return lr_g, lr_d
+
+
+def train_step(cfg: Config, models: Models, updates: A2BUpdates, next_batch: Callable[[str], torch.Tensor],
+               step: int) -> tuple[dict, tuple[float, float]]:
+    """One paper iteration at ``step`` (0-based): the learning rates, optim.n_critic critic updates
+    (Eq. 4) each on a fresh batch of A (``next_batch("mixed")``) and B (``next_batch("healthy")``),
+    then one generator update (Eq. 10) on the last batch. Returns this step's losses (the last
+    critic update's and the generator update's, LOSS_TERMS, unreduced tensors) and (lr_g, lr_d).
+
+    The trainer's loop and the speed benchmarks both call this; only their batches differ.
+    """
+    lrs = set_learning_rates(cfg, models, step)
+    for _ in range(cfg.optim.n_critic):
+        a, b = next_batch("mixed"), next_batch("healthy")
+        stats = updates.critic_update(a, b)
+    stats.update(updates.generator_update(a, b, step))
+    return stats, lrs
+
+
+class StepAgreement:
+    """What all ranks agree on after each step, in one all-reduce: the mean losses (for logging),
+    whether they are finite, and whether any rank asked to stop.
+
+    Finite losses are added to running sums that ``take_means`` reads and clears. A non-finite
+    loss raises NonFiniteLoss on every rank alike, except under fp16, where GradScaler skips an
+    overflowing update and lowers its scale (its job) up to MAX_FP16_OVERFLOWS times in a row.
+    """
+
+    def __init__(self, world: int, device: torch.device, fp16: bool):
+        self.world, self.device, self.fp16 = world, device, fp16
+        self.sums = torch.zeros(len(LOSS_TERMS), device=device, dtype=torch.float64)
+        self.steps = 0               # finite steps in the sums
+        self.overflow_streak = 0
+
+    def agree(self, stats: dict, stop: bool, step: int, last_good: Optional[Path] = None) -> bool:
+        """All-reduce ``stats`` (LOSS_TERMS) and the stop flag; True when any rank asked to stop."""
+        n = len(LOSS_TERMS)
+        vec = torch.stack([stats[k].double() for k in LOSS_TERMS]
+                          + [torch.tensor(float(stop), device=self.device, dtype=torch.float64)])
+        if self.world > 1:
+            dist.all_reduce(vec)
+        vec[:n] /= self.world
+        if torch.isfinite(vec).all():
+            self.overflow_streak = 0
+            self.sums += vec[:n]
+            self.steps += 1
+        elif self.fp16 and self.overflow_streak < MAX_FP16_OVERFLOWS:
+            self.overflow_streak += 1
+        else:
+            bad = [k for k, v in zip(LOSS_TERMS, vec.tolist()) if not math.isfinite(v)]
+            raise NonFiniteLoss(
+                f"step {step}: non-finite loss ({', '.join(bad)}); stopped without saving. "
+                f"The last good checkpoint is {last_good or 'none (no checkpoint yet)'}; lower the "
+                f"learning rates or use train.mixed_precision=no/bf16 and resume from it.")
+        return vec[-1].item() > 0
+
+    def take_means(self) -> tuple[dict[str, float], int]:
+        """Mean of each loss over the finite steps since the last call, and how many; clears them."""
+        means = dict(zip(LOSS_TERMS, (self.sums / max(self.steps, 1)).tolist()))
+        steps = self.steps
+        self.sums.zero_()
+        self.steps = 0
+        return means, steps
+
+
 def make_accelerator(cfg: Config):
     from accelerate import Accelerator
 
@@ -351,9 +426,8 @@ def save_samples(G: torch.nn.Module, x: torch.Tensor, path: Path) -> torch.Tenso
     rows = [to01(x), to01(b_int), mask.float().expand(-1, c, -1, -1),
             to01(b_prime), (diff / 2).clamp(0, 1).expand(-1, c, -1, -1)]
     grid = torch.cat(rows)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    save_image(grid.cpu(), str(tmp), nrow=x.shape[0], padding=1)
-    os.replace(tmp, path)
+    with atomic_path(path, suffix=".png") as tmp:
+        save_image(grid.cpu(), str(tmp), nrow=x.shape[0], padding=1)
     return grid
 
 
@@ -448,9 +522,7 @@ def drop_rows_after(path: Path, step: int) -> int:
         else:
             keep.append(line)
     if dropped:
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in keep))
-        os.replace(tmp, path)
+        write_atomic(path, "".join(line + "\n" for line in keep))
     return dropped
 
 
@@ -575,12 +647,10 @@ def _train(cfg: Config, *, resume: str, argv: Optional[list[str]], stop_requeste
     iters = {role: iter(s) for role, s in streams.items()}
     fmt = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     images_per_step = cfg.optim.n_critic * 2 * cfg.train.batch_size
-    window = {"t0": time.perf_counter(), "wait": 0.0, "steps": 0}
-    sums = torch.zeros(len(LOSS_TERMS), device=device, dtype=torch.float64)
+    window = {"t0": time.perf_counter(), "wait": 0.0}
+    agreement = StepAgreement(world, device, fp16=accelerator.scaler is not None and accelerator.scaler.is_enabled())
     last_good = ckpt.latest_checkpoint(run_dir)
     stopped = False
-    fp16 = accelerator.scaler is not None and accelerator.scaler.is_enabled()
-    overflow_streak = 0
 
     def next_batch(role: str) -> torch.Tensor:
         t = time.perf_counter()
@@ -596,60 +666,28 @@ def _train(cfg: Config, *, resume: str, argv: Optional[list[str]], stop_requeste
     models.G_train.train(), models.D_train.train()
     try:
         while step < cfg.train.steps:
-            # Learning rates for this step (paper: linear decay over the last optim.decay_steps).
-            lr_g = L.linear_decay_lr(cfg.optim.lr_g, step, cfg.train.steps, cfg.optim.decay_steps)
-            lr_d = L.linear_decay_lr(cfg.optim.lr_d, step, cfg.train.steps, cfg.optim.decay_steps)
-            for group in models.opt_g.param_groups:
-                group["lr"] = lr_g
-            for group in models.opt_d.param_groups:
-                group["lr"] = lr_d
-
-            # Critic updates (Eq. 4), each on a fresh batch of A (mixed) and B (healthy).
-            for _ in range(cfg.optim.n_critic):
-                a, b = next_batch("mixed"), next_batch("healthy")
-                stats = updates.critic_update(a, b)
-            # Generator update (Eq. 10) on the last batch.
-            stats.update(updates.generator_update(a, b, step))
+            # One step: learning rates, n_critic critic updates, one generator update.
+            stats, (lr_g, lr_d) = train_step(cfg, models, updates, next_batch, step)
             step += 1
 
             # Agree across ranks: loss sums for logging, non-finite losses, stop requests.
-            flag = 1.0 if stop_requested() or (until_step is not None and step >= until_step) else 0.0
-            vec = torch.stack([stats[k].double() for k in LOSS_TERMS] + [torch.tensor(flag, device=device,
-                                                                                      dtype=torch.float64)])
-            if world > 1:
-                dist.all_reduce(vec)
-            vec[: len(LOSS_TERMS)] /= world
-            if torch.isfinite(vec).all():
-                overflow_streak = 0
-                sums += vec[: len(LOSS_TERMS)]
-                window["steps"] += 1
-            elif fp16 and overflow_streak < MAX_FP16_OVERFLOWS:
-                # fp16: GradScaler skipped this update and lowered its scale; that is its job.
-                overflow_streak += 1
-            else:
-                bad = [k for k, v in zip(LOSS_TERMS, vec.tolist()) if not math.isfinite(v)]
-                raise NonFiniteLoss(
-                    f"step {step}: non-finite loss ({', '.join(bad)}); stopped without saving. "
-                    f"The last good checkpoint is {last_good or 'none (no checkpoint yet)'}; lower the "
-                    f"learning rates or use train.mixed_precision=no/bf16 and resume from it.")
-            stopped = vec[-1].item() > 0
+            ask = stop_requested() or (until_step is not None and step >= until_step)
+            stopped = agreement.agree(stats, ask, step, last_good)
             bar.update(1)
 
             # Log, sample, evaluate, checkpoint.
             if step % cfg.train.log_every == 0 or step == cfg.train.steps:
                 elapsed = time.perf_counter() - window["t0"]
-                means = (sums / max(window["steps"], 1)).tolist()
-                record = {"step": step, "time": time.time(), "lr_g": lr_g, "lr_d": lr_d,
-                          **{k: v for k, v in zip(LOSS_TERMS, means)},
-                          "images_per_s": images_per_step * window["steps"] / max(elapsed, 1e-9),
+                means, finite_steps = agreement.take_means()
+                record = {"step": step, "time": time.time(), "lr_g": lr_g, "lr_d": lr_d, **means,
+                          "images_per_s": images_per_step * finite_steps / max(elapsed, 1e-9),
                           "data_wait_share": window["wait"] / max(elapsed, 1e-9)}
                 skipped = sum(getattr(s, "skipped", 0) for s in streams.values())
                 if skipped:
                     record["skipped_corrupt"] = skipped
                 log.write(record)
-                bar.set_postfix(loss_d=f"{means[0]:.3f}", loss_g=f"{means[3]:.3f}")
-                sums.zero_()
-                window.update(t0=time.perf_counter(), wait=0.0, steps=0)
+                bar.set_postfix(loss_d=f"{means['loss_d']:.3f}", loss_g=f"{means['loss_g']:.3f}")
+                window.update(t0=time.perf_counter(), wait=0.0)
             if main and sample_x is not None and cfg.train.sample_every and step % cfg.train.sample_every == 0:
                 save_samples(models.G_eval, sample_x.to(device), run_dir / "samples" / f"step-{step:09d}.png")
             improved = evaluated = False
@@ -684,7 +722,7 @@ def _train(cfg: Config, *, resume: str, argv: Optional[list[str]], stop_requeste
 
 
 def _better(metric: str, value: float, best: Optional[dict]) -> bool:
-    from a2b_dist.evaluate import HIGHER_IS_BETTER
+    from a2b_dist.metrics import HIGHER_IS_BETTER
 
     if best is None or best.get("metric") != metric:
         return True
@@ -692,7 +730,7 @@ def _better(metric: str, value: float, best: Optional[dict]) -> bool:
 
 
 def evaluate_for_selection(cfg: Config, G: torch.nn.Module, accelerator) -> dict:
-    from a2b_dist.evaluate import selection_metric
+    from a2b_dist.scoring import selection_metric
 
     return selection_metric(G, cfg, device=accelerator.device, rank=accelerator.process_index,
                             world_size=accelerator.num_processes)
@@ -723,7 +761,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    from a2b_dist.cli import run_guarded
+    from a2b_dist.errors import run_guarded
 
     sys.exit(run_guarded(main, sys.argv[1:]))
 

@@ -48,6 +48,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
+from a2b_dist.files import write_atomic  # noqa: E402
+
 PROTOCOLS = ("mnist-square", "mnist-intensity", "mnist-noise", "mnist-blur", "phantom-lesion")
 # The paper's values (section 4.4; lambda_fs of its simulated set) on the preset's networks and
 # schedule: no focus warm-up, no generator average, no output identity, plain mask selection.
@@ -115,7 +117,7 @@ def healthy_as_mixed(root: Path, work: Path) -> Path:
 # Metrics
 
 def image_and_pixel(labels, scores, maps=None, gt=None, has_mask=None) -> dict:
-    from a2b_dist.evaluate import image_metrics, pixel_auroc
+    from a2b_dist.metrics import image_metrics, pixel_auroc
 
     out = {"auroc": image_metrics(np.asarray(labels), np.asarray(scores))["auroc"], "pixel_auroc": None}
     if maps is not None and has_mask is not None and bool(has_mask.any()):
@@ -158,7 +160,8 @@ def critic_scores(run_dir: Path, cfg, x: torch.Tensor) -> np.ndarray:
 
 def run_a2b(args, method: str, root: Path, run_dir: Path, seed: int) -> dict:
     from a2b_dist import checkpoint as ckpt
-    from a2b_dist.evaluate import healthy_mean_image, score_role, summarise_result
+    from a2b_dist.references import healthy_mean_image
+    from a2b_dist.scoring import score_role, summarise_result
     from a2b_dist.train import train
 
     overrides = {**A2B_METHODS, **args.variants}[method]
@@ -309,7 +312,7 @@ def run_cell(args, protocol: str, method: str, seed: int) -> dict:
             shutil.rmtree(run_dir)
         res = run_a2b(args, method, root, run_dir, seed)
     elif method == "references":
-        from a2b_dist.evaluate import greyness, healthy_distance, healthy_mean_image
+        from a2b_dist.references import greyness, healthy_distance, healthy_mean_image
 
         test = load_role(root / "test", args.size)
         mean = healthy_mean_image(root / "healthy", image_size=args.size)
@@ -321,9 +324,7 @@ def run_cell(args, protocol: str, method: str, seed: int) -> dict:
         res = run_peer(args, method, root, seed, budget)
     res.update(seconds=round(time.time() - t0, 1), protocol=protocol, method=method, seed=seed)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(res, indent=1))
-    os.replace(tmp, out)
+    write_atomic(out, json.dumps(res, indent=1))
     print(f"{protocol:>16} {method:>14} seed {seed}: image AUROC {res['auroc']:.3f} ({res['seconds']:.0f} s)",
           flush=True)
     return res

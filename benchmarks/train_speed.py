@@ -6,9 +6,9 @@
     python benchmarks/train_speed.py --size 256 --batch 16 --precision bf16 --device cuda \
         --width 64 --res-blocks 6 --critic-width 64 --channels-last --compile   # paper model on a GPU
 
-(a) toolkit: exactly what a2b_dist.train.train() does per step -- set both learning rates from the
-    schedule, n_critic A2BUpdates.critic_update calls, one generator_update, stack the loss vector,
-    (all-reduce it when distributed), check it is finite and add it to the running sums.
+(a) toolkit: the trainer's own step function, a2b_dist.train.train_step (both learning rates from
+    the schedule, n_critic critic updates, one generator update), then StepAgreement (the loss
+    vector's all-reduce when distributed, the finite check, the running sums), as train() runs them.
 (b) bare: plain PyTorch written here from the same networks (a2b_dist.nets) and the same maths:
     2 critic steps with the WGAN gradient penalty through autograd.grad, then 1 generator step.
 
@@ -31,10 +31,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from a2b_dist import losses as L  # noqa: E402
 from a2b_dist.config import load_config  # noqa: E402
 from a2b_dist.nets import build_critic, build_generator  # noqa: E402
-from a2b_dist.train import LOSS_TERMS, A2BUpdates, build_models, derive_seed, make_accelerator  # noqa: E402
+from a2b_dist.train import (A2BUpdates, StepAgreement, build_models, derive_seed, make_accelerator,  # noqa: E402
+                            train_step)
 
 N_BATCHES = 4  # distinct in-memory batches cycled through (per role)
 
@@ -56,39 +56,29 @@ def make_batches(cfg, device: torch.device, world: int = 1) -> list[tuple[torch.
                   for _ in range(2)) for _ in range(N_BATCHES)]
 
 
-def toolkit_stepper(cfg, accelerator=None) -> tuple[Callable[[int], None], object]:
-    """One training step exactly as train()'s loop runs it, data from memory."""
-    import torch.distributed as dist
-
+def toolkit_stepper(cfg, accelerator=None, batches=None) -> tuple[Callable[[int], dict], object]:
+    """The trainer's own step (a2b_dist.train.train_step, then StepAgreement's all-reduce and finite
+    check), fed from memory: ``batches`` (default make_batches) is a list of (A, B) pairs, each role
+    drawing its next one in turn. step(i) returns that step's losses (LOSS_TERMS, as tensors)."""
     acc = accelerator if accelerator is not None else make_accelerator(cfg)
     models = build_models(cfg, acc)
     device, world = acc.device, acc.num_processes
     gp_gen = torch.Generator(device=device).manual_seed(derive_seed(cfg.train.seed, acc.process_index, 7))
     updates = A2BUpdates(cfg, models, acc, gp_gen)
-    batches = make_batches(cfg, device, world)
-    sums = torch.zeros(len(LOSS_TERMS), device=device, dtype=torch.float64)
+    batches = batches if batches is not None else make_batches(cfg, device, world)
+    agreement = StepAgreement(world, device, fp16=acc.scaler is not None and acc.scaler.is_enabled())
+    draws = {"mixed": 0, "healthy": 0}
     models.G_train.train(), models.D_train.train()
-    o = cfg.optim
 
-    def step(i: int) -> None:
-        lr_g = L.linear_decay_lr(o.lr_g, i, cfg.train.steps, o.decay_steps)
-        lr_d = L.linear_decay_lr(o.lr_d, i, cfg.train.steps, o.decay_steps)
-        for group in models.opt_g.param_groups:
-            group["lr"] = lr_g
-        for group in models.opt_d.param_groups:
-            group["lr"] = lr_d
-        for k in range(o.n_critic):
-            a, b = batches[(i * o.n_critic + k) % N_BATCHES]
-            stats = updates.critic_update(a, b)
-        stats.update(updates.generator_update(a, b, i))
-        vec = torch.stack([stats[k].double() for k in LOSS_TERMS] + [torch.tensor(0.0, device=device,
-                                                                                  dtype=torch.float64)])
-        if world > 1:
-            dist.all_reduce(vec)
-        vec[: len(LOSS_TERMS)] /= world
-        if not torch.isfinite(vec).all():
-            raise RuntimeError(f"toolkit step {i}: non-finite loss")
-        sums.add_(vec[: len(LOSS_TERMS)])
+    def next_batch(role: str) -> torch.Tensor:
+        pair = batches[draws[role] % len(batches)]
+        draws[role] += 1
+        return pair[0 if role == "mixed" else 1]
+
+    def step(i: int) -> dict:
+        stats, _ = train_step(cfg, models, updates, next_batch, i)
+        agreement.agree(stats, False, i + 1)
+        return stats
 
     return step, acc
 

@@ -33,6 +33,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from a2b_dist.cli import run_guarded
+    from a2b_dist.errors import run_guarded
 
     sys.exit(run_guarded(main, sys.argv[1:]))

@@ -1,5 +1,5 @@
-"""Smoke tests of the benchmark scripts: tiny sizes, a step or two, the table is printed.
-Nothing here is timed; the numbers are not checked, only that each script runs end to end."""
+"""The benchmark scripts: tiny sizes, a step or two, the table is printed; the speed benchmarks run
+the trainer's own step (checked against train() on the same batches). Nothing here is timed."""
 from __future__ import annotations
 
 import re
@@ -27,6 +27,32 @@ def test_train_speed_prints_both_loops_flops_and_ratio(capsys):
     assert "FLOPs per iteration" in out and "toolkit / bare" in out
     assert len(re.findall(r"^toolkit +[\d.]+", out, re.M)) == 1 and len(re.findall(r"^bare +[\d.]+", out, re.M)) == 1
     assert result["flops_per_iter"] > 0 and result["toolkit_images_per_s"] > 0 and result["bare_images_per_s"] > 0
+
+
+def test_benchmark_step_is_the_trainers_step(sim_shards, tmp_path):
+    """train() for one step logs its losses; the speed benchmark's step, fed the trainer's own first
+    batches (the same streams, same seed), gives the same losses: the benchmark times the trainer."""
+    import train_speed
+
+    from a2b_dist.config import load_config
+    from a2b_dist.train import LOSS_TERMS, _open_streams, train
+
+    cfg = load_config(ROOT / "configs" / "test.yaml", [
+        f"data.root={sim_shards}", f"train.run_dir={tmp_path / 'run'}", "train.steps=1", "train.log_every=1",
+        "train.sample_every=0", "eval.every=0", "loss.lambda_id_out=2", "optim.decay_steps=1"])
+    train(cfg, resume="none")
+    logged = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert logged["step"] == 1
+
+    streams = {role: iter(s) for role, s in _open_streams(cfg, 0, 1).items()}
+    batches = [(next(streams["mixed"]), next(streams["healthy"])) for _ in range(cfg.optim.n_critic)]
+    step, _ = train_speed.toolkit_stepper(cfg, batches=batches)
+    stats = step(0)
+    for term in LOSS_TERMS:
+        assert float(stats[term]) == pytest.approx(logged[term], rel=1e-5, abs=1e-7), term
+    # and a different batch gives different losses: the comparison can fail
+    other = train_speed.toolkit_stepper(cfg, batches=batches[::-1])[0](0)
+    assert float(other["loss_g"]) != pytest.approx(logged["loss_g"], rel=1e-5)
 
 
 def test_train_speed_counts_the_flops_of_one_iteration():

@@ -14,7 +14,7 @@ from a2b_dist import detect, losses
 from a2b_dist.config import Config, validate
 from a2b_dist.data import load_image, to_tensor
 from a2b_dist.errors import UserError
-from helpers_eval import export_generator
+from conftest import export_generator
 
 
 @pytest.fixture()

@@ -16,7 +16,8 @@ import torch
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from a2b_dist import evaluate as ev
-from helpers_eval import eval_config, export_generator, make_config, standin_fid_weights  # noqa: F401
+from a2b_dist import metrics, references, scoring
+from conftest import export_generator, make_eval_config
 
 
 # ---------------------------------------------------------------------------------------------
@@ -26,7 +27,7 @@ def test_image_metrics_match_sklearn_and_youden():
     rng = np.random.default_rng(0)
     labels = np.array([0] * 30 + [1] * 20 + [-1] * 5)
     scores = np.concatenate([rng.normal(0, 1, 30), rng.normal(1.5, 1, 20), rng.normal(9, 1, 5)])
-    m = ev.image_metrics(labels, scores)
+    m = metrics.image_metrics(labels, scores)
     known = labels >= 0
     assert m["auroc"] == pytest.approx(roc_auc_score(labels[known], scores[known]))
     assert m["aupr"] == pytest.approx(average_precision_score(labels[known], scores[known]))
@@ -39,12 +40,12 @@ def test_image_metrics_match_sklearn_and_youden():
 
 
 def test_image_metrics_known_values():
-    m = ev.image_metrics([0, 0, 1, 1], [0.1, 0.2, 0.3, 0.4])
+    m = metrics.image_metrics([0, 0, 1, 1], [0.1, 0.2, 0.3, 0.4])
     assert (m["auroc"], m["aupr"], m["sensitivity"], m["specificity"]) == (1.0, 1.0, 1.0, 1.0)
     assert 0.2 < m["threshold"] <= 0.3
-    m = ev.image_metrics([0, 0, 0], [0.1, 0.2, 0.3])          # one class: undefined, not an error
+    m = metrics.image_metrics([0, 0, 0], [0.1, 0.2, 0.3])          # one class: undefined, not an error
     assert m["auroc"] is None and m["threshold"] is None
-    m = ev.image_metrics([0, 1], [1.0, 0.0])                   # inverted: threshold stays finite
+    m = metrics.image_metrics([0, 1], [1.0, 0.0])                   # inverted: threshold stays finite
     assert m["auroc"] == 0.0 and np.isfinite(m["threshold"]) and json.dumps(m)
 
 
@@ -54,8 +55,8 @@ def test_pixel_auroc_matches_sklearn():
     gt[0, 0, 2:5, 2:5] = 1
     gt[2, 0, 4:8, 0:3] = 1
     maps = rng.random((3, 1, 8, 8)) + gt * 0.3
-    assert ev.pixel_auroc(maps, gt) == pytest.approx(roc_auc_score(gt.ravel(), maps.ravel()))
-    assert ev.pixel_auroc(maps, np.zeros_like(gt)) is None
+    assert metrics.pixel_auroc(maps, gt) == pytest.approx(roc_auc_score(gt.ravel(), maps.ravel()))
+    assert metrics.pixel_auroc(maps, np.zeros_like(gt)) is None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -76,7 +77,7 @@ def _constructed_masks():
 def test_mask_diagnostics_known_answers():
     masks, labels, gt = _constructed_masks()
     diff = gt * 0.5 + 0.01                                      # a perfect difference map
-    d = ev.mask_diagnostics(masks, labels, gt, np.ones(4, bool), diff)
+    d = metrics.mask_diagnostics(masks, labels, gt, np.ones(4, bool), diff)
     assert d["mask_mean_healthy"] == pytest.approx(0.1)
     assert d["mask_mean_anomalous"] == pytest.approx((4 * 0.9 + 12 * 0.1) / 16)
     assert d["mask_mean_inside"] == pytest.approx(0.9)
@@ -91,7 +92,7 @@ def test_mask_diagnostics_fixed_pattern_has_zero_std_and_chance_auroc():
     masks, labels, gt = _constructed_masks()
     grid = np.indices((4, 4)).sum(axis=0) % 2 * 0.8 + 0.1      # checkerboard
     fixed = np.broadcast_to(grid, masks.shape)
-    d = ev.mask_diagnostics(fixed, labels, gt)
+    d = metrics.mask_diagnostics(fixed, labels, gt)
     assert d["mask_pixel_std"] == pytest.approx(0.0, abs=1e-12)
     assert d["mask_mean_healthy"] == pytest.approx(d["mask_mean_anomalous"])
     assert d["mask_pixel_auroc"] == pytest.approx(0.5)
@@ -105,10 +106,10 @@ def test_mask_summaries_merge_exactly():
     gt = (rng.random((10, 1, 6, 6)) > 0.7).astype(float)
     labels = rng.integers(-1, 2, 10)
     has = rng.random(10) > 0.3
-    whole = ev.mask_diagnostics(masks, labels, gt, has, masks * 2)
-    parts = [ev.summarise_masks(masks[i:i + 3], labels[i:i + 3], gt[i:i + 3], has[i:i + 3], masks[i:i + 3] * 2)
+    whole = metrics.mask_diagnostics(masks, labels, gt, has, masks * 2)
+    parts = [metrics.summarise_masks(masks[i:i + 3], labels[i:i + 3], gt[i:i + 3], has[i:i + 3], masks[i:i + 3] * 2)
              for i in range(0, 10, 3)]
-    merged = ev.finish_mask_diagnostics(ev.merge_mask_summaries(parts))
+    merged = metrics.finish_mask_diagnostics(metrics.merge_mask_summaries(parts))
     assert merged == pytest.approx(whole)
     assert whole["mask_mean_inside"] == pytest.approx(masks[has][gt[has] > 0].mean())
     assert whole["mask_mean_healthy"] == pytest.approx(masks[labels == 0].mean())
@@ -122,17 +123,17 @@ def test_greyness_known_values():
     x = torch.stack([torch.full((1, 4, 4), -1.0),               # black: greyness 0
                      torch.zeros(1, 4, 4),                       # mid-grey: 1
                      torch.full((1, 4, 4), 1.0)])                # white: 0
-    assert ev.greyness(x).tolist() == pytest.approx([0.0, 1.0, 0.0])
+    assert references.greyness(x).tolist() == pytest.approx([0.0, 1.0, 0.0])
     square = torch.full((1, 1, 4, 4), -1.0)
     square[..., :2, :2] = 0.0                                    # a mean-filled square on black
-    assert ev.greyness(square).item() == pytest.approx(4 / 16)
+    assert references.greyness(square).item() == pytest.approx(4 / 16)
 
 
 def test_healthy_distance_known_values():
     mean = torch.full((1, 2, 2), -1.0)                           # black healthy mean
     x = torch.stack([torch.full((1, 2, 2), -1.0), torch.full((1, 2, 2), 1.0),
                      torch.tensor([[[0.0, -1.0], [-1.0, -1.0]]])])
-    assert ev.healthy_distance(x, mean).tolist() == pytest.approx([0.0, 1.0, 0.5 / 4])
+    assert references.healthy_distance(x, mean).tolist() == pytest.approx([0.0, 1.0, 0.5 / 4])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -152,13 +153,13 @@ def test_selection_metric_val_auc(eval_config):
     np.random.seed(5)
     random.seed(7)
     before = (torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate())
-    out = ev.selection_metric(gen, eval_config, device="cpu")
+    out = scoring.selection_metric(gen, eval_config, device="cpu")
     assert gen.training                                           # mode restored
     assert torch.equal(torch.get_rng_state(), before[0])          # no global RNG consumed
     assert np.array_equal(np.random.get_state()[1], before[1]) and random.getstate() == before[2]
     assert 0.0 <= out["val_auc"] <= 1.0 and all(isinstance(v, float) for v in out.values())
     assert {"val_auc_mean", "val_auc_topk", "mask_pixel_std"} <= out.keys()
-    assert out == ev.selection_metric(gen, eval_config, device="cpu")
+    assert out == scoring.selection_metric(gen, eval_config, device="cpu")
 
 
 def _check_outputs(out: Path, test_dir: Path, processes: int) -> dict:
@@ -180,7 +181,7 @@ def _check_outputs(out: Path, test_dir: Path, processes: int) -> dict:
 def one_process(sim_shards, standin_fid_weights, tmp_path_factory):
     """`a2b evaluate` in this process with references and FID: (its arguments, its output folder)."""
     tmp = tmp_path_factory.mktemp("evaluate")
-    ckpt = export_generator(tmp / "generator.pt", make_config(sim_shards, tmp / "run"))
+    ckpt = export_generator(tmp / "generator.pt", make_eval_config(sim_shards, tmp / "run"))
     args = ["--checkpoint", str(ckpt), "--shards", str(sim_shards / "test"), "--num-maps", "1",
             "--batch-size", "16", "--references"]
     fid_args = ["--fid", "--fid-weights", str(standin_fid_weights), "--fid-dims", "64", "--fid-samples", "8",

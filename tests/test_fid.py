@@ -9,7 +9,6 @@ from torch import nn
 
 from a2b_dist import fid
 from a2b_dist.errors import UserError
-from helpers_eval import eval_config, standin_fid_weights  # noqa: F401  (fixtures)
 
 
 def test_frechet_distance_of_gaussians_closed_form():
@@ -102,7 +101,8 @@ def test_reference_cache_key_changes_with_every_input(standin_fid_weights, tmp_p
 
 
 def test_selection_metric_fid(eval_config, standin_fid_weights):
-    from a2b_dist.evaluate import HIGHER_IS_BETTER, selection_metric
+    from a2b_dist.metrics import HIGHER_IS_BETTER
+    from a2b_dist.scoring import selection_metric
     from a2b_dist.nets import Generator
 
     eval_config.eval.metric, eval_config.eval.fid_weights = "fid", str(standin_fid_weights)

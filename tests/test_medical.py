@@ -334,7 +334,7 @@ def test_train_then_evaluate_by_group(kind, dicom_root, tmp_path):
 
 
 def test_group_metrics_known_values():
-    from a2b_dist.evaluate import group_metrics
+    from a2b_dist.metrics import group_metrics
 
     keys = ["a1", "a2", "b1", "b2", "c1"]
     labels = np.array([0, 0, 0, 1, 0])

@@ -60,7 +60,7 @@ def main_in_process(argv: list[str], capsys) -> tuple[int, str, str]:
         import submit
     finally:
         sys.path.pop(0)
-    from a2b_dist.cli import run_guarded
+    from a2b_dist.errors import run_guarded
 
     rc = run_guarded(submit.main, argv)
     out = capsys.readouterr()

@@ -20,7 +20,6 @@ import pytest
 
 from a2b_dist import sweep
 from a2b_dist.config import Config, ConfigError, load_config, to_dict
-from helpers_eval import standin_fid_weights  # noqa: F401  (fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 TUNE = ROOT / "sweeps" / "tune.py"
@@ -169,7 +168,7 @@ def _load_tune():
     (["--metric", "val_auc", "--resume", "--name", "never-ran"], "--resume: no sweep to continue"),
 ])
 def test_bad_arguments(args, words, sim_shards, tmp_path, capsys):
-    from a2b_dist.cli import run_guarded
+    from a2b_dist.errors import run_guarded
 
     tune = _load_tune()
     argv = ["--config", str(ROOT / "configs" / "test.yaml"), f"data.root={sim_shards}", "--storage", str(tmp_path),

@@ -435,19 +435,19 @@ SKIPPED_LIST = "dicom-skipped.csv"   # written beside the role folders: path,rea
 def write_skipped(out_root: Path, scan: DicomScan) -> Optional[Path]:
     """OUT/dicom-skipped.csv (through a temporary name), or nothing when no file was skipped."""
     import csv
-    import os
+    import io
+
+    from a2b_dist.files import write_atomic
 
     target = Path(out_root) / SKIPPED_LIST
     if not scan.skipped:
         target.unlink(missing_ok=True)   # a list from an earlier build of this folder is not this build's
         return None
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["path", "reason", "message"])
-        writer.writerows(scan.skipped)
-    os.replace(tmp, target)
-    return target
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["path", "reason", "message"])
+    writer.writerows(scan.skipped)
+    return write_atomic(target, buf.getvalue())
 
 
 def _dicom_samples(images_dir, rows, role, size, channels, window, bit_depth) -> Iterator[Sample]:

@@ -1,0 +1,108 @@
+"""Figures of an evaluation or a detection: ROC curves, one panel per image (input | B' | mask |
+heat map), the mask grid. Each is written atomically as PNG; matplotlib runs headless (Agg)."""
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+from sklearn.metrics import roc_auc_score, roc_curve
+
+from a2b_dist.files import write_atomic
+
+
+def _save_figure(fig, path: Path) -> None:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    write_atomic(path, buf.getvalue())
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_roc(path: str | os.PathLike, result: dict, score: str) -> None:
+    """ROC curves of every score and reference, AUROC in the legend; the chosen score drawn bold."""
+    plt = _pyplot()
+    labels = result["label"]
+    known = labels >= 0
+    y = (labels[known] > 0).astype(int)
+    fig, ax = plt.subplots(figsize=(5, 5))
+    curves = [(f"score {k}", v, k == score) for k, v in result["scores"].items()]
+    curves += [(f"reference {k}", v, False) for k, v in result["references"].items()]
+    if 0 < y.sum() < y.size:
+        for name, values, main in curves:
+            fpr, tpr, _ = roc_curve(y, values[known])
+            auc = roc_auc_score(y, values[known])
+            ax.plot(fpr, tpr, lw=2.5 if main else 1.2, ls="-" if name.startswith("score") else "--",
+                    label=f"{name}: AUROC {auc:.3f}")
+    ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls=":")
+    ax.set(xlabel="false positive rate", ylabel="true positive rate", xlim=(0, 1), ylim=(0, 1.01),
+           title=f"ROC ({y.size} images)")
+    ax.legend(loc="lower right", fontsize=8)
+    _save_figure(fig, Path(path))
+    plt.close(fig)
+
+
+def _display(img: np.ndarray) -> tuple[np.ndarray, Optional[str]]:
+    """(C, H, W) in [-1, 1] -> an imshow array in [0, 1] and its colour map."""
+    u = np.clip((img + 1) / 2, 0, 1)
+    return (u[0], "gray") if u.shape[0] == 1 else (u.transpose(1, 2, 0), None)
+
+
+def plot_panel(path: str | os.PathLike, key: str, label: Optional[int], score: float, arrays: dict) -> None:
+    """input | healthy translation B' | mask M | difference map over the input (ground truth outlined)."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 4, figsize=(10, 2.9))
+    x, cmap = _display(arrays["x"])
+    b, _ = _display(arrays["b_prime"])
+    axes[0].imshow(x, cmap=cmap, vmin=0, vmax=1)
+    axes[1].imshow(b, cmap=cmap, vmin=0, vmax=1)
+    axes[2].imshow(arrays["mask"], cmap="viridis", vmin=0, vmax=1)
+    axes[3].imshow(x, cmap=cmap, vmin=0, vmax=1)
+    # One colour scale for every panel (|x - B'| in the [-1, 1] image units), so panels compare.
+    heat = axes[3].imshow(arrays["diff"], cmap="inferno", alpha=0.55, vmin=0, vmax=1)
+    fig.colorbar(heat, ax=axes[3], fraction=0.046, pad=0.04)
+    if arrays["gt"] is not None and arrays["gt"].any():
+        for ax in (axes[0], axes[2], axes[3]):
+            ax.contour(arrays["gt"], levels=[0.5], colors="cyan", linewidths=0.8)
+    for ax, title in zip(axes, ("input", "healthy translation B'", "mask M", "|x - B'| on input")):
+        ax.set_title(title, fontsize=9)
+        ax.axis("off")
+    fig.suptitle(f"{key}  " + (f"label {label}  " if label is not None else "") + f"score {score:.4g}", fontsize=9)
+    _save_figure(fig, Path(path))
+    plt.close(fig)
+
+
+def plot_masks(path: str | os.PathLike, panels: dict) -> None:
+    """Masks on healthy and anomalous images: per class a row of inputs and a row of their masks."""
+    plt = _pyplot()
+    cols = max(1, max(len(panels[0]), len(panels[1])))
+    fig, axes = plt.subplots(4, cols, figsize=(1.6 * cols, 6.8), squeeze=False)
+    for row, (cls, name) in enumerate(((0, "healthy"), (1, "anomalous"))):
+        for c in range(cols):
+            ax_img, ax_mask = axes[2 * row, c], axes[2 * row + 1, c]
+            ax_img.axis("off")
+            ax_mask.axis("off")
+            if c >= len(panels[cls]):
+                continue
+            _, arrays = panels[cls][c]
+            x, cmap = _display(arrays["x"])
+            ax_img.imshow(x, cmap=cmap, vmin=0, vmax=1)
+            ax_mask.imshow(arrays["mask"], cmap="viridis", vmin=0, vmax=1)
+            if arrays["gt"] is not None and arrays["gt"].any():
+                ax_mask.contour(arrays["gt"], levels=[0.5], colors="red", linewidths=0.8)
+        axes[2 * row, 0].set_title(f"{name}: input", fontsize=8, loc="left")
+        axes[2 * row + 1, 0].set_title(f"{name}: mask M (0-1; red: ground truth)", fontsize=8, loc="left")
+    _save_figure(fig, Path(path))
+    plt.close(fig)
+
+
+def safe_name(key: str) -> str:
+    """A key or relative path as a file name: anything but letters, digits, - _ . becomes _."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in key)

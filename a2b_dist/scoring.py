@@ -1,0 +1,178 @@
+"""Scoring a role with a generator: every sample once across ranks, every score kind, the mask
+summaries and a few panels per class; the summary that metrics.json holds; the model-selection
+hook the trainer calls."""
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from a2b_dist import losses
+from a2b_dist.distributed import gather_objects, sample_priority
+from a2b_dist.errors import UserError
+from a2b_dist.metrics import finish_mask_diagnostics, image_metrics, merge_mask_summaries, summarise_masks
+from a2b_dist.references import greyness, healthy_distance
+
+SCORE_KINDS = losses.SCORE_KINDS
+
+
+@torch.no_grad()
+def score_role(generator: torch.nn.Module, role_dir: str | os.PathLike, *, batch_size: int,
+               topk_percent: float, device: str | torch.device = "cpu", image_size: Optional[int] = None,
+               channels: Optional[int] = None, rank: int = 0, world_size: int = 1, num_workers: int = 0,
+               skip_corrupt: bool = False, healthy_mean: Optional[torch.Tensor] = None,
+               num_panels: int = 0, seed: int = 0) -> dict:
+    """Score every sample of a role once across ranks; every rank returns the gathered result.
+
+    Returns {"key": [...], "label": int64 (N,), "scores": {kind: (N,)}, "references": {kind: (N,)},
+    "mask_summary": summary, "panels": {0: [...], 1: [...]}} sorted by key; panels hold up to
+    num_panels samples per class (x, B', M, difference map, ground truth) chosen by key hash.
+    """
+    from a2b_dist.data import eval_batches
+
+    keys: list[str] = []
+    labels: list[np.ndarray] = []
+    scores: dict[str, list[np.ndarray]] = {k: [] for k in SCORE_KINDS}
+    refs: dict[str, list[np.ndarray]] = {"greyness": []}
+    if healthy_mean is not None:
+        refs["healthy_distance"] = []
+    summaries: list[dict] = []
+    panels: dict[int, list[tuple]] = {0: [], 1: []}
+    for batch in eval_batches(role_dir, batch_size=batch_size, image_size=image_size, channels=channels,
+                              rank=rank, world_size=world_size, num_workers=num_workers,
+                              skip_corrupt=skip_corrupt):
+        x = batch["image"].to(device)                                   # (B, C, H, W)
+        b_int, m = generator(x)                                         # (B, C, H, W), (B, 1, H, W)
+        b_prime = losses.blend_healthy(x, b_int, m)                     # Eq. 1
+        diff = losses.anomaly_map(x, b_prime)                           # (B, 1, H, W)
+        diff_int = losses.anomaly_map(x, b_int)                         # before the mask: (B, 1, H, W)
+        y = batch["label"].cpu().numpy()
+        keys += list(batch["key"])
+        labels.append(y)
+        for kind in SCORE_KINDS:
+            scores[kind].append(losses.anomaly_score(diff, kind, topk_percent, m, diff_int).cpu().numpy())
+        refs["greyness"].append(greyness(x).cpu().numpy())
+        if healthy_mean is not None:
+            refs["healthy_distance"].append(healthy_distance(x, healthy_mean).cpu().numpy())
+        summaries.append(summarise_masks(m, y, batch["mask"], batch["has_mask"], diff))
+        if num_panels:
+            _keep_panels(panels, num_panels, seed, batch, x, b_prime, m, diff)
+
+    local = {
+        "key": keys,
+        "label": np.concatenate(labels) if labels else np.zeros(0, np.int64),
+        "scores": {k: np.concatenate(v) if v else np.zeros(0) for k, v in scores.items()},
+        "references": {k: np.concatenate(v) if v else np.zeros(0) for k, v in refs.items()},
+        "mask_summary": merge_mask_summaries(summaries) if summaries else None,
+        "panels": panels,
+    }
+    return _merge_ranks(gather_objects(local, world_size), num_panels)
+
+
+def _keep_panels(panels: dict, limit: int, seed: int, batch: dict, x, b_prime, m, diff) -> None:
+    for i, key in enumerate(batch["key"]):
+        label = int(batch["label"][i])
+        if label < 0:
+            continue
+        cls = 1 if label > 0 else 0
+        entry = (sample_priority(key, seed), key, {
+            "x": x[i].cpu().numpy(), "b_prime": b_prime[i].cpu().numpy(), "mask": m[i, 0].cpu().numpy(),
+            "diff": diff[i, 0].cpu().numpy(),
+            "gt": batch["mask"][i, 0].numpy() if bool(batch["has_mask"][i]) else None})
+        panels[cls].append(entry)
+        panels[cls].sort(key=lambda e: e[0])
+        del panels[cls][limit:]
+
+
+def _merge_ranks(parts: list[dict], num_panels: int) -> dict:
+    keys = [k for p in parts for k in p["key"]]
+    if len(set(keys)) != len(keys):
+        raise RuntimeError("a sample was scored on more than one rank; the data layer must split "
+                           "a role so that every sample is read exactly once")
+    order = np.argsort(np.array(keys, dtype=object), kind="stable") if keys else np.zeros(0, np.int64)
+    cat = lambda arrays: np.concatenate(arrays)[order] if keys else np.zeros(0)  # noqa: E731
+    panels = {}
+    for cls in (0, 1):
+        entries = sorted((e for p in parts for e in p["panels"][cls]), key=lambda e: e[0])[:num_panels]
+        panels[cls] = [(key, arrays) for _, key, arrays in entries]
+    summaries = [p["mask_summary"] for p in parts if p["mask_summary"] is not None]
+    return {
+        "key": [keys[i] for i in order],
+        "label": np.concatenate([p["label"] for p in parts])[order].astype(np.int64),
+        "scores": {k: cat([p["scores"][k] for p in parts]) for k in parts[0]["scores"]},
+        "references": {k: cat([p["references"][k] for p in parts]) for k in parts[0]["references"]},
+        "mask_summary": merge_mask_summaries(summaries) if summaries else None,
+        "panels": panels,
+    }
+
+
+def summarise_result(result: dict, *, score: str) -> dict:
+    """metrics.json's body from score_role's result: the chosen score at the top level, every score
+    and reference side by side, mask diagnostics, counts."""
+    labels = result["label"]
+    per_score = {k: image_metrics(labels, v) for k, v in result["scores"].items()}
+    main = per_score[score]
+    mask = finish_mask_diagnostics(result["mask_summary"]) if result["mask_summary"] else {}
+    return {
+        "score": score,
+        "auroc": main["auroc"], "aupr": main["aupr"], "threshold": main["threshold"],
+        "sensitivity": main["sensitivity"], "specificity": main["specificity"],
+        "pixel_auroc": mask.get("diff_pixel_auroc"),
+        "counts": {"samples": len(result["key"]), "healthy": int((labels == 0).sum()),
+                   "anomalous": int((labels > 0).sum()), "unlabelled": int((labels < 0).sum()),
+                   "with_ground_truth_masks": mask.get("images_with_ground_truth", 0)},
+        "scores": per_score,
+        "references": {k: image_metrics(labels, v) for k, v in result["references"].items()},
+        "mask": mask,
+    }
+
+
+def selection_metric(generator: torch.nn.Module, cfg, *, device: str | torch.device, rank: int = 0,
+                     world_size: int = 1) -> dict[str, float]:
+    """cfg.eval.metric for model selection, as a flat dict of floats that includes that key.
+
+    ``val_auc``: image AUROC with cfg.eval.score on cfg.data.root/val, every score's AUROC
+    (``val_auc_mean``, ``val_auc_topk``), AUPR, pixel AUROC and the mask diagnostics (``mask_*``;
+    keys whose value is undefined are left out). ``fid``: FID of B' against the healthy role
+    (see a2b_dist.fid.translation_fid). Every rank must call it and gets the same dict. Pass the
+    unwrapped generator; its train/eval mode is restored, and no global RNG state is consumed.
+    """
+    was_training = generator.training
+    devices = [torch.device(device).index or 0] if torch.device(device).type == "cuda" else []
+    np_state, py_state = np.random.get_state(), random.getstate()
+    generator.eval()
+    try:
+        # fork_rng: whatever the data loaders draw from torch's global RNG is put back afterwards.
+        with torch.random.fork_rng(devices=devices), torch.no_grad():
+            if cfg.eval.metric == "fid":
+                from a2b_dist import fid
+                return fid.selection_fid(generator, cfg, device=device, rank=rank, world_size=world_size)
+            return _selection_val_auc(generator, cfg, device=device, rank=rank, world_size=world_size)
+    finally:
+        generator.train(was_training)
+        np.random.set_state(np_state)
+        random.setstate(py_state)
+
+
+def _selection_val_auc(generator, cfg, *, device, rank, world_size) -> dict[str, float]:
+    result = score_role(generator, Path(cfg.data.root) / "val", batch_size=cfg.eval.batch_size,
+                        topk_percent=cfg.eval.topk_percent, device=device, image_size=cfg.data.image_size,
+                        channels=cfg.data.channels, rank=rank, world_size=world_size,
+                        num_workers=cfg.data.num_workers, skip_corrupt=cfg.data.skip_corrupt)
+    summary = summarise_result(result, score=cfg.eval.score)
+    flat: dict[str, Any] = {"val_auc": summary["auroc"], "val_aupr": summary["aupr"],
+                            "val_pixel_auroc": summary["pixel_auroc"]}
+    for kind, m in summary["scores"].items():
+        flat[f"val_auc_{kind}"] = m["auroc"]
+    for name, value in summary["mask"].items():
+        if name.startswith(("mask_", "diff_")):
+            flat[name] = value
+    if flat["val_auc"] is None:
+        raise UserError(f"{Path(cfg.data.root) / 'val'} needs both healthy and anomalous labelled images "
+                        "for eval.metric=val_auc; rebuild the shards with a labelled val role or use "
+                        "eval.metric=fid")
+    return {k: float(v) for k, v in flat.items() if v is not None}
