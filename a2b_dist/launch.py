@@ -38,6 +38,8 @@ import torch
 
 from a2b_dist import checkpoint as ckpt
 from a2b_dist.config import from_dict
+from a2b_dist.errors import UserError
+from a2b_dist.files import write_atomic
 
 JOBS_FILE = "jobs.jsonl"
 REPLICAS = "replicas"
@@ -60,11 +62,22 @@ def export_distributed_env() -> submitit.helpers.TorchDistributedEnvironment:
     return env.export(overwrite=True)
 
 
+def preempt_signal() -> signal.Signals:
+    """The signal submitit treats as preemption, from its public ``JobEnvironment.USR_SIG`` (the
+    name without SIG; USR2 unless SUBMITIT_PREEMPT_SIGNAL says otherwise)."""
+    name = "SIG" + submitit.JobEnvironment.USR_SIG
+    try:
+        return signal.Signals[name]
+    except KeyError:
+        raise UserError(f"SUBMITIT_PREEMPT_SIGNAL={submitit.JobEnvironment.USR_SIG!r} is not a signal this "
+                        "system has; unset it or use USR1/USR2") from None
+
+
 class StopOnSignal:
     """A stop flag raised by the preemption signal, and the submitit handler it stands in for."""
 
     def __init__(self) -> None:
-        self.signum = submitit.JobEnvironment._usr_sig()
+        self.signum = preempt_signal()
         self.pid = os.getpid()   # forked data-loader workers inherit the handler; they only ignore it
         self.received: Optional[float] = None
         self.submitit_handler = signal.getsignal(self.signum)
@@ -196,10 +209,8 @@ def read_events(run_dir: str | Path) -> list[dict]:
 def write_replica(run_dir: Path, rank: int, world_size: int, step: int, attempt: dict, digest: str) -> None:
     folder = run_dir / REPLICAS
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".rank-{rank:05d}.json.tmp"
-    tmp.write_text(json.dumps({"rank": rank, "world_size": world_size, "step": step, "digest": digest,
-                               **attempt}))
-    os.replace(tmp, folder / f"rank-{rank:05d}.json")
+    write_atomic(folder / f"rank-{rank:05d}.json", json.dumps(
+        {"rank": rank, "world_size": world_size, "step": step, "digest": digest, **attempt}))
 
 
 def read_replicas(run_dir: str | Path) -> list[dict]:

@@ -170,13 +170,15 @@ def executor_parameters(args: argparse.Namespace, cfg: Config) -> dict:
 
 def sbatch_options(params: dict) -> list[str]:
     """The executor parameters as the sbatch options submitit writes (for --dry-run)."""
+    from a2b_dist.launch import preempt_signal
+
     names = {"name": "job-name", "timeout_min": "time", "tasks_per_node": "ntasks-per-node"}
     opts = []
     for key, value in params.items():
         if key == "slurm_additional_parameters":
             opts += [f"--{k}" if v is True else f"--{k}={v}" for k, v in value.items()]
         elif key == "slurm_signal_delay_s":
-            opts.append(f"--signal=USR2@{value}")
+            opts.append(f"--signal={preempt_signal().name.removeprefix('SIG')}@{value}")
         elif key == "mem_gb":
             opts.append(f"--mem={value:g}GB")
         else:
@@ -241,6 +243,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from a2b_dist.cli import run_guarded
+    from a2b_dist.errors import run_guarded
 
     sys.exit(run_guarded(main, sys.argv[1:]))

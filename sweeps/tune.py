@@ -252,7 +252,7 @@ def run_tuner(args: argparse.Namespace, exp: Path, base: dict, space: dict[str, 
 
 
 def _higher(metric: str) -> bool:
-    from a2b_dist.evaluate import HIGHER_IS_BETTER
+    from a2b_dist.metrics import HIGHER_IS_BETTER
 
     return HIGHER_IS_BETTER[metric]
 
@@ -262,9 +262,11 @@ def _higher(metric: str) -> bool:
 
 def collect(grid, exp: Path, space: dict[str, sweep.Param]) -> list[dict]:
     """Every trial's reported rows (from its result.json), sampled values, and outcome."""
+    from ray.tune import ExperimentAnalysis
     from ray.tune.experiment import Trial
 
-    status = {t.trial_id: t.status for t in grid._experiment_analysis.trials}
+    # Each trial's final status, from the experiment state Ray wrote (the public reader of it).
+    status = {t.trial_id: t.status for t in ExperimentAnalysis(str(exp)).trials}
     out = []
     for result in grid:
         trial_id = Path(result.path).name.removeprefix("trial_")
@@ -339,6 +341,6 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    from a2b_dist.cli import run_guarded
+    from a2b_dist.errors import run_guarded
 
     sys.exit(run_guarded(main, sys.argv[1:]))
