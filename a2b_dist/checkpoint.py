@@ -15,10 +15,13 @@ which is why a checkpoint written by N processes loads in M. All ranks write int
 so a folder without the ``.tmp-`` prefix is always complete and a crash mid-write leaves the previous
 checkpoint untouched. Everything is safetensors or JSON: loading never unpickles.
 
-With ``train.backend=deepspeed`` (a2b_dist.ds_backend) the global state is DeepSpeed's own sharded
-checkpoint of each engine instead of the ``state-*`` files, in the same folder and written the same way:
+A backend (a2b_dist.backends) may write files of its own into the temporary folder before the
+barrier; meta.json lists every file written ("files") with its SHA-256. With
+``train.backend=deepspeed`` the ``state-*`` shards hold both networks' full weights only (so any
+checkpoint exports, evaluates and detects without DeepSpeed), and each engine adds DeepSpeed's own
+sharded checkpoint, from which training resumes:
 
-    meta.json                    as above, plus "backend": "deepspeed" and the list of files written
+    meta.json                    as above, "backend": "deepspeed"
     G/mp_rank_00_model_states.pt               generator weights (and, ZeRO 0, its optimizer), rank 0
     G/zero_pp_rank_0_mp_rank_00_optim_states.pt   ZeRO 1: rank 0's shard of the generator's Adam state
     D/...                        the same for the critic
@@ -110,19 +113,21 @@ def _write_json(path: Path, data: Any) -> None:
     write_atomic(path, json.dumps(data, indent=1), fsync=True)
 
 
-def save_checkpoint(target: Path, *, global_state: Optional[dict] = None, rank_state: dict,
+def save_checkpoint(target: Path, *, global_state: dict, rank_state: dict,
                     rank_tensors: dict, meta: dict, rank: int, world_size: int,
-                    barrier: Callable[[], None], engines: Optional[dict] = None) -> Path:
+                    barrier: Callable[[], None], write_extra: Optional[Callable[[Path], None]] = None) -> Path:
     """Write one checkpoint collectively (every rank calls this with the same target and meta).
 
-    Give either ``global_state`` (DDP: the nested state every rank holds, written as safetensors
-    shares) or ``engines`` ({"G": engine, "D": engine}: each DeepSpeed engine writes its own
-    sharded checkpoint into the folder named after it).
+    ``global_state`` is the nested state every rank holds (written as safetensors shares, each
+    rank its own); ``write_extra(folder)``, when given, writes a backend's own files into the
+    temporary folder on every rank (DeepSpeed's engines: their sharded checkpoints). A backend
+    (a2b_dist.backends.checkpoint_parts) supplies both.
     """
     target = Path(target)
     tmp = target.parent / f".tmp-{target.name}"
     try:
-        return _save(target, tmp, global_state, rank_state, rank_tensors, meta, rank, world_size, barrier, engines)
+        return _save(target, tmp, global_state, rank_state, rank_tensors, meta, rank, world_size, barrier,
+                     write_extra)
     except (OSError, SafetensorError) as e:   # disk full, quota, a size limit: drop the partial folder
         shutil.rmtree(tmp, ignore_errors=True)
         reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
@@ -131,22 +136,19 @@ def save_checkpoint(target: Path, *, global_state: Optional[dict] = None, rank_s
 
 
 def _save(target: Path, tmp: Path, global_state: Optional[dict], rank_state: dict, rank_tensors: dict,
-          meta: dict, rank: int, world_size: int, barrier: Callable[[], None], engines: Optional[dict]) -> Path:
+          meta: dict, rank: int, world_size: int, barrier: Callable[[], None],
+          write_extra: Optional[Callable[[Path], None]]) -> Path:
     if rank == 0:
         target.parent.mkdir(parents=True, exist_ok=True)
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
     barrier()
-    if engines is None:
-        skeleton, tensors = flatten_state(global_state)
-        mine = _share(list(tensors), tensors, world_size)[rank]
-        save_file({k: tensors[k] for k in mine}, str(tmp / f"state-{rank:05d}-of-{world_size:05d}.safetensors"))
-        written: dict = {"skeleton": skeleton}
-    else:
-        for name, engine in engines.items():   # collective: every rank writes its ZeRO shard
-            engine.save_checkpoint(str(tmp), tag=name, save_latest=False)
-        written = {"backend": "deepspeed"}
+    skeleton, tensors = flatten_state(global_state)
+    mine = _share(list(tensors), tensors, world_size)[rank]
+    save_file({k: tensors[k] for k in mine}, str(tmp / f"state-{rank:05d}-of-{world_size:05d}.safetensors"))
+    if write_extra is not None:   # the backend's own files (collective: DeepSpeed's ZeRO shards)
+        write_extra(tmp)
     save_file({k: v.detach().cpu().contiguous() for k, v in rank_tensors.items()},
               str(tmp / f"rank-{rank:05d}.safetensors"))
     _write_json(tmp / f"rank-{rank:05d}.json", rank_state)
@@ -156,9 +158,8 @@ def _save(target: Path, tmp: Path, global_state: Optional[dict], rank_state: dic
     barrier()
     if rank == 0:
         files = sorted(p for p in tmp.rglob("*") if p.is_file())
-        if engines is not None:
-            written["files"] = [str(p.relative_to(tmp)) for p in files]
-        written["sha256"] = {str(p.relative_to(tmp)): file_sha256(p) for p in files}   # checked on load
+        written = {"skeleton": skeleton, "files": [str(p.relative_to(tmp)) for p in files],
+                   "sha256": {str(p.relative_to(tmp)): file_sha256(p) for p in files}}   # checked on load
         _write_json(tmp / "meta.json", {**meta, "format": FORMAT, "world_size": world_size, **written})
         old = target.parent / f".old-{target.name}"
         if target.exists():  # replacing (only `best` is ever replaced): move aside, swap, delete
@@ -199,12 +200,16 @@ def is_complete(path: Path) -> bool:
         data = json.loads(meta.read_text())
     except (OSError, json.JSONDecodeError):
         return False
-    ws = data.get("world_size", 0)
-    if data.get("backend") == "deepspeed":
-        files = data.get("files") or []
-        return data.get("format") == FORMAT and bool(files) and all((path / f).is_file() for f in files)
-    return data.get("format") == FORMAT and all(
-        (path / f"state-{r:05d}-of-{ws:05d}.safetensors").is_file() for r in range(ws))
+    return data.get("format") == FORMAT and all((path / f).is_file() for f in expected_files(data))
+
+
+def expected_files(meta: dict) -> list[str]:
+    """The files a checkpoint's meta.json says it has: its "files" list, or (checkpoints written
+    before it was recorded) the global state's shards."""
+    if meta.get("files"):
+        return list(meta["files"])
+    ws = meta.get("world_size", 0)
+    return [f"state-{r:05d}-of-{ws:05d}.safetensors" for r in range(ws)]
 
 
 def file_sha256(path: Path) -> str:
@@ -233,12 +238,7 @@ def checkpoint_problem(path: str | Path) -> Optional[str]:
     for field in ("step", "world_size", "config"):
         if field not in meta:
             return f"{meta_path} has no {field!r} field"
-    ws = meta["world_size"]
-    if meta.get("backend") == "deepspeed":
-        expected = list(meta.get("files") or [])
-    else:
-        expected = [f"state-{r:05d}-of-{ws:05d}.safetensors" for r in range(ws)]
-    for name in expected:
+    for name in expected_files(meta):
         if not (path / name).is_file():
             return f"{path / name} is missing"
     for name, digest in (meta.get("sha256") or {}).items():
@@ -335,9 +335,6 @@ def load_checkpoint(path: str | Path, rank: int, *, prefixes: Optional[tuple[str
 
 def _load(path: Path, rank: int, prefixes: Optional[tuple[str, ...]]) -> tuple[dict, dict, Optional[dict], dict]:
     meta = read_meta(path)
-    if meta.get("backend") == "deepspeed":
-        nets = [n for n in ("G", "D") if prefixes is None or any(p.strip("/").split("/")[0] == n for p in prefixes)]
-        return {n: deepspeed_weights(path, n) for n in nets}, meta, *load_rank_state(path, rank, meta)
     ws = meta["world_size"]
     tensors: dict[str, torch.Tensor] = {}
     for r in range(ws):
@@ -361,16 +358,6 @@ def load_rank_state(path: Path, rank: int, meta: dict) -> tuple[Optional[dict], 
         with safe_open(str(path / f"rank-{rank:05d}.safetensors"), framework="pt") as f:
             rank_tensors = {k: f.get_tensor(k) for k in f.keys()}
     return rank_json, rank_tensors
-
-
-def deepspeed_weights(path: Path, net: str) -> dict:
-    """One network's state_dict from a DeepSpeed checkpoint (full fp32 weights at ZeRO 0 and 1).
-
-    The model-states file holds tensors and plain containers only, so it loads with
-    weights_only=True and without deepspeed installed (export and detect do not need it).
-    """
-    blob = torch.load(Path(path) / net / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
-    return blob["module"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -444,4 +431,4 @@ def state_digest(states: dict) -> str:
 
 
 def meta_for(cfg: Config, step: int, **extra: Any) -> dict:
-    return {"step": step, "config": to_dict(cfg), **extra}
+    return {"step": step, "backend": cfg.train.backend, "config": to_dict(cfg), **extra}

@@ -27,6 +27,7 @@ import torch
 
 from a2b_dist.config import Config, ConfigError
 from a2b_dist.errors import UserError
+from a2b_dist.updates import A2BUpdates
 
 PINNED = "0.19.8"   # the version requirements.txt pins and the tests run
 
@@ -100,6 +101,12 @@ def initialize(cfg: Config, G: torch.nn.Module, D: torch.nn.Module, accelerator)
     return engines[0], engines[1]
 
 
+def save(folder: str | Path, engines: dict) -> None:
+    """Each engine writes DeepSpeed's sharded checkpoint into ``folder/<name>/`` (collective)."""
+    for name, engine in engines.items():
+        engine.save_checkpoint(str(folder), tag=name, save_latest=False)
+
+
 def load(path: str | Path, engines: dict) -> None:
     """Restore each engine (weights, Adam state, its step count) from ``path/<name>/`` (collective)."""
     for name, engine in engines.items():
@@ -138,3 +145,27 @@ class WeightsOnlyCheckpointEngine:
         if name == "inner":   # not set yet (copy, unpickling): no recursion
             raise AttributeError(name)
         return getattr(self.inner, name)
+
+
+class DeepSpeedUpdates(A2BUpdates):
+    """The same phases with both networks as DeepSpeed engines (``train.backend=deepspeed``).
+
+    ``engine.backward`` and ``engine.step`` (which also clears the gradients) take the optimizers'
+    place. An engine's forward hooks its outputs so that the next backward through them runs
+    DeepSpeed's gradient reduction when it ends, and the gradient penalty's autograd.grad is such a
+    backward: through the engine it would reduce the critic's gradients before they exist. So the
+    interpolates go through the bare critic module, real and fake through the engine, and the one
+    engine.backward of the critic loss reaches every critic weight through both. As under DDP, the
+    generator update runs the critic bare and frozen: no critic gradient, no critic reduction.
+    """
+
+    def critic_outputs(self, b: torch.Tensor, fake: torch.Tensor, x_hat: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        d_real, d_fake = self.m.D_train(torch.cat([b, fake]).contiguous(memory_format=self.memory_format)
+                                        ).split(b.shape[0])
+        d_hat = self.m.D(x_hat.contiguous(memory_format=self.memory_format))
+        return d_real, d_fake, d_hat
+
+    def apply(self, loss: torch.Tensor, trained, opt) -> None:
+        trained.backward(loss)   # the engine reduces gradients; its step also clears them
+        trained.step()

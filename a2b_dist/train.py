@@ -24,7 +24,6 @@ import socket
 import sys
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -32,13 +31,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from a2b_dist import backends
 from a2b_dist import checkpoint as ckpt
-from a2b_dist import ds_backend
 from a2b_dist import losses as L
 from a2b_dist.config import Config, ConfigError, from_dict, save_config
 from a2b_dist.errors import UserError
 from a2b_dist.files import atomic_path, write_atomic
-from a2b_dist.nets import build_critic, build_generator
+from a2b_dist.updates import A2BUpdates, Models
 
 # Under fp16 a loss-scale overflow makes a step's losses inf (GradScaler skips it); more than this
 # many in a row is a real divergence.
@@ -53,157 +52,6 @@ class NonFiniteLoss(UserError):
 def derive_seed(*parts: int) -> int:
     """A 63-bit seed from integers (seed, rank, purpose...), stable across runs and platforms."""
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint64)[0] >> 1)
-
-
-def requires_grad(module: torch.nn.Module, flag: bool) -> None:
-    for p in module.parameters():
-        p.requires_grad_(flag)
-
-
-@dataclass
-class Models:
-    """The two networks as created (``G``, ``D``: canonical state_dicts) and as trained (DDP-wrapped,
-    or DeepSpeed engines whose optimizers are the engines' own), and the generator's moving average
-    (``G_ema``, when train.ema_decay > 0)."""
-    G: torch.nn.Module
-    D: torch.nn.Module
-    G_train: torch.nn.Module
-    D_train: torch.nn.Module
-    opt_g: torch.optim.Optimizer
-    opt_d: torch.optim.Optimizer
-    G_ema: Optional[torch.optim.swa_utils.AveragedModel] = None
-
-    @property
-    def G_eval(self) -> torch.nn.Module:
-        """The generator that selection, samples and export use: the average when kept."""
-        return self.G_ema.module if self.G_ema is not None else self.G
-
-
-def make_ema(G: torch.nn.Module, decay: float) -> torch.optim.swa_utils.AveragedModel:
-    """stylegan2-ada's G_ema through torch's AveragedModel: the first update copies G, update k >= 1
-    computes a = d * a + (1 - d) * w with d = losses.ema_decay_at(k, decay)."""
-    from torch.optim.swa_utils import AveragedModel
-
-    def ema_update(averaged: list[torch.Tensor], current: list[torch.Tensor], n_averaged: torch.Tensor) -> None:
-        d = L.ema_decay_at(int(n_averaged), decay)
-        for a, w in zip(averaged, current):
-            a.mul_(d).add_(w, alpha=1.0 - d)
-
-    ema = AveragedModel(G, multi_avg_fn=ema_update)
-    ema.requires_grad_(False)
-    return ema
-
-
-class A2BUpdates:
-    """The two phases of a step. The maths lives in a2b_dist.losses; this holds who calls what.
-
-    DDP rules (shared/DESIGN.md): one forward of the wrapped critic per critic update (real, fake and
-    interpolates in one batch), the gradient penalty through autograd.grad and one ordinary backward;
-    the generator never runs its DDP wrapper in a critic update, and the critic runs unwrapped and
-    frozen in a generator update, so DDP never all-reduces critic gradients there.
-    """
-
-    def __init__(self, cfg: Config, models: Models, accelerator, gp_generator: torch.Generator):
-        self.cfg, self.m, self.acc, self.gp_gen = cfg, models, accelerator, gp_generator
-        self.memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
-
-    def _scale(self) -> Optional[torch.Tensor]:
-        scaler = self.acc.scaler
-        return scaler.get_scale() if scaler is not None and scaler.is_enabled() else None
-
-    def critic_loss(self, a: torch.Tensor, b: torch.Tensor, alpha: Optional[torch.Tensor] = None
-                    ) -> tuple[torch.Tensor, dict]:
-        with torch.no_grad(), self.acc.autocast():
-            b_int, mask = self.m.G(a)                        # unwrapped: no DDP forward
-            fake = L.blend_healthy(a, b_int, mask).float()  # Eq. 1: B' of the mixed images
-        if alpha is None:
-            alpha = torch.rand(a.shape[0], 1, 1, 1, generator=self.gp_gen, device=self.gp_gen.device)
-        alpha = alpha.to(a.device)
-        x_hat = L.interpolate(b, fake, alpha).detach().requires_grad_(True)
-        with self.acc.autocast():
-            d_real, d_fake, d_hat = self.critic_outputs(b, fake, x_hat)
-        wasserstein = L.critic_wasserstein(d_fake, d_real)                  # Eq. 3
-        gp = L.gradient_penalty(d_hat, x_hat, self._scale())                 # Eq. 4's penalty
-        loss = wasserstein + self.cfg.loss.lambda_gp * gp                    # Eq. 4 = Eq. 9
-        return loss, {"loss_d": loss.detach(), "wasserstein": wasserstein.detach(), "gp": gp.detach()}
-
-    def critic_outputs(self, b: torch.Tensor, fake: torch.Tensor, x_hat: torch.Tensor
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """D(b), D(fake), D(x_hat) from one forward of the wrapped critic."""
-        out = self.m.D_train(torch.cat([b, fake, x_hat]).contiguous(memory_format=self.memory_format))
-        return out.split(b.shape[0])
-
-    def apply(self, loss: torch.Tensor, trained: torch.nn.Module, opt: torch.optim.Optimizer) -> None:
-        """Backward of ``loss`` and one step of ``opt``; ``trained`` is the network's wrapper (DDP here,
-        unused; a DeepSpeed engine, which steps itself, in DeepSpeedUpdates)."""
-        opt.zero_grad(set_to_none=True)
-        self.acc.backward(loss)
-        opt.step()
-
-    def critic_update(self, a: torch.Tensor, b: torch.Tensor, alpha: Optional[torch.Tensor] = None) -> dict:
-        loss, stats = self.critic_loss(a, b, alpha)
-        self.apply(loss, self.m.D_train, self.m.opt_d)
-        return stats
-
-    def generator_loss(self, a: torch.Tensor, b: torch.Tensor, step: int) -> tuple[torch.Tensor, dict]:
-        cfg = self.cfg.loss
-        n = a.shape[0]
-        with self.acc.autocast():
-            b_int, mask = self.m.G_train(torch.cat([a, b]).contiguous(memory_format=self.memory_format))
-            b_int_a, b_int_b = b_int.split(n)
-            m_a, m_b = mask.split(n)
-            b_prime_a = L.blend_healthy(a, b_int_a, m_a)                       # Eq. 1
-            b_prime_b = L.blend_healthy(b, b_int_b, m_b)
-            a_prime = L.blend_reconstruction(a, b_int_a, m_a)                 # Eq. 2
-            d_a, d_b = self.m.D(torch.cat([b_prime_a, b_prime_b])).split(n)   # unwrapped, frozen critic
-        adv = L.generator_adversarial(d_a, d_b)                                # Eq. 5
-        rec = L.reconstruction_loss(a, a_prime)                                # Eq. 7
-        idt = L.identity_loss(b_int_b, b)                                      # Eq. 6
-        idt_out = L.l1(b_prime_b, b)          # Fixed-Point GAN: a healthy image translates to itself
-        ramp = L.focus_ramp(step, cfg.focus_warmup_steps)
-        size_ramp = 1.0 if cfg.focus_warmup_terms == "zero_one" else ramp   # zero_one: size term from step 0
-        focus = L.focus_loss(mask, cfg.lambda_fs * size_ramp, cfg.lambda_fz * ramp, cfg.focus_eps,
-                             cfg.focus_size)                                   # Eq. 8
-        loss = adv + cfg.lambda_rec * rec + cfg.lambda_id * idt + cfg.lambda_f * focus  # Eq. 10
-        if cfg.lambda_id_out:
-            loss = loss + cfg.lambda_id_out * idt_out
-        return loss, {"loss_g": loss.detach(), "adv_g": adv.detach(), "rec": rec.detach(),
-                      "idt": idt.detach(), "idt_out": idt_out.detach(), "focus": focus.detach()}
-
-    def generator_update(self, a: torch.Tensor, b: torch.Tensor, step: int) -> dict:
-        requires_grad(self.m.D, False)
-        try:
-            loss, stats = self.generator_loss(a, b, step)
-            self.apply(loss, self.m.G_train, self.m.opt_g)
-        finally:
-            requires_grad(self.m.D, True)
-        if self.m.G_ema is not None:
-            self.m.G_ema.update_parameters(self.m.G)
-        return stats
-
-
-class DeepSpeedUpdates(A2BUpdates):
-    """The same phases with both networks as DeepSpeed engines (``train.backend=deepspeed``).
-
-    ``engine.backward`` and ``engine.step`` (which also clears the gradients) take the optimizers'
-    place. An engine's forward hooks its outputs so that the next backward through them runs
-    DeepSpeed's gradient reduction when it ends, and the gradient penalty's autograd.grad is such a
-    backward: through the engine it would reduce the critic's gradients before they exist. So the
-    interpolates go through the bare critic module, real and fake through the engine, and the one
-    engine.backward of the critic loss reaches every critic weight through both. As under DDP, the
-    generator update runs the critic bare and frozen: no critic gradient, no critic reduction.
-    """
-
-    def critic_outputs(self, b: torch.Tensor, fake: torch.Tensor, x_hat: torch.Tensor
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        d_real, d_fake = self.m.D_train(torch.cat([b, fake]).contiguous(memory_format=self.memory_format)
-                                        ).split(b.shape[0])
-        d_hat = self.m.D(x_hat.contiguous(memory_format=self.memory_format))
-        return d_real, d_fake, d_hat
-
-    def apply(self, loss: torch.Tensor, trained, opt) -> None:
-        trained.backward(loss)   # the engine reduces gradients; its step also clears them
-        trained.step()
 
 
 def set_learning_rates(cfg: Config, models: Models, step: int) -> tuple[float, float]:
@@ -295,35 +143,8 @@ def make_accelerator(cfg: Config):
 
 
 def build_models(cfg: Config, accelerator) -> Models:
-    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-    G = build_generator(cfg.model, cfg.data.channels)
-    D = build_critic(cfg.model, cfg.data.channels, cfg.data.image_size)
-    assert not list(G.buffers()) and not list(D.buffers()), "DDP set-up assumes buffer-free networks"
-    if cfg.train.channels_last:
-        G, D = G.to(memory_format=torch.channels_last), D.to(memory_format=torch.channels_last)
-    if cfg.train.backend == "deepspeed":
-        G_train, D_train = ds_backend.initialize(cfg, G, D, accelerator)  # moves G and D to the device
-        return Models(G, D, G_train, D_train, G_train.optimizer, D_train.optimizer)
-    o = cfg.optim
-    opt_g = torch.optim.Adam(G.parameters(), lr=o.lr_g, betas=(o.beta1, o.beta2))
-    opt_d = torch.optim.Adam(D.parameters(), lr=o.lr_d, betas=(o.beta1, o.beta2))
-    # torch.compile covers the generator only: the critic's gradient penalty needs double backward,
-    # which compiled graphs do not support.
-    G_fwd = torch.compile(G) if cfg.train.compile else G
-    G_train, D_train, opt_g, opt_d = accelerator.prepare(G_fwd, D, opt_g, opt_d)
-    G.to(accelerator.device), D.to(accelerator.device)
-    G_ema = make_ema(G, cfg.train.ema_decay) if cfg.train.ema_decay else None
-    return Models(G, D, G_train, D_train, opt_g, opt_d, G_ema)
-
-
-def _global_state(models: Models, accelerator) -> dict:
-    state = {"G": models.G.state_dict(), "D": models.D.state_dict(),
-             "opt_g": models.opt_g.state_dict(), "opt_d": models.opt_d.state_dict()}
-    if accelerator.scaler is not None:
-        state["scaler"] = accelerator.scaler.state_dict()
-    if models.G_ema is not None:
-        state["G_ema"] = models.G_ema.state_dict()   # module.* weights and n_averaged
-    return state
+    """The networks and optimizers as train.backend builds them (the speed benchmarks use this too)."""
+    return backends.get(cfg.train.backend).build(cfg, accelerator)
 
 
 def record_launch(run_dir: Path, accelerator, argv: list[str]) -> None:
@@ -452,10 +273,7 @@ def check_resumable(cfg: Config, path: Path, meta: dict, world: int) -> None:
     if written_by != cfg.train.backend:
         raise UserError(f"{path} was written with train.backend={written_by}; resume it with "
                         f"train.backend={written_by}, or start a new train.run_dir")
-    if cfg.train.backend == "deepspeed" and meta["world_size"] != world:
-        raise UserError(f"{path} was written by {meta['world_size']} DeepSpeed processes; resume "
-                        f"it with {meta['world_size']} (ZeRO shards are per process), or export its "
-                        "generator with `a2b export`")
+    backends.get(cfg.train.backend).check_resume(path, meta, world)
     theirs = from_dict(meta["config"], str(path / "meta.json"))
     differ = [(name, _field(theirs, name), _field(cfg, name)) for name in SHAPE_FIELDS
               if _field(theirs, name) != _field(cfg, name)]
@@ -557,8 +375,8 @@ def _train(cfg: Config, *, resume: str, argv: Optional[list[str]], stop_requeste
            until_step: Optional[int], on_evaluation: Optional[Callable[[int, dict, Optional[Path]], None]]
            ) -> dict:
     # Set up processes, folders and logging.
-    if cfg.train.backend == "deepspeed":
-        ds_backend.require_deepspeed(cfg)
+    backend = backends.get(cfg.train.backend)
+    backend.prepare(cfg)
     accelerator = make_accelerator(cfg)
     rank, world = accelerator.process_index, accelerator.num_processes
     main = accelerator.is_main_process
@@ -584,32 +402,16 @@ def _train(cfg: Config, *, resume: str, argv: Optional[list[str]], stop_requeste
     accelerator.wait_for_everyone()
 
     # Models, optimizers.
-    models = build_models(cfg, accelerator)
+    models = backend.build(cfg, accelerator)
     gp_gen = torch.Generator(device=device).manual_seed(derive_seed(cfg.train.seed, rank, 7))
     aug_gen = torch.Generator().manual_seed(derive_seed(cfg.train.seed, rank, 11))   # data.hflip
-    phases = DeepSpeedUpdates if cfg.train.backend == "deepspeed" else A2BUpdates
-    updates = phases(cfg, models, accelerator, gp_gen)
+    updates = backend.updates(cfg, models, accelerator, gp_gen)
     sample_x = _sample_batch(cfg) if main and cfg.train.sample_every else None
 
     # Resume from the newest complete checkpoint (or the one given).
     step, best = 0, None
     if start_from is not None:
-        if cfg.train.backend == "deepspeed":
-            ds_backend.load(start_from, {"G": models.G_train, "D": models.D_train})
-            rank_json, rank_tensors = ckpt.load_rank_state(start_from, rank, meta)
-        else:
-            state, meta, rank_json, rank_tensors = ckpt.load_checkpoint(start_from, rank)
-            models.G.load_state_dict(state["G"])
-            models.D.load_state_dict(state["D"])
-            models.opt_g.load_state_dict(state["opt_g"])
-            models.opt_d.load_state_dict(state["opt_d"])
-            if accelerator.scaler is not None and "scaler" in state:
-                accelerator.scaler.load_state_dict(state["scaler"])
-            if models.G_ema is not None:
-                if "G_ema" in state:
-                    models.G_ema.load_state_dict(state["G_ema"])
-                else:  # switched on at a resume: the average starts from the weights at hand
-                    accelerator.print(f"{start_from} holds no generator average; starting it at step {meta['step']}")
+        meta, rank_json, rank_tensors = backend.load(start_from, models, accelerator, rank, warn=accelerator.print)
         step = int(meta["step"])
         best = meta.get("best")
         same_world = meta["world_size"] == world and rank_json is not None
@@ -634,12 +436,8 @@ def _train(cfg: Config, *, resume: str, argv: Optional[list[str]], stop_requeste
 
     def save(target: Path, **extra) -> Path:
         rank_state = {"streams": {role: s.state_dict() for role, s in streams.items()}, "step": step}
-        if cfg.train.backend == "deepspeed":  # each engine writes its own sharded checkpoint
-            state = {"engines": {"G": models.G_train, "D": models.D_train}}
-        else:
-            state = {"global_state": _global_state(models, accelerator)}
         return ckpt.save_checkpoint(
-            target, **state, rank_state=rank_state, rank_tensors={"gp_rng": gp_gen.get_state(), "aug_rng": aug_gen.get_state()},
+            target, **backend.checkpoint_parts(models, accelerator), rank_state=rank_state, rank_tensors={"gp_rng": gp_gen.get_state(), "aug_rng": aug_gen.get_state()},
             meta=ckpt.meta_for(cfg, step, best=best, **extra), rank=rank, world_size=world,
             barrier=accelerator.wait_for_everyone)
 

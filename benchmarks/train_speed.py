@@ -31,9 +31,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
+from a2b_dist import backends  # noqa: E402
 from a2b_dist.config import load_config  # noqa: E402
 from a2b_dist.nets import build_critic, build_generator  # noqa: E402
-from a2b_dist.train import (A2BUpdates, StepAgreement, build_models, derive_seed, make_accelerator,  # noqa: E402
+from a2b_dist.train import (StepAgreement, build_models, derive_seed, make_accelerator,  # noqa: E402
                             train_step)
 
 N_BATCHES = 4  # distinct in-memory batches cycled through (per role)
@@ -64,7 +65,7 @@ def toolkit_stepper(cfg, accelerator=None, batches=None) -> tuple[Callable[[int]
     models = build_models(cfg, acc)
     device, world = acc.device, acc.num_processes
     gp_gen = torch.Generator(device=device).manual_seed(derive_seed(cfg.train.seed, acc.process_index, 7))
-    updates = A2BUpdates(cfg, models, acc, gp_gen)
+    updates = backends.get(cfg.train.backend).updates(cfg, models, acc, gp_gen)
     batches = batches if batches is not None else make_batches(cfg, device, world)
     agreement = StepAgreement(world, device, fp16=acc.scaler is not None and acc.scaler.is_enabled())
     draws = {"mixed": 0, "healthy": 0}

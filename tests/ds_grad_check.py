@@ -16,7 +16,8 @@ from safetensors.torch import save_file
 from a2b_dist import ds_backend
 from a2b_dist.config import load_config
 from a2b_dist.nets import build_critic, build_generator
-from a2b_dist.train import A2BUpdates, DeepSpeedUpdates, Models, build_models, make_accelerator
+from a2b_dist.train import build_models, make_accelerator
+from a2b_dist.updates import A2BUpdates, Models
 
 from grad_batch import fixed_batch  # tests/, beside this script
 
@@ -48,7 +49,7 @@ for stage in (0, 1):
     accumulations = {"n": 0}
     for p in models.D.parameters():
         p.register_post_accumulate_grad_hook(lambda _: accumulations.__setitem__("n", accumulations["n"] + 1))
-    updates = DeepSpeedUpdates(cfg, models, acc, torch.Generator())
+    updates = ds_backend.DeepSpeedUpdates(cfg, models, acc, torch.Generator())
     updates.critic_update(a[part], b[part], alpha[part])
     in_critic = accumulations["n"]
     updates.generator_update(a[part], b[part], step=0)
