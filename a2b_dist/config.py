@@ -42,91 +42,110 @@ class ConfigError(UserError, ValueError):
     """A config value a user has to fix; the message names the field and the allowed values."""
 
 
+def bounded(default: Any, low: Any = None, high: Any = None) -> Any:
+    """A numeric field with inclusive bounds (None: unbounded on that side), checked by validate();
+    an int low bound makes the field an integer field."""
+    return field(default=default, metadata={"range": (low, high)})
+
+
+def one_of(default: Any, choices: tuple) -> Any:
+    """A field whose value must be one of ``choices``, checked by validate()."""
+    assert default in choices, (default, choices)
+    return field(default=default, metadata={"choices": choices})
+
+
 @dataclass
 class DataConfig:
     # A folder holding the roles healthy/ mixed/ val/ test/ as shards/build.py writes them.
     root: str = "data/simulated-128"
-    image_size: int = 128
-    channels: int = 1
-    num_workers: int = 2          # loader processes per training process
-    shuffle_buffer: int = 256     # samples held for shuffling, per loader worker
+    image_size: int = bounded(128, 32, 512)
+    channels: int = one_of(1, (1, 3))
+    num_workers: int = bounded(2, 0, 64)          # loader processes per training process
+    shuffle_buffer: int = bounded(256, 1, None)   # samples held for shuffling, per loader worker
     skip_corrupt: bool = False    # skip and count undecodable samples and damaged shards instead of failing
-    verify: str = "count"         # checks of each shard against its manifest on open: size, count
-                                  # (size and tar headers), sha256 (also the hash: reads every shard once)
+    # Checks of each shard against its manifest on open: size, count (size and tar headers), sha256
+    # (also the hash: reads every shard once).
+    verify: str = one_of("count", ("size", "count", "sha256"))
     hflip: bool = False           # random horizontal flip of training images (the authors' augmentation;
                                   # off by default: laterality matters in many medical images)
 
 
 @dataclass
 class ModelConfig:
-    width: int = 64               # generator channels after the first conv (StarGAN conv_dim)
-    res_blocks: int = 6           # residual blocks at the bottleneck
-    critic_width: int = 64        # critic channels after its first conv
-    critic_layers: int = 0        # stride-2 convs in the critic; 0 = from image size (6 at 128 px and up)
-    upsample: str = "transpose"   # transpose (StarGAN) | nearest | bilinear (resize, then conv)
-    mask_activation: str = "sigmoid"  # sigmoid | tanh ((tanh + 1) / 2, as the authors' code)
+    width: int = bounded(64, 1, 1024)             # generator channels after the first conv (StarGAN conv_dim)
+    res_blocks: int = bounded(6, 0, 32)           # residual blocks at the bottleneck
+    critic_width: int = bounded(64, 1, 1024)      # critic channels after its first conv
+    critic_layers: int = bounded(0, 0, 8)         # stride-2 convs in the critic; 0 = from image size (6 at 128 px and up)
+    # transpose (StarGAN) | nearest | bilinear (resize, then conv)
+    upsample: str = one_of("transpose", ("transpose", "nearest", "bilinear"))
+    # sigmoid | tanh ((tanh + 1) / 2, as the authors' code)
+    mask_activation: str = one_of("sigmoid", ("sigmoid", "tanh"))
 
 
 @dataclass
 class LossConfig:
-    lambda_gp: float = 10.0
-    lambda_id: float = 1.0
-    lambda_rec: float = 1.0
-    lambda_f: float = 0.1
-    lambda_fs: float = 1.0        # the paper uses 1 for the X-ray sets and 0.001 for the simulated set
-    lambda_fz: float = 1.0
-    focus_eps: float = 0.01
-    focus_warmup_steps: int = 0   # ramp the focus loss linearly from 0 over this many steps
-    focus_warmup_terms: str = "both"  # both | zero_one (ramp only the 0/1 term; the size term acts from step 0)
-    focus_size: str = "image"     # image: (mean M)^2 per image, averaged | batch: (mean M over the batch)^2
-                                  # (the authors' code), which lets single anomalous images keep big masks
-    lambda_id_out: float = 0.0    # Fixed-Point GAN identity on the output: L1(B'(b), b) for healthy b (0: paper)
+    lambda_gp: float = bounded(10.0, 0.0, None)
+    lambda_id: float = bounded(1.0, 0.0, None)
+    lambda_rec: float = bounded(1.0, 0.0, None)
+    lambda_f: float = bounded(0.1, 0.0, None)
+    lambda_fs: float = bounded(1.0, 0.0, None)    # the paper uses 1 for the X-ray sets and 0.001 for the simulated set
+    lambda_fz: float = bounded(1.0, 0.0, None)
+    focus_eps: float = bounded(0.01, 1e-8, 0.5)
+    focus_warmup_steps: int = bounded(0, 0, None)  # ramp the focus loss linearly from 0 over this many steps
+    # both | zero_one (ramp only the 0/1 term; the size term acts from step 0)
+    focus_warmup_terms: str = one_of("both", ("both", "zero_one"))
+    # image: (mean M)^2 per image, averaged | batch: (mean M over the batch)^2 (the authors' code),
+    # which lets single anomalous images keep big masks
+    focus_size: str = one_of("image", ("image", "batch"))
+    # Fixed-Point GAN identity on the output: L1(B'(b), b) for healthy b (0: the paper)
+    lambda_id_out: float = bounded(0.0, 0.0, None)
 
 
 @dataclass
 class OptimConfig:
-    lr_g: float = 1e-4
-    lr_d: float = 1e-4
-    beta1: float = 0.5
-    beta2: float = 0.999
-    n_critic: int = 2             # critic updates per generator update
+    lr_g: float = bounded(1e-4, 0.0, 1.0)
+    lr_d: float = bounded(1e-4, 0.0, 1.0)
+    beta1: float = bounded(0.5, 0.0, 1.0)
+    beta2: float = bounded(0.999, 0.0, 1.0)
+    n_critic: int = bounded(2, 1, 100)            # critic updates per generator update
     # Linear decay of both learning rates to 0 over the last decay_steps steps (paper: last 100,000).
-    decay_steps: int = 100_000
+    decay_steps: int = bounded(100_000, 0, None)
 
 
 @dataclass
 class TrainConfig:
     run_dir: str = "runs/a2b"
     # One step = one paper iteration: n_critic critic updates then one generator update.
-    steps: int = 400_000
-    batch_size: int = 16          # global batch, split evenly over the processes
-    seed: int = 0
-    mixed_precision: str = "no"   # no | bf16 | fp16
-    checkpoint_every: int = 5_000
-    keep_last: int = 3
-    log_every: int = 50
-    sample_every: int = 2_000
+    steps: int = bounded(400_000, 1, None)
+    batch_size: int = bounded(16, 1, None)        # global batch, split evenly over the processes
+    seed: int = bounded(0, 0, 2**31 - 1)
+    mixed_precision: str = one_of("no", ("no", "bf16", "fp16"))
+    checkpoint_every: int = bounded(5_000, 1, None)
+    keep_last: int = bounded(3, 1, None)
+    log_every: int = bounded(50, 1, None)
+    sample_every: int = bounded(2_000, 0, None)
     channels_last: bool = False
     compile: bool = False
     cpu: bool = False             # force CPU even where a GPU is present
-    backend: str = "ddp"          # ddp | deepspeed (optional package; README "DeepSpeed")
+    backend: str = one_of("ddp", ("ddp", "deepspeed"))   # deepspeed: optional package (README "DeepSpeed")
     zero_stage: int = 1           # deepspeed only: 0 (replicated Adam state) or 1 (Adam state sharded)
     # Exponential moving average of the generator's weights (stylegan2-ada's G_ema), used for selection,
     # evaluation, samples and export; 0 = off (the paper). Decay at step t: min(ema_decay, (1+t)/(10+t)).
-    ema_decay: float = 0.0
+    ema_decay: float = bounded(0.0, 0.0, 0.99999)
 
 
 @dataclass
 class EvalConfig:
-    every: int = 0                # evaluate (model selection) every N steps and at the end; 0 = never
-    metric: str = "val_auc"       # val_auc | fid
-    select_from: int = 0          # evaluations before this step are logged but never become best/
-    score: str = "mean"           # mean (the paper's) | topk | mask | smooth_topk | intermediate (losses.anomaly_score)
-    topk_percent: float = 5.0
-    batch_size: int = 32
-    fid_samples: int = 1000
+    every: int = bounded(0, 0, None)              # evaluate (model selection) every N steps and at the end; 0 = never
+    metric: str = one_of("val_auc", ("val_auc", "fid"))
+    select_from: int = bounded(0, 0, None)        # evaluations before this step are logged but never become best/
+    # mean (the paper's) | topk | mask | smooth_topk | intermediate (losses.anomaly_score)
+    score: str = one_of("mean", ("mean", "topk", "mask", "smooth_topk", "intermediate"))
+    topk_percent: float = bounded(5.0, 0.01, 100.0)
+    batch_size: int = bounded(32, 1, None)
+    fid_samples: int = bounded(1000, 2, None)
     fid_weights: Optional[str] = None   # path to pt_inception-2015-12-05 weights; else torch hub cache
-    fid_dims: int = 2048
+    fid_dims: int = one_of(2048, (64, 192, 768, 2048))
 
 
 @dataclass
@@ -139,79 +158,41 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
-# (low, high) inclusive bounds; None means unbounded on that side.
-_RANGES: dict[str, tuple[Any, Any]] = {
-    "data.image_size": (32, 512),
-    "data.num_workers": (0, 64),
-    "data.shuffle_buffer": (1, None),
-    "model.width": (1, 1024),
-    "model.res_blocks": (0, 32),
-    "model.critic_width": (1, 1024),
-    "model.critic_layers": (0, 8),
-    "loss.lambda_gp": (0.0, None),
-    "loss.lambda_id": (0.0, None),
-    "loss.lambda_rec": (0.0, None),
-    "loss.lambda_f": (0.0, None),
-    "loss.lambda_fs": (0.0, None),
-    "loss.lambda_fz": (0.0, None),
-    "loss.focus_eps": (1e-8, 0.5),
-    "loss.focus_warmup_steps": (0, None),
-    "loss.lambda_id_out": (0.0, None),
-    "optim.lr_g": (0.0, 1.0),
-    "optim.lr_d": (0.0, 1.0),
-    "optim.beta1": (0.0, 1.0),
-    "optim.beta2": (0.0, 1.0),
-    "optim.n_critic": (1, 100),
-    "optim.decay_steps": (0, None),
-    "train.steps": (1, None),
-    "train.batch_size": (1, None),
-    "train.seed": (0, 2**31 - 1),
-    "train.checkpoint_every": (1, None),
-    "train.keep_last": (1, None),
-    "train.log_every": (1, None),
-    "train.sample_every": (0, None),
-    "train.ema_decay": (0.0, 0.99999),
-    "eval.every": (0, None),
-    "eval.select_from": (0, None),
-    "eval.topk_percent": (0.01, 100.0),
-    "eval.batch_size": (1, None),
-    "eval.fid_samples": (2, None),
-}
-_CHOICES: dict[str, tuple[Any, ...]] = {
-    "data.channels": (1, 3),
-    "data.verify": ("size", "count", "sha256"),
-    "model.upsample": ("transpose", "nearest", "bilinear"),
-    "model.mask_activation": ("sigmoid", "tanh"),
-    "loss.focus_warmup_terms": ("both", "zero_one"),
-    "loss.focus_size": ("image", "batch"),
-    "train.mixed_precision": ("no", "bf16", "fp16"),
-    "train.backend": ("ddp", "deepspeed"),
-    "eval.metric": ("val_auc", "fid"),
-    "eval.score": ("mean", "topk", "mask", "smooth_topk", "intermediate"),
-    "eval.fid_dims": (64, 192, 768, 2048),
-}
-
-
-def _get(cfg: Config, dotted: str) -> Any:
+def get_field(cfg: Config, dotted: str) -> Any:
+    """The value of ``section.field`` in a Config."""
     obj: Any = cfg
     for part in dotted.split("."):
         obj = getattr(obj, part)
     return obj
 
 
+def field_rules() -> dict[str, dict]:
+    """``section.field`` -> the rule declared on the field ({"range": (low, high)} or
+    {"choices": (...)}), for every field that has one."""
+    rules = {}
+    defaults = Config()
+    for section in dataclasses.fields(defaults):
+        for f in dataclasses.fields(getattr(defaults, section.name)):
+            if f.metadata:
+                rules[f"{section.name}.{f.name}"] = dict(f.metadata)
+    return rules
+
+
 def validate(cfg: Config) -> Config:
-    """Check every bounded field; raise ConfigError naming the first field out of range."""
-    for name, (lo, hi) in _RANGES.items():
-        check_number(name, _get(cfg, name), lo, hi, integer=isinstance(lo, int), error=ConfigError)
+    """Check every field's declared bounds or choices; raise ConfigError naming the first that fails."""
+    for name, rule in field_rules().items():
+        value = get_field(cfg, name)
+        if "range" in rule:
+            lo, hi = rule["range"]
+            check_number(name, value, lo, hi, integer=isinstance(lo, int), error=ConfigError)
+        elif value not in rule["choices"]:
+            raise ConfigError(f"{name}={value!r} is not allowed; choose one of "
+                              f"{', '.join(map(str, rule['choices']))}")
     for section in dataclasses.fields(cfg):          # NaN and infinity in a field without bounds too
-        for field in dataclasses.fields(getattr(cfg, section.name)):
-            value = getattr(getattr(cfg, section.name), field.name)
+        for f in dataclasses.fields(getattr(cfg, section.name)):
+            value = getattr(getattr(cfg, section.name), f.name)
             if isinstance(value, float) and not math.isfinite(value):
-                raise ConfigError(f"{section.name}.{field.name}={value!r} is not a finite number")
-    for name, choices in _CHOICES.items():
-        value = _get(cfg, name)
-        if value not in choices:
-            raise ConfigError(f"{name}={value!r} is not allowed; choose one of {', '.join(map(str, choices))}")
+                raise ConfigError(f"{section.name}.{f.name}={value!r} is not a finite number")
     if cfg.data.image_size % 4:
         raise ConfigError(f"data.image_size={cfg.data.image_size} must be a multiple of 4 "
                           "(the generator downsamples twice by 2)")
@@ -255,9 +236,30 @@ def _omegaconf_message(e: OmegaConfBaseException) -> str:
     return f"field {key}: {first}" if key else first
 
 
-def parse_overrides(overrides: Sequence[str]) -> dict:
-    """Turn ``["loss.lambda_rec=2", "train.seed=3"]`` into a nested dict (values parsed as YAML)."""
+def dotted_tree(values: dict[str, Any], what: str = "override") -> dict:
+    """``{"loss.lambda_rec": 2, "train.seed": 3}`` -> ``{"loss": {"lambda_rec": 2}, "train": {"seed": 3}}``.
+
+    The one place dotted keys become config sections (the CLI's overrides, the sweep's sampled
+    values); merge() then checks that each names a field.
+    """
     tree: dict = {}
+    for key, value in values.items():
+        parts = key.strip().split(".")
+        if any(not p for p in parts):
+            raise ConfigError(f"{what} {key!r} must name a field as section.field (for example loss.lambda_rec)")
+        node = tree
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{what} {key!r} conflicts with an earlier {what} of {part}")
+        node[parts[-1]] = value
+    return tree
+
+
+def override_values(overrides: Sequence[str]) -> dict[str, Any]:
+    """``["loss.lambda_rec=2", "train.seed=3"]`` -> ``{"loss.lambda_rec": 2, "train.seed": 3}``
+    (values parsed as YAML 1.2: numbers, true/false, null, lists; anything else stays text)."""
+    values: dict[str, Any] = {}
     for item in overrides:
         if "=" not in item or item.startswith("="):
             raise ConfigError(f"override {item!r} must look like section.field=value "
@@ -267,14 +269,44 @@ def parse_overrides(overrides: Sequence[str]) -> dict:
             value = _load_yaml(raw) if raw != "" else ""
         except yaml.YAMLError:
             value = raw
-        node = tree
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {item!r} conflicts with an earlier override of {part}")
-        node[parts[-1]] = value
-    return tree
+        if key.strip() in values:
+            raise ConfigError(f"override {item!r} repeats {key.strip()}")
+        values[key.strip()] = value
+    return values
+
+
+def parse_overrides(overrides: Sequence[str]) -> dict:
+    """Turn ``["loss.lambda_rec=2", "train.seed=3"]`` into a nested dict (values parsed as YAML)."""
+    return dotted_tree(override_values(overrides))
+
+
+# What a command that scores with a trained generator (a2b evaluate, a2b detect) may change in the
+# checkpoint's config: how it scores and reads, never what shaped the networks.
+SCORING_FIELDS = ("eval.", "data.num_workers", "data.skip_corrupt", "data.verify")
+
+
+def apply_overrides(cfg: Config, overrides: Sequence[str], *, allowed: Sequence[str],
+                    source: str) -> tuple[Config, dict[str, Any]]:
+    """``cfg`` with dotted ``overrides`` (validated like any config), limited to the fields or
+    sections named in ``allowed`` ("eval." for a section); also returns the values given."""
+    values = override_values(overrides)
+    for key in values:
+        if not any(key == a or (a.endswith(".") and key.startswith(a)) for a in allowed):
+            shown = ", ".join(a + "*" if a.endswith(".") else a for a in allowed)
+            raise ConfigError(f"{source}: {key} cannot be set here; allowed: {shown}")
+    return merge(cfg, values, source), values
+
+
+def merge(base: dict | Config, values: dict[str, Any], source: str) -> Config:
+    """``base`` (a Config or its dict) with the dotted ``values`` set, validated; an unknown field or
+    a value of the wrong type is a ConfigError naming ``source`` and the field."""
+    data = to_dict(base) if isinstance(base, Config) else base
+    tree = dotted_tree(values, what="value")
+    try:
+        merged = OmegaConf.merge(OmegaConf.create(data), OmegaConf.create(tree))
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{source}: {_omegaconf_message(e)}") from None
+    return validate(_structured(OmegaConf.to_container(merged), source))
 
 
 def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Config:

@@ -22,23 +22,21 @@ from typing import Optional
 import torch
 
 from a2b_dist import losses
-from a2b_dist.errors import UserError, check_device, check_number, check_output_folder, number_arg
+from a2b_dist.config import apply_overrides, override_values
+from a2b_dist.errors import UserError, check_device, check_number, check_output_folder
 from a2b_dist.figures import plot_panel, safe_name
 from a2b_dist.files import write_atomic
-from a2b_dist.scoring import SCORE_KINDS
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
-
 
 def find_images(folder: str | Path) -> list[Path]:
-    """Image files under ``folder`` (recursive, by suffix, any case), sorted."""
+    """Image files under ``folder`` as the folder builder finds them (recursive, by suffix, any case)."""
+    from a2b_dist.data.sources import find_images as find_relative
+
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"--images {folder} is not a folder")
-    paths = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    paths = [folder / rel for rel in find_relative(folder)]
     if not paths:
-        raise UserError(f"--images {folder} holds no {'/'.join(s[1:].upper() for s in IMAGE_SUFFIXES[:3])}"
-                        "/TIFF files (searched recursively)")
+        raise UserError(f"--images {folder} holds no PNG/JPG/JPEG/TIFF files (searched recursively)")
     return paths
 
 
@@ -104,11 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="flag images with score >= this: a number, or metrics.json from `a2b evaluate` "
                         "(its Youden threshold and score kind)")
     p.add_argument("--maps", action="store_true", help="write a panel per image: input | B' | mask | map")
-    p.add_argument("--score", choices=SCORE_KINDS, default=None,
-                   help="score kind (default: the metrics.json's, else the checkpoint's eval.score)")
-    p.add_argument("--topk-percent", type=number_arg(0.01, 100.0), default=None, help="for --score topk")
-    p.add_argument("--batch-size", type=number_arg(1, None, integer=True), default=32)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("overrides", nargs="*", metavar="section.field=value",
+                   help="settings of the checkpoint's config to change: eval.score (default: the "
+                        "metrics.json's, else the checkpoint's), eval.topk_percent, eval.batch_size")
     return p
 
 
@@ -120,8 +117,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     paths = find_images(args.images)
     if not Path(args.checkpoint).exists():
         raise UserError(f"--checkpoint {args.checkpoint} does not exist")
-    if args.batch_size < 1:
-        raise UserError(f"--batch-size must be at least 1, not {args.batch_size}")
+    override_values(args.overrides)   # malformed overrides fail before anything is read
     check_output_folder("--out", args.out)
     threshold, metrics = parse_threshold(args.threshold)
     device = (check_device("--device", args.device) if args.device
@@ -129,28 +125,26 @@ def main(argv: Optional[list[str]] = None) -> int:
     check_headers(paths)   # unreadable files and decompression bombs before anything is written
     generator, cfg = load_generator(args.checkpoint, device=device)
     generator.eval()
+    cfg, given = apply_overrides(cfg, args.overrides, allowed=("eval.score", "eval.topk_percent", "eval.batch_size"),
+                                 source="a2b detect")
 
     # The score must be the one the threshold was chosen for.
     score, topk = cfg.eval.score, cfg.eval.topk_percent
     if metrics is not None:
         score, topk = metrics.get("score", score), metrics.get("topk_percent", topk)
-        if args.score is not None and args.score != score:
-            raise UserError(f"--score {args.score} differs from the {score!r} score the threshold in "
-                            f"{args.threshold} was chosen for; leave --score out or pass a number as --threshold")
-        if args.topk_percent is not None and score == "topk" and args.topk_percent != topk:
-            raise UserError(f"--topk-percent {args.topk_percent} differs from the {topk} of {args.threshold}")
-    else:
-        score = args.score or score
-        topk = args.topk_percent if args.topk_percent is not None else topk
-    if not 0 < topk <= 100:
-        raise UserError(f"--topk-percent must be in (0, 100], not {topk}")
+        if "eval.score" in given and given["eval.score"] != score:
+            raise UserError(f"eval.score={given['eval.score']} differs from the {score!r} score the threshold in "
+                            f"{args.threshold} was chosen for; leave eval.score out or pass a number as --threshold")
+        if "eval.topk_percent" in given and score == "topk" and given["eval.topk_percent"] != topk:
+            raise UserError(f"eval.topk_percent={given['eval.topk_percent']} differs from the {topk} of {args.threshold}")
+    batch_size = cfg.eval.batch_size
 
     out = Path(args.out)
     (out / "maps" if args.maps else out).mkdir(parents=True, exist_ok=True)
     root = Path(args.images)
     rows: list[tuple[str, float]] = []
-    for start in range(0, len(paths), args.batch_size):
-        chunk = paths[start:start + args.batch_size]
+    for start in range(0, len(paths), batch_size):
+        chunk = paths[start:start + batch_size]
         x = load_batch(chunk, cfg.data.image_size, cfg.data.channels).to(device)   # (B, C, H, W)
         b_int, m = generator(x)
         b_prime = losses.blend_healthy(x, b_int, m)                                 # Eq. 1

@@ -27,12 +27,13 @@ from typing import Optional
 
 import torch
 
-from a2b_dist.errors import UserError, check_output_folder, number_arg, run_guarded
+from a2b_dist.config import SCORING_FIELDS, apply_overrides, override_values
+from a2b_dist.errors import UserError, check_output_folder, run_guarded
 from a2b_dist.figures import plot_masks, plot_panel, plot_roc, safe_name
 from a2b_dist.files import write_atomic
 from a2b_dist.metrics import group_metrics
 from a2b_dist.references import healthy_mean_image
-from a2b_dist.scoring import SCORE_KINDS, score_role, summarise_result
+from a2b_dist.scoring import score_role, summarise_result
 
 
 def sample_groups(role_dir: str | os.PathLike, field: str) -> dict[str, str]:
@@ -80,33 +81,21 @@ def build_parser() -> argparse.ArgumentParser:
                         "RUN/best for the best one)")
     p.add_argument("--shards", required=True, help="a role folder of shards, e.g. data/demo/test")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--score", choices=SCORE_KINDS, default=None,
-                   help="score behind the top-level AUROC and threshold (default: the checkpoint's "
-                        "eval.score, normally mean, the paper's); every score is reported anyway")
-    p.add_argument("--topk-percent", type=number_arg(0.01, 100.0), default=None,
-                   help="share of the map's pixels the topk score averages (default: eval.topk_percent)")
-    p.add_argument("--batch-size", type=int, default=None, help="per process (default: eval.batch_size)")
     p.add_argument("--num-maps", type=int, default=4, help="difference-map panels per class (default 4)")
     p.add_argument("--references", action="store_true",
                    help="also report training-free references: greyness and distance to the healthy mean")
     p.add_argument("--healthy", default=None,
                    help="healthy role for --references and --fid (default: healthy/ beside --shards)")
     p.add_argument("--fid", action="store_true", help="also compute FID of B' against the healthy role")
-    p.add_argument("--fid-weights", default=None,
-                   help="pt_inception-2015-12-05-6726825d.pth (default: eval.fid_weights, then the torch hub cache)")
-    p.add_argument("--fid-samples", type=int, default=None, help="images per side (default: eval.fid_samples)")
-    p.add_argument("--fid-dims", type=int, default=None, choices=(64, 192, 768, 2048),
-                   help="Inception feature size (default: eval.fid_dims)")
     p.add_argument("--fid-cache", default=None, help="folder for cached healthy statistics (.npz)")
     p.add_argument("--seed", type=int, default=0, help="picks the panel and FID samples (default 0)")
-    p.add_argument("--num-workers", type=int, default=0, help="loader processes per process (default 0)")
-    p.add_argument("--skip-corrupt", action="store_true",
-                   help="skip undecodable samples and damaged shards and count them")
-    p.add_argument("--verify", choices=("size", "count", "sha256"), default="count",
-                   help="checks of each shard against the manifest before scoring (sha256 reads every shard)")
     p.add_argument("--group-by", default=None, metavar="FIELD",
                    help="also aggregate scores per group named by this field of each sample's json "
                         "(patient, volume, group): mean and max score, AUROC per group; writes groups.csv")
+    p.add_argument("overrides", nargs="*", metavar="section.field=value",
+                   help="settings of the checkpoint's config to change for scoring: eval.* (score, "
+                        "topk_percent, batch_size, fid_weights, fid_samples, fid_dims) and data.num_workers, "
+                        "data.skip_corrupt, data.verify (size | count | sha256); e.g. eval.score=topk")
     return p
 
 
@@ -134,14 +123,9 @@ def _check_args(args) -> None:
     if not Path(args.checkpoint).exists():
         raise UserError(f"--checkpoint {args.checkpoint} does not exist")
     check_output_folder("--out", args.out)
-    for name in ("batch_size", "fid_samples"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1, not {value}")
     if args.num_maps < 0:
         raise UserError(f"--num-maps must be 0 or more, not {args.num_maps}")
-    if args.topk_percent is not None and not 0 < args.topk_percent <= 100:
-        raise UserError(f"--topk-percent must be in (0, 100], not {args.topk_percent}")
+    override_values(args.overrides)   # malformed overrides fail before anything is loaded
     if (args.references or args.fid):
         healthy = Path(args.healthy) if args.healthy else shards.parent / "healthy"
         if not (healthy / "manifest.json").is_file():
@@ -162,20 +146,20 @@ def main(argv: Optional[list[str]] = None) -> int:
     rank, world = accelerator.process_index, accelerator.num_processes
     device = accelerator.device
 
-    # Load the generator and its config; the shards must match its image size and channels.
+    # Load the generator and its config (with this command's overrides); the shards must match its
+    # image size and channels.
     generator, cfg = load_generator(args.checkpoint, device=device)
+    cfg, _ = apply_overrides(cfg, args.overrides, allowed=SCORING_FIELDS, source="a2b evaluate")
     size, channels = cfg.data.image_size, cfg.data.channels
-    manifest = open_role(args.shards, image_size=size, channels=channels, skip_corrupt=args.skip_corrupt,
-                         verify=args.verify)
+    manifest = open_role(args.shards, image_size=size, channels=channels, skip_corrupt=cfg.data.skip_corrupt,
+                         verify=cfg.data.verify)
     groups = sample_groups(args.shards, args.group_by) if args.group_by else None  # fail before scoring
     if args.fid:  # fail before the long passes when the Inception weights are missing
         from a2b_dist import fid
-        fid.find_weights(args.fid_weights or cfg.eval.fid_weights)
-    score = args.score or cfg.eval.score
-    topk = args.topk_percent if args.topk_percent is not None else cfg.eval.topk_percent
-    batch_size = args.batch_size or cfg.eval.batch_size
+        fid.find_weights(cfg.eval.fid_weights)
+    score, topk, batch_size = cfg.eval.score, cfg.eval.topk_percent, cfg.eval.batch_size
     common = dict(batch_size=batch_size, image_size=size, channels=channels, rank=rank, world_size=world,
-                  num_workers=args.num_workers, skip_corrupt=args.skip_corrupt)
+                  num_workers=cfg.data.num_workers, skip_corrupt=cfg.data.skip_corrupt)
 
     # Training-free reference: the healthy mean image.
     healthy_mean = healthy_mean_image(args.healthy, **common) if args.references else None
@@ -201,10 +185,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.fid:
         metrics["fid"] = fid.translation_fid(
             generator, args.shards, args.healthy, device=device, rank=rank, world_size=world,
-            samples=args.fid_samples or cfg.eval.fid_samples, dims=args.fid_dims or cfg.eval.fid_dims,
-            weights=args.fid_weights or cfg.eval.fid_weights, seed=args.seed, batch_size=batch_size,
-            image_size=size, channels=channels, cache_dir=args.fid_cache, num_workers=args.num_workers,
-            skip_corrupt=args.skip_corrupt)
+            samples=cfg.eval.fid_samples, dims=cfg.eval.fid_dims, weights=cfg.eval.fid_weights,
+            seed=args.seed, batch_size=batch_size, image_size=size, channels=channels,
+            cache_dir=args.fid_cache, num_workers=cfg.data.num_workers, skip_corrupt=cfg.data.skip_corrupt)
 
     # Rank 0 writes the files.
     if accelerator.is_main_process:

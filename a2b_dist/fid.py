@@ -2,7 +2,7 @@
 with pytorch-fid's own Inception network and distance function.
 
 Never downloads: the Inception weights (pt_inception-2015-12-05-6726825d.pth) are read from a
-configured path (--fid-weights / eval.fid_weights) or from the torch hub cache,
+configured path (eval.fid_weights) or from the torch hub cache,
 <torch.hub.get_dir()>/checkpoints/; without them ``find_weights`` raises a UserError that says where
 to put the file. Samples are picked by a seeded hash of their keys (the same on any number of ranks),
 features are gathered from all ranks, and the healthy reference statistics are cached as .npz under
@@ -53,14 +53,16 @@ def find_weights(configured: Optional[str | os.PathLike] = None) -> Path:
         if path.is_dir():
             path = path / WEIGHTS_FILE
         if not path.is_file():
-            raise UserError(f"FID weights not found: {path} (from --fid-weights / eval.fid_weights) does not exist. "
-                            f"{fetch} and pass its path with --fid-weights PATH (config: eval.fid_weights), "
+            raise UserError(f"FID weights not found: {path} (from eval.fid_weights) does not exist. "
+                            f"{fetch} and pass its path as eval.fid_weights=PATH (the config, or an override "
+                            "of a2b evaluate), "
                             f"or put it at {hub} (the torch hub cache) and leave the option out.")
         return path
     if not hub.is_file():
         raise UserError(f"FID weights not found: FID needs pytorch-fid's Inception weights at {hub} "
                         f"(the torch hub cache, <torch.hub.get_dir()>/checkpoints/). {fetch} and put the file "
-                        "there, or pass its path with --fid-weights PATH (config: eval.fid_weights).")
+                        "there, or pass its path as eval.fid_weights=PATH (the config, or an override of "
+                        "a2b evaluate).")
     return hub
 
 

@@ -33,7 +33,7 @@ from typing import Any, Optional, Sequence
 
 import yaml
 
-from a2b_dist.config import Config, ConfigError, from_dict, to_dict, to_yaml
+from a2b_dist.config import Config, ConfigError, from_dict, get_field, merge, to_dict, to_yaml
 from a2b_dist.errors import UserError
 from a2b_dist.files import atomic_path, write_atomic
 
@@ -93,13 +93,6 @@ class Param:
         return {"dist": self.dist, "low": self.low, "high": self.high}
 
 
-def _get(cfg: Config, key: str) -> Any:
-    obj: Any = cfg
-    for part in key.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
 def default_space(cfg: Config) -> dict[str, Param]:
     """The five loss weights and the learning rate, log-uniform around the config's values
     (the paper's, for the presets; a weight set to 0 is centred on the paper's default instead),
@@ -107,7 +100,7 @@ def default_space(cfg: Config) -> dict[str, Param]:
     paper = Config()
     space = {}
     for key in LOSS_WEIGHTS:
-        centre = _get(cfg, key) or _get(paper, key)
+        centre = get_field(cfg, key) or get_field(paper, key)
         space[key] = Param(key, "loguniform", _round(centre / WEIGHT_FACTOR), _round(centre * WEIGHT_FACTOR))
     lr = cfg.optim.lr_g or paper.optim.lr_g
     space[LR] = Param(LR, "loguniform", _round(lr / LR_FACTOR), _round(min(lr * LR_FACTOR, 1.0)))
@@ -188,21 +181,10 @@ def _expand(params: dict) -> dict:
 
 def apply_params(base: dict, params: dict, run_dir: Optional[str | os.PathLike] = None) -> Config:
     """The resolved, validated config of one trial: the sweep's base config plus its sampled values."""
-    data = copy.deepcopy(base)
-    for key, value in _expand(params).items():
-        node = data
-        parts = key.split(".")
-        for part in parts[:-1]:
-            if not isinstance(node.get(part), dict):
-                raise ConfigError(f"{key} is not a config field (sections: {', '.join(base)})")
-            node = node[part]
-        if parts[-1] not in node:
-            raise ConfigError(f"{key} is not a config field; {'.'.join(parts[:-1])} has "
-                              f"{', '.join(node)} (or use {LR} for both learning rates)")
-        node[parts[-1]] = value.item() if hasattr(value, "item") else value   # numpy scalars from Ray
+    values = {k: v.item() if hasattr(v, "item") else v for k, v in _expand(params).items()}  # numpy scalars from Ray
     if run_dir is not None:
-        data["train"]["run_dir"] = str(run_dir)
-    return from_dict(data, source="sweep trial config")
+        values["train.run_dir"] = str(run_dir)
+    return merge(base, values, source="sweep trial config")
 
 
 # ---------------------------------------------------------------------------------------------

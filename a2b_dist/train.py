@@ -34,7 +34,7 @@ import torch.distributed as dist
 from a2b_dist import backends
 from a2b_dist import checkpoint as ckpt
 from a2b_dist import losses as L
-from a2b_dist.config import Config, ConfigError, from_dict, save_config
+from a2b_dist.config import Config, ConfigError, from_dict, get_field, save_config
 from a2b_dist.errors import UserError
 from a2b_dist.files import atomic_path, write_atomic
 from a2b_dist.updates import A2BUpdates, Models
@@ -275,17 +275,12 @@ def check_resumable(cfg: Config, path: Path, meta: dict, world: int) -> None:
                         f"train.backend={written_by}, or start a new train.run_dir")
     backends.get(cfg.train.backend).check_resume(path, meta, world)
     theirs = from_dict(meta["config"], str(path / "meta.json"))
-    differ = [(name, _field(theirs, name), _field(cfg, name)) for name in SHAPE_FIELDS
-              if _field(theirs, name) != _field(cfg, name)]
+    differ = [(name, get_field(theirs, name), get_field(cfg, name)) for name in SHAPE_FIELDS
+              if get_field(theirs, name) != get_field(cfg, name)]
     if differ:
         listed = ", ".join(f"{name}={old!r} (this run: {new!r})" for name, old, new in differ)
         raise UserError(f"{path} was trained with {listed}; resume with the checkpoint's values, or "
                         "start a new train.run_dir (or --resume none)")
-
-
-def _field(cfg: Config, dotted: str):
-    section, name = dotted.split(".")
-    return getattr(getattr(cfg, section), name)
 
 
 class StopOnTerminate:

@@ -46,7 +46,7 @@ def _rows(path: Path) -> list[dict]:
 def test_detect_scores_a_folder(setup):
     ckpt, images, tmp = setup
     assert detect.main(["--checkpoint", str(ckpt), "--images", str(images), "--out", str(tmp / "out"),
-                        "--threshold", "0.3", "--maps", "--batch-size", "3"]) == 0
+                        "--threshold", "0.3", "--maps", "eval.batch_size=3"]) == 0
     rows = _rows(tmp / "out" / "scores.csv")
     assert sorted(r["path"] for r in rows) == ["a.png", "a16.png", "sub/b.PNG", "sub/square.png"]
     scores = [float(r["score"]) for r in rows]
@@ -77,13 +77,13 @@ def test_threshold_from_metrics_json_brings_its_score(setup):
     assert all(r["flagged"] == str(int(float(r["score"]) >= 0.5)) for r in rows)
     no_threshold = tmp / "out2"
     assert detect.main(["--checkpoint", str(ckpt), "--images", str(images), "--out", str(no_threshold),
-                        "--score", "topk", "--topk-percent", "10"]) == 0
+                        "eval.score=topk", "eval.topk_percent=10"]) == 0
     plain = _rows(no_threshold / "scores.csv")
     assert "flagged" not in plain[0]
     assert [r["score"] for r in plain] == [r["score"] for r in rows]          # topk 10% was used
     with pytest.raises(UserError, match="differs"):
         detect.main(["--checkpoint", str(ckpt), "--images", str(images), "--out", str(tmp / "o"),
-                     "--threshold", str(tmp / "eval" / "metrics.json"), "--score", "mean"])
+                     "--threshold", str(tmp / "eval" / "metrics.json"), "eval.score=mean"])
 
 
 def test_bad_paths_are_user_errors(setup):

@@ -6,6 +6,7 @@ import csv
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -183,8 +184,8 @@ def one_process(sim_shards, standin_fid_weights, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("evaluate")
     ckpt = export_generator(tmp / "generator.pt", make_eval_config(sim_shards, tmp / "run"))
     args = ["--checkpoint", str(ckpt), "--shards", str(sim_shards / "test"), "--num-maps", "1",
-            "--batch-size", "16", "--references"]
-    fid_args = ["--fid", "--fid-weights", str(standin_fid_weights), "--fid-dims", "64", "--fid-samples", "8",
+            "eval.batch_size=16", "--references"]
+    fid_args = ["--fid", f"eval.fid_weights={standin_fid_weights}", "eval.fid_dims=64", "eval.fid_samples=8",
                 "--fid-cache", str(tmp / "cache")]
     assert ev.main(args + fid_args + ["--out", str(tmp / "one")]) == 0
     return args, tmp / "one"
@@ -236,3 +237,13 @@ def test_evaluate_user_errors(sim_shards, eval_config, tmp_path):
     with pytest.raises(UserError, match="--healthy"):
         ev.main(["--checkpoint", str(ckpt), "--shards", str(sim_shards / "test"), "--out", str(tmp_path / "o"),
                  "--references", "--healthy", str(tmp_path)])
+    # Overrides: only how it scores and reads, checked like any config value, before anything is written.
+    for override, words in (("model.width=4", "model.width cannot be set here; allowed: eval.*"),
+                            ("eval.topk_percent=0", "eval.topk_percent=0 is out of range"),
+                            ("eval.score=median", "eval.score='median' is not allowed"),
+                            ("data.verify=md5", "data.verify='md5' is not allowed"),
+                            ("eval.scores=mean", "eval.scores")):
+        with pytest.raises(UserError, match=re.escape(words)):
+            ev.main(["--checkpoint", str(ckpt), "--shards", str(sim_shards / "test"), "--out",
+                     str(tmp_path / "o"), override])
+    assert not (tmp_path / "o").exists()

@@ -39,7 +39,7 @@ def test_missing_weights_message_says_where(monkeypatch, tmp_path):
     with pytest.raises(UserError) as err:
         fid.find_weights(None)
     msg = str(err.value)
-    assert str(expected) in msg and fid.WEIGHTS_URL in msg and "--fid-weights" in msg
+    assert str(expected) in msg and fid.WEIGHTS_URL in msg and "eval.fid_weights=PATH" in msg
     with pytest.raises(UserError, match="nope.pth"):
         fid.find_weights(tmp_path / "nope.pth")
     # Checked before anything else is built or read (these folders do not exist).

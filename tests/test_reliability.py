@@ -77,10 +77,11 @@ def test_detect_threshold_must_be_a_finite_number(run_copy, tmp_path, capsys):
     images = tmp_path / "images"
     images.mkdir()
     (images / "a.png").write_bytes(png_bytes())
-    for flag, value in (("--threshold", "nan"), ("--threshold", "-inf"), ("--topk-percent", "inf")):
+    for args, named in ((["--threshold", "nan"], "--threshold"), (["--threshold", "-inf"], "--threshold"),
+                        (["eval.topk_percent=inf"], "eval.topk_percent")):
         code, err = a2b(["detect", "--checkpoint", str(run_copy), "--images", str(images), "--out",
-                         str(tmp_path / "out"), flag, value], capsys)
-        one_line_error(code, err, flag)
+                         str(tmp_path / "out"), *args], capsys)
+        one_line_error(code, err, named)
     assert not (tmp_path / "out").exists()
 
 

@@ -34,7 +34,7 @@ import numpy as np
 
 from .images import prepare_image, prepare_mask
 from .manifest import DataError
-from .sources import parse_split, path_key, read_label_csv
+from .sources import find_files, parse_split, path_key, read_label_csv
 from .write import RoleSpec, Sample
 
 DICOM_SUFFIXES = (".dcm", ".dicom")
@@ -270,12 +270,6 @@ class _Row:
     group: Optional[str] = None
     mask: Optional[str] = None
     facts: dict = field(default_factory=dict)
-
-
-def find_files(root: Path, suffixes: tuple[str, ...]) -> list[str]:
-    """Relative POSIX paths of the files under root whose name ends in one of suffixes, sorted."""
-    found = [p for p in root.rglob("*") if p.is_file() and p.name.lower().endswith(suffixes)]
-    return sorted(p.relative_to(root).as_posix() for p in found)
 
 
 def _read_csv(path: Path, root: Path, group_column: Optional[str]) -> list[_Row]:

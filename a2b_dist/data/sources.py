@@ -14,10 +14,16 @@ from .manifest import ROLES, DataError
 from .write import RoleSpec, Sample
 
 
+def find_files(root: Path, suffixes: tuple[str, ...]) -> list[str]:
+    """Relative POSIX paths of the files under root (recursive) whose name ends in one of
+    ``suffixes`` (any case), sorted."""
+    found = [p for p in Path(root).rglob("*") if p.is_file() and p.name.lower().endswith(suffixes)]
+    return sorted(p.relative_to(root).as_posix() for p in found)
+
+
 def find_images(images_dir: Path) -> list[str]:
     """Relative POSIX paths of every PNG/JPEG/TIFF under images_dir, sorted."""
-    found = [p for p in images_dir.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
-    return sorted(p.relative_to(images_dir).as_posix() for p in found)
+    return find_files(images_dir, IMAGE_SUFFIXES)
 
 
 def path_key(relative: str) -> str:
