@@ -258,7 +258,8 @@ def dotted_tree(values: dict[str, Any], what: str = "override") -> dict:
 
 def override_values(overrides: Sequence[str]) -> dict[str, Any]:
     """``["loss.lambda_rec=2", "train.seed=3"]`` -> ``{"loss.lambda_rec": 2, "train.seed": 3}``
-    (values parsed as YAML 1.2: numbers, true/false, null, lists; anything else stays text)."""
+    (values parsed as YAML 1.2: numbers, true/false, null, lists; anything else stays text). A field
+    given twice takes the later value, so a script's defaults can be overridden after them."""
     values: dict[str, Any] = {}
     for item in overrides:
         if "=" not in item or item.startswith("="):
@@ -269,8 +270,7 @@ def override_values(overrides: Sequence[str]) -> dict[str, Any]:
             value = _load_yaml(raw) if raw != "" else ""
         except yaml.YAMLError:
             value = raw
-        if key.strip() in values:
-            raise ConfigError(f"override {item!r} repeats {key.strip()}")
+        values.pop(key.strip(), None)   # a later override of the same field wins
         values[key.strip()] = value
     return values
 

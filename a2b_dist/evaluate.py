@@ -140,7 +140,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     from a2b_dist.checkpoint import load_generator
     from a2b_dist.data.manifest import open_role
 
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)
     _check_args(args)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     rank, world = accelerator.process_index, accelerator.num_processes

@@ -239,7 +239,7 @@ def test_evaluate_user_errors(sim_shards, eval_config, tmp_path):
                  "--references", "--healthy", str(tmp_path)])
     # Overrides: only how it scores and reads, checked like any config value, before anything is written.
     for override, words in (("model.width=4", "model.width cannot be set here; allowed: eval.*"),
-                            ("eval.topk_percent=0", "eval.topk_percent=0 is out of range"),
+                            ("eval.topk_percent=0", "eval.topk_percent=0.0 is out of range"),
                             ("eval.score=median", "eval.score='median' is not allowed"),
                             ("data.verify=md5", "data.verify='md5' is not allowed"),
                             ("eval.scores=mean", "eval.scores")):
