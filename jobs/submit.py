@@ -215,7 +215,7 @@ def submit(args: argparse.Namespace, cfg: Config):
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_intermixed_args(argv)
     if args.status:
-        from a2b_dist.launch import format_status, run_status
+        from status import format_status, run_status
         if not Path(args.status).is_dir():
             raise UserError(f"--status {args.status}: no such run folder")
         print(format_status(run_status(args.status)))

@@ -30,7 +30,10 @@ from pathlib import Path
 from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parent))          # space.py and summary.py beside it
 
+from space import Param, check_data, check_space, default_space, load_space, parse_space, prepare_base  # noqa: E402
+from summary import fresh_dir, format_table, plot_params, summarize, write_best, write_csv  # noqa: E402
 from a2b_dist import sweep  # noqa: E402
 from a2b_dist.config import from_dict, load_config, to_dict  # noqa: E402
 from a2b_dist.errors import UserError  # noqa: E402
@@ -116,28 +119,28 @@ def workers_per_trial(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------
 # The sweep's definition: built from the arguments, or read back for --resume
 
-def define(args: argparse.Namespace) -> tuple[dict, dict[str, sweep.Param]]:
+def define(args: argparse.Namespace) -> tuple[dict, dict[str, Param]]:
     """(base config as a dict, search space) from the command line; checked."""
     cfg = load_config(args.config, args.overrides)
     seed = cfg.train.seed if args.seed is None else args.seed
-    base = sweep.prepare_base(cfg, metric=args.metric, seed=seed, max_steps=args.max_steps)
-    sweep.check_data(base)
-    space = sweep.load_space(args.search_space) if args.search_space else sweep.default_space(base)
-    sweep.check_space(space, to_dict(base))
+    base = prepare_base(cfg, metric=args.metric, seed=seed, max_steps=args.max_steps)
+    check_data(base)
+    space = load_space(args.search_space) if args.search_space else default_space(base)
+    check_space(space, to_dict(base))
     return to_dict(base), space
 
 
-def save_definition(exp: Path, base: dict, space: dict[str, sweep.Param], argv: list[str]) -> None:
+def save_definition(exp: Path, base: dict, space: dict[str, Param], argv: list[str]) -> None:
     exp.mkdir(parents=True, exist_ok=True)
     data = {"argv": argv, "base": base, "space": {k: p.as_yaml() for k, p in space.items()}}
     (exp / SWEEP_FILE).write_text(json.dumps(data, indent=1) + "\n")
 
 
-def load_definition(exp: Path, base: dict, space: dict[str, sweep.Param]) -> tuple[dict, dict[str, sweep.Param]]:
+def load_definition(exp: Path, base: dict, space: dict[str, Param]) -> tuple[dict, dict[str, Param]]:
     """The stored definition of the sweep being resumed; says so when this command differs."""
     stored = json.loads((exp / SWEEP_FILE).read_text())
     old_base = to_dict(from_dict(stored["base"], source=str(exp / SWEEP_FILE)))
-    old_space = sweep.parse_space(stored["space"], str(exp / SWEEP_FILE))
+    old_space = parse_space(stored["space"], str(exp / SWEEP_FILE))
     if old_base != base or old_space != space:
         print(f"note: the config or search space differs from the one {exp.name} started with; "
               f"--resume continues with the stored one ({exp / SWEEP_FILE})", file=sys.stderr)
@@ -183,13 +186,13 @@ def make_trainable(base: dict, runs_dir: Path, args: argparse.Namespace, workers
     return tune.with_resources(fn, {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial})
 
 
-def mutation(param: sweep.Param):
+def mutation(param: Param):
     """PBT's mutation of one field: a choice as its list of values (PBT moves to a neighbouring value
     or resamples; given as a Ray domain it would multiply the value by 0.8 or 1.2), others their domain."""
     return list(param.values) if param.dist == "choice" else param.domain()
 
 
-def make_scheduler(name: str, space: dict[str, sweep.Param], evaluations: int):
+def make_scheduler(name: str, space: dict[str, Param], evaluations: int):
     from ray.tune.schedulers import ASHAScheduler, PopulationBasedTraining
 
     if name == "asha":
@@ -207,7 +210,7 @@ def make_scheduler(name: str, space: dict[str, sweep.Param], evaluations: int):
     return None
 
 
-def run_tuner(args: argparse.Namespace, exp: Path, base: dict, space: dict[str, sweep.Param], seed: int):
+def run_tuner(args: argparse.Namespace, exp: Path, base: dict, space: dict[str, Param], seed: int):
     from ray import tune
     from ray.tune.search import BasicVariantGenerator
 
@@ -260,7 +263,7 @@ def _higher(metric: str) -> bool:
 # ---------------------------------------------------------------------------------------------
 # Summary
 
-def collect(grid, exp: Path, space: dict[str, sweep.Param]) -> list[dict]:
+def collect(grid, exp: Path, space: dict[str, Param]) -> list[dict]:
     """Every trial's reported rows (from its result.json), sampled values, and outcome."""
     from ray.tune import ExperimentAnalysis
     from ray.tune.experiment import Trial
@@ -285,21 +288,21 @@ def collect(grid, exp: Path, space: dict[str, sweep.Param]) -> list[dict]:
     return out
 
 
-def report(grid, exp: Path, base: dict, space: dict[str, sweep.Param], metric: str) -> int:
+def report(grid, exp: Path, base: dict, space: dict[str, Param], metric: str) -> int:
     cfg = from_dict(base)
-    rows = sweep.summarize(collect(grid, exp, space), metric, _higher(metric), cfg.train.steps)
+    rows = summarize(collect(grid, exp, space), metric, _higher(metric), cfg.train.steps)
     print()
     print(f"{len(rows)} trials of sweep {exp.name}, best first ({metric}, "
           f"{'higher' if _higher(metric) else 'lower'} is better):")
-    print(sweep.format_table(rows, metric))
-    sweep.write_csv(exp / "trials.csv", rows, metric)
+    print(format_table(rows, metric))
+    write_csv(exp / "trials.csv", rows, metric)
     unfinished = sum(r.status == "not finished" for r in rows)
     if not rows or rows[0].best is None:
         print(f"no trial reported {metric}; see the errors above and {exp}/trial_*/error.txt", file=sys.stderr)
         return 1
-    best_run = sweep.fresh_dir(exp, "best-run")
-    sweep.write_best(exp / "best.yaml", base, rows[0], metric, best_run)
-    sweep.plot_params(exp / "metric_vs_params.png", rows, space, metric)
+    best_run = fresh_dir(exp, "best-run")
+    write_best(exp / "best.yaml", base, rows[0], metric, best_run)
+    plot_params(exp / "metric_vs_params.png", rows, space, metric)
     print(f"\nwrote {exp}/trials.csv, {exp}/best.yaml (train it: a2b train --config {exp}/best.yaml), "
           f"{exp}/metric_vs_params.png")
     if unfinished:

@@ -22,6 +22,8 @@ from a2b_dist import sweep
 from a2b_dist.config import Config, ConfigError, load_config, to_dict
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "sweeps"))
+import space as search_space  # noqa: E402  (sweeps/space.py: the search space, submit side)
 TUNE = ROOT / "sweeps" / "tune.py"
 # Six steps, an evaluation (a report with its checkpoint) every two: three reports per trial.
 TINY = ["train.steps=6", "optim.decay_steps=2", "eval.every=2", "train.sample_every=0", "train.log_every=2"]
@@ -91,29 +93,29 @@ def _get_default(key):
 
 def test_default_space_centres_on_the_config_and_file_matches():
     cfg = load_config(str(ROOT / "configs" / "test.yaml"))          # lambda_fs 0.001, the simulated value
-    space = sweep.default_space(cfg)
-    assert set(space) == {*sweep.LOSS_WEIGHTS, sweep.LR, *sweep.LEVERS}
-    assert all(space[k].dist == "loguniform" for k in (*sweep.LOSS_WEIGHTS, sweep.LR))
-    for key, values in sweep.LEVERS.items():                       # each lever can be switched off
+    space = search_space.default_space(cfg)
+    assert set(space) == {*search_space.LOSS_WEIGHTS, sweep.LR, *search_space.LEVERS}
+    assert all(space[k].dist == "loguniform" for k in (*search_space.LOSS_WEIGHTS, sweep.LR))
+    for key, values in search_space.LEVERS.items():                       # each lever can be switched off
         assert space[key].dist == "choice" and _get_default(key) in space[key].values
     fs = space["loss.lambda_fs"]
     assert fs.low == pytest.approx(1e-4) and fs.high == pytest.approx(1e-2)
     assert space["loss.lambda_f"].low == pytest.approx(0.01) and space["loss.lambda_f"].high == pytest.approx(1.0)
     assert space[sweep.LR].low < 1e-4 < space[sweep.LR].high
     # The shipped example is the default space for the paper's X-ray values.
-    assert sweep.load_space(ROOT / "sweeps" / "search_space.yaml") == sweep.default_space(Config())
+    assert search_space.load_space(ROOT / "sweeps" / "search_space.yaml") == search_space.default_space(Config())
 
 
 def test_search_space_mistakes_name_the_entry(tmp_path):
     base = to_dict(Config())
     with pytest.raises(ConfigError, match="loss.lambda_nope"):
-        sweep.check_space(sweep.parse_space({"loss.lambda_nope": {"dist": "uniform", "low": 0, "high": 1}}, "x"),
+        search_space.check_space(search_space.parse_space({"loss.lambda_nope": {"dist": "uniform", "low": 0, "high": 1}}, "x"),
                           base)
     with pytest.raises(ConfigError, match="loss.lambda_rec.*out of range"):
-        sweep.check_space(sweep.parse_space({"loss.lambda_rec": {"dist": "uniform", "low": -1, "high": 1}}, "x"),
+        search_space.check_space(search_space.parse_space({"loss.lambda_rec": {"dist": "uniform", "low": -1, "high": 1}}, "x"),
                           base)
     with pytest.raises(ConfigError, match="model.upsample"):
-        sweep.check_space(sweep.parse_space({"model.upsample": {"dist": "choice", "values": ["transpose", "cubic"]}},
+        search_space.check_space(search_space.parse_space({"model.upsample": {"dist": "choice", "values": ["transpose", "cubic"]}},
                                             "x"), base)
     for bad, words in [({"loss.lambda_id": {"dist": "gauss", "low": 0, "high": 1}}, "dist: one of"),
                        ({"loss.lambda_id": {"dist": "loguniform", "low": 0, "high": 1}}, "low > 0"),
@@ -123,14 +125,14 @@ def test_search_space_mistakes_name_the_entry(tmp_path):
                        ({"loss.lambda_id": {"dist": "loguniform", "low": 1e-3, "high": float("inf")}}, "finite"),
                        ([1, 2], "non-empty mapping")]:
         with pytest.raises(ConfigError, match=words):
-            sweep.parse_space(bad, "space.yaml")
+            search_space.parse_space(bad, "space.yaml")
     (tmp_path / "nan.yaml").write_text("loss.lambda_id: {dist: uniform, low: .nan, high: 1}\n")
     with pytest.raises(ConfigError, match=r"nan.yaml: loss.lambda_id: low and high must be finite"):
-        sweep.load_space(tmp_path / "nan.yaml")
+        search_space.load_space(tmp_path / "nan.yaml")
     (tmp_path / "s.yaml").write_text("optim.lr: {dist: loguniform, low: 1.0e-5, high: 1.0e-3}\n"
                                      "model.upsample: {dist: choice, values: [transpose, nearest]}\n")
-    space = sweep.load_space(tmp_path / "s.yaml")
-    sweep.check_space(space, base)
+    space = search_space.load_space(tmp_path / "s.yaml")
+    search_space.check_space(space, base)
     cfg = sweep.apply_params(base, {"optim.lr": 3e-4, "model.upsample": "nearest"}, tmp_path / "run")
     assert cfg.optim.lr_g == cfg.optim.lr_d == 3e-4 and cfg.model.upsample == "nearest"
     assert cfg.train.run_dir == str(tmp_path / "run")
@@ -138,7 +140,7 @@ def test_search_space_mistakes_name_the_entry(tmp_path):
 
 def test_base_config_for_trials(tmp_path):
     cfg = load_config(None, ["data.root=rel/data", "train.steps=1000", "optim.decay_steps=400", "eval.every=0"])
-    base = sweep.prepare_base(cfg, metric="fid", seed=5, max_steps=100)
+    base = search_space.prepare_base(cfg, metric="fid", seed=5, max_steps=100)
     assert Path(base.data.root).is_absolute() and base.data.root.endswith("rel/data")
     assert base.train.steps == 100 and base.optim.decay_steps == 40        # decay scaled with the steps
     assert base.eval.every == 25 == base.train.checkpoint_every             # four reports, each with a checkpoint
