@@ -14,6 +14,29 @@ ROOT = Path(__file__).resolve().parents[1]
 BUILD = ROOT / "shards" / "build.py"
 
 
+def tar_members(role_dir: Path) -> dict[str, dict[str, bytes]]:
+    """key -> {field: bytes} of every sample of a role, straight from its tar files."""
+    import tarfile
+
+    out: dict[str, dict[str, bytes]] = {}
+    for shard in sorted(Path(role_dir).glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            for m in tar:
+                key, _, field = m.name.partition(".")
+                out.setdefault(key, {})[field] = tar.extractfile(m).read()
+    return out
+
+
+def build_module():
+    """shards/build.py imported as a module (it is a script, not part of the package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("shards_build", BUILD)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def build_shards(*args: str) -> subprocess.CompletedProcess:
     """Run `python shards/build.py ARGS`; raise with its stderr if it fails."""
     proc = subprocess.run([sys.executable, str(BUILD), *args], capture_output=True, text=True)

@@ -2,12 +2,10 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import io
 import json
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -17,11 +15,9 @@ from PIL import Image
 from a2b_dist.data import DataError, eval_batches, load_image, read_manifest, to_tensor
 from a2b_dist.data.simulate import role_counts
 from a2b_dist.data.sources import path_key
-from conftest import BUILD
+from conftest import BUILD, build_module, tar_members
 
-spec = importlib.util.spec_from_file_location("shards_build", BUILD)
-build = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(build)
+build = build_module()
 
 
 def read_all(role_dir: Path, **kw) -> dict[str, dict]:
@@ -30,17 +26,6 @@ def read_all(role_dir: Path, **kw) -> dict[str, dict]:
     for batch in eval_batches(role_dir, batch_size=4, **kw):
         for i, key in enumerate(batch["key"]):
             out[key] = {k: batch[k][i] for k in ("image", "label", "mask", "has_mask")}
-    return out
-
-
-def members(role_dir: Path) -> dict[str, dict[str, bytes]]:
-    """key -> {field: bytes}, straight from the tar files."""
-    out: dict[str, dict[str, bytes]] = {}
-    for shard in sorted(role_dir.glob("*.tar")):
-        with tarfile.open(shard) as tar:
-            for m in tar:
-                key, _, field = m.name.partition(".")
-                out.setdefault(key, {})[field] = tar.extractfile(m).read()
     return out
 
 
@@ -75,7 +60,7 @@ def test_folder_round_trip_is_pixel_exact(tmp_path, kind, channels, suffixes):
     manifest = read_manifest(out / "healthy", image_size=16, channels=channels, verify="sha256")
     assert manifest["bit_depth"] == (16 if kind == "gray16" else 8)
     assert [s["samples"] for s in manifest["shards"]] == [3, 3, 1]
-    stored = members(out / "healthy")
+    stored = tar_members(out / "healthy")
     read = read_all(out / "healthy")
     assert len(read) == len(originals)
     for rel, array in originals.items():
@@ -176,13 +161,13 @@ def test_npz_roles_follow_the_split(tmp_path):
                        "--channels", "1", "--split", "healthy=20,mixed=0.25,val=5,test=10", "--seed", "3"]) == 0
     counts = {role: read_manifest(tmp_path / "out" / role)["samples"] for role in ("healthy", "mixed", "val", "test")}
     assert counts == {"healthy": 20, "mixed": 15, "val": 5, "test": 10}
-    origins = {k: json.loads(v["json"]) for k, v in members(tmp_path / "out" / "healthy").items()}
+    origins = {k: json.loads(v["json"]) for k, v in tar_members(tmp_path / "out" / "healthy").items()}
     assert all(o["label"] == 0 for o in origins.values())
-    test = members(tmp_path / "out" / "test")
+    test = tar_members(tmp_path / "out" / "test")
     assert all(v["cls"] == (b"0" if json.loads(v["json"])["label"] == 0 else b"1") for v in test.values())
-    used = [json.loads(v["json"])["index"] for role in counts for v in members(tmp_path / "out" / role).values()]
+    used = [json.loads(v["json"])["index"] for role in counts for v in tar_members(tmp_path / "out" / role).values()]
     assert len(used) == len(set(used)) == 50
-    assert "cls" not in next(iter(members(tmp_path / "out" / "mixed").values()))
+    assert "cls" not in next(iter(tar_members(tmp_path / "out" / "mixed").values()))
 
 
 def test_npz_with_pickled_objects_is_refused(tmp_path, capsys):
@@ -202,7 +187,7 @@ def test_simulated_roles_counts_and_masks(sim_shards):
         assert manifest["samples"] == normal + anomalous
         assert manifest["source"]["square_side"] == 10 and "50%" in manifest["source"]["rule"]
         assert "python shards/build.py simulated" in manifest["command"] and manifest["seed"] == 0
-        stored = members(sim_shards / role)
+        stored = tar_members(sim_shards / role)
         assert len(stored) == manifest["samples"]
         all_keys += list(stored)
         truth = [json.loads(v["json"])["anomalous"] for v in stored.values()]

@@ -3,7 +3,6 @@ checked pixel by pixel by hand, split by patient, then trained on and evaluated 
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import subprocess
 import sys
@@ -24,11 +23,9 @@ from a2b_dist.errors import UserError  # noqa: E402
 from a2b_dist.data.manifest import DataError, sample_origins  # noqa: E402
 from a2b_dist.data.medical import (DicomSkip, SliceRule, kept_slices, normalise_volume, read_dicom,  # noqa: E402
                                    split_groups)
-from conftest import BUILD, ROOT  # noqa: E402
+from conftest import BUILD, ROOT, build_module  # noqa: E402
 
-spec = importlib.util.spec_from_file_location("shards_build", BUILD)
-build = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(build)
+build = build_module()
 
 
 def write_dicom(path: Path, pixels: np.ndarray, *, patient: str = "P0", photometric: str = "MONOCHROME2",

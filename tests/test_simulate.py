@@ -3,12 +3,10 @@ changes its image only inside the recorded mask, and visibly inside it; sizes va
 reproducible; the phantom's heads are heads and differ; bad choices are one-line errors."""
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -19,11 +17,9 @@ from a2b_dist.data import read_manifest
 from a2b_dist.data.anomalies import KINDS
 from a2b_dist.data.phantom import render
 from a2b_dist.data.simulate import role_counts, render_clean
-from conftest import BUILD
+from conftest import BUILD, build_module, tar_members
 
-spec = importlib.util.spec_from_file_location("shards_build", BUILD)
-build = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(build)
+build = build_module()
 
 SIZE = 32
 SCALE = "0.05"  # mnist5k and phantom: healthy 80, mixed 56 + 24, val 5 + 5, test 40 + 40
@@ -33,14 +29,8 @@ COMBOS = [(source, kind) for source in ("mnist5k", "digits", "phantom") for kind
 
 def samples(role_dir: Path) -> list[dict]:
     """Every sample of a role: origin (json), image, mask (or None), cls (or None)."""
-    out: dict[str, dict[str, bytes]] = {}
-    for shard in sorted(role_dir.glob("*.tar")):
-        with tarfile.open(shard) as tar:
-            for m in tar:
-                key, _, field = m.name.partition(".")
-                out.setdefault(key, {})[field] = tar.extractfile(m).read()
     decoded = []
-    for fields in out.values():
+    for fields in tar_members(role_dir).values():
         decoded.append({
             "origin": json.loads(fields["json"]),
             "image": np.asarray(Image.open(io.BytesIO(fields["png"]))),
