@@ -28,6 +28,7 @@ from typing import Optional
 import torch
 
 from a2b_dist.config import SCORING_FIELDS, apply_overrides, override_values
+from a2b_dist.data import EvalReader
 from a2b_dist.errors import UserError, check_output_folder, run_guarded
 from a2b_dist.figures import plot_masks, plot_panel, plot_roc, safe_name
 from a2b_dist.files import write_atomic
@@ -157,17 +158,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.fid:  # fail before the long passes when the Inception weights are missing
         from a2b_dist import fid
         fid.find_weights(cfg.eval.fid_weights)
-    score, topk, batch_size = cfg.eval.score, cfg.eval.topk_percent, cfg.eval.batch_size
-    common = dict(batch_size=batch_size, image_size=size, channels=channels, rank=rank, world_size=world,
-                  num_workers=cfg.data.num_workers, skip_corrupt=cfg.data.skip_corrupt)
+    score, topk = cfg.eval.score, cfg.eval.topk_percent
+    reader = EvalReader.from_config(cfg, rank, world)
 
     # Training-free reference: the healthy mean image.
-    healthy_mean = healthy_mean_image(args.healthy, **common) if args.references else None
+    healthy_mean = healthy_mean_image(args.healthy, reader) if args.references else None
 
     # Score every sample once across ranks.
     generator.eval()
-    result = score_role(generator, args.shards, topk_percent=topk, device=device,
-                        healthy_mean=healthy_mean, num_panels=args.num_maps, seed=args.seed, **common)
+    result = score_role(generator, args.shards, reader, topk_percent=topk, device=device,
+                        healthy_mean=healthy_mean, num_panels=args.num_maps, seed=args.seed)
     metrics = summarise_result(result, score=score)
     metrics = {"checkpoint": str(args.checkpoint), "step": checkpoint_step(args.checkpoint),
                "shards": str(args.shards), "role": manifest.get("role"), "processes": world,
@@ -184,10 +184,8 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     if args.fid:
         metrics["fid"] = fid.translation_fid(
-            generator, args.shards, args.healthy, device=device, rank=rank, world_size=world,
-            samples=cfg.eval.fid_samples, dims=cfg.eval.fid_dims, weights=cfg.eval.fid_weights,
-            seed=args.seed, batch_size=batch_size, image_size=size, channels=channels,
-            cache_dir=args.fid_cache, num_workers=cfg.data.num_workers, skip_corrupt=cfg.data.skip_corrupt)
+            generator, args.shards, args.healthy, reader, device=device, samples=cfg.eval.fid_samples,
+            dims=cfg.eval.fid_dims, weights=cfg.eval.fid_weights, seed=args.seed, cache_dir=args.fid_cache)
 
     # Rank 0 writes the files.
     if accelerator.is_main_process:

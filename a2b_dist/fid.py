@@ -27,6 +27,7 @@ from pytorch_fid.inception import InceptionV3
 from torch.nn.functional import adaptive_avg_pool2d
 
 from a2b_dist import losses
+from a2b_dist.data import EvalReader
 from a2b_dist.errors import UserError
 from a2b_dist.files import atomic_path
 from a2b_dist.distributed import gather_objects, sample_priority
@@ -153,44 +154,36 @@ def _role_count(role_dir: str | os.PathLike, image_size, channels) -> tuple[dict
 
 
 @torch.no_grad()
-def sampled_features(role_dir: str | os.PathLike, transform: Callable[[torch.Tensor], np.ndarray], *,
-                     samples: int, seed: int, batch_size: int, device: str | torch.device,
-                     image_size: Optional[int] = None, channels: Optional[int] = None, rank: int = 0,
-                     world_size: int = 1, num_workers: int = 0, skip_corrupt: bool = False) -> np.ndarray:
+def sampled_features(role_dir: str | os.PathLike, transform: Callable[[torch.Tensor], np.ndarray],
+                     reader: EvalReader, *, samples: int, seed: int, device: str | torch.device) -> np.ndarray:
     """Features (n, dims) of min(samples, role size) samples picked by seeded key hash, identical on
     every rank and for any world size; ``transform`` maps an image batch in [-1, 1] to features."""
-    _, count = _role_count(role_dir, image_size, channels)
+    _, count = _role_count(role_dir, reader.image_size, reader.channels)
     # Keep a little more than needed by hash (3 standard deviations), then the ``samples`` lowest
     # after gathering; in the rare case that is too few, read again keeping everything. Either way
     # the result is the ``samples`` lowest priorities of the whole role.
     keep = min(1.0, (samples + 3 * math.sqrt(samples) + 3) / max(count, 1))
-    picked = _pick(role_dir, transform, keep, seed, batch_size, device, image_size, channels, rank,
-                   world_size, num_workers, skip_corrupt)
+    picked = _pick(role_dir, transform, keep, seed, reader, device)
     if len(picked) < min(samples, count) and keep < 1.0:
-        picked = _pick(role_dir, transform, 1.0, seed, batch_size, device, image_size, channels, rank,
-                       world_size, num_workers, skip_corrupt)
+        picked = _pick(role_dir, transform, 1.0, seed, reader, device)
     everything = sorted(picked, key=lambda e: (e[0], e[1]))[:samples]
     if len(everything) < 2:
         raise UserError(f"{role_dir}: FID needs at least 2 images, found {len(everything)}")
     return np.stack([f for _, _, f in everything])
 
 
-def _pick(role_dir, transform, keep, seed, batch_size, device, image_size, channels, rank, world_size,
-          num_workers, skip_corrupt) -> list[tuple[float, str, np.ndarray]]:
+def _pick(role_dir, transform, keep: float, seed: int, reader: EvalReader, device
+          ) -> list[tuple[float, str, np.ndarray]]:
     """(priority, key, features) of every sample whose priority is below ``keep``, from all ranks."""
-    from a2b_dist.data import eval_batches
-
     picked: list[tuple[float, str, np.ndarray]] = []
-    for batch in eval_batches(role_dir, batch_size=batch_size, image_size=image_size, channels=channels,
-                              rank=rank, world_size=world_size, num_workers=num_workers,
-                              skip_corrupt=skip_corrupt):
+    for batch in reader.batches(role_dir):
         prio = [sample_priority(k, seed) for k in batch["key"]]
         idx = [i for i, p in enumerate(prio) if p < keep]
         if not idx:
             continue
         feats = transform(batch["image"][idx].to(device))
         picked += [(prio[i], batch["key"][i], f) for i, f in zip(idx, feats)]
-    return [e for part in gather_objects(picked, world_size) for e in part]
+    return [e for part in gather_objects(picked, reader.world_size) for e in part]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,29 +216,26 @@ def reference_cache_key(weights: Path, dims: int, samples: int, seed: int, manif
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
-def reference_statistics(healthy_dir: str | os.PathLike, model: InceptionV3, *, weights: Path, dims: int,
-                         samples: int, seed: int, batch_size: int, device: str | torch.device,
-                         image_size: Optional[int] = None, channels: Optional[int] = None, rank: int = 0,
-                         world_size: int = 1, num_workers: int = 0, skip_corrupt: bool = False,
+def reference_statistics(healthy_dir: str | os.PathLike, model: InceptionV3, reader: EvalReader, *,
+                         weights: Path, dims: int, samples: int, seed: int, device: str | torch.device,
                          cache_dir: Optional[str | os.PathLike] = None) -> dict:
     """{"mu", "sigma", "n", "path", "cached"} of the healthy role; read from / written to the cache.
     Rank 0 decides whether the cache holds them, so all ranks take the same branch."""
-    manifest, _ = _role_count(healthy_dir, image_size, channels)
+    manifest, _ = _role_count(healthy_dir, reader.image_size, reader.channels)
     key = reference_cache_key(weights, dims, samples, seed, manifest)
     path = Path(cache_dir or default_cache_dir()) / f"healthy-{key}.npz"
     loaded = None
-    if rank == 0 and path.is_file():
+    if reader.rank == 0 and path.is_file():
         with np.load(path) as z:
             if str(z["key"]) == key:
                 loaded = {"mu": z["mu"], "sigma": z["sigma"], "n": int(z["n"])}
-    loaded = gather_objects(loaded, world_size)[0]
+    loaded = gather_objects(loaded, reader.world_size)[0]
     if loaded is not None:
         return {**loaded, "path": str(path), "cached": True}
-    feats = sampled_features(healthy_dir, lambda x: inception_features(model, x), samples=samples, seed=seed,
-                             batch_size=batch_size, device=device, image_size=image_size, channels=channels,
-                             rank=rank, world_size=world_size, num_workers=num_workers, skip_corrupt=skip_corrupt)
+    feats = sampled_features(healthy_dir, lambda x: inception_features(model, x), reader, samples=samples,
+                             seed=seed, device=device)
     mu, sigma = statistics(feats)
-    if rank == 0:
+    if reader.rank == 0:
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(path, suffix=".npz") as tmp:
             np.savez(tmp, mu=mu, sigma=sigma, n=len(feats), key=key)
@@ -256,26 +246,23 @@ def reference_statistics(healthy_dir: str | os.PathLike, model: InceptionV3, *, 
 # FID of a generator's healthy translations
 
 @torch.no_grad()
-def translation_fid(generator: torch.nn.Module, role_dir: str | os.PathLike, healthy_dir: str | os.PathLike, *,
-                    device: str | torch.device = "cpu", rank: int = 0, world_size: int = 1, samples: int = 1000,
-                    dims: int = 2048, weights: Optional[str | os.PathLike] = None, seed: int = 0,
-                    batch_size: int = 32, image_size: Optional[int] = None, channels: Optional[int] = None,
-                    cache_dir: Optional[str | os.PathLike] = None, num_workers: int = 0,
-                    skip_corrupt: bool = False) -> dict:
+def translation_fid(generator: torch.nn.Module, role_dir: str | os.PathLike, healthy_dir: str | os.PathLike,
+                    reader: Optional[EvalReader] = None, *, device: str | torch.device = "cpu",
+                    samples: int = 1000, dims: int = 2048, weights: Optional[str | os.PathLike] = None,
+                    seed: int = 0, cache_dir: Optional[str | os.PathLike] = None) -> dict:
     """FID between B' (Eq. 1) of ``samples`` images of ``role_dir`` and ``samples`` real images of
     ``healthy_dir``. The caller puts the generator in eval mode. Same result on every rank."""
     path = find_weights(weights)          # before building anything: fail fast with the fix
     model = load_inception(path, dims, device)
-    common = dict(samples=samples, seed=seed, batch_size=batch_size, device=device, image_size=image_size,
-                  channels=channels, rank=rank, world_size=world_size, num_workers=num_workers,
-                  skip_corrupt=skip_corrupt)
-    ref = reference_statistics(healthy_dir, model, weights=path, dims=dims, cache_dir=cache_dir, **common)
+    reader = reader or EvalReader()
+    common = dict(samples=samples, seed=seed, device=device)
+    ref = reference_statistics(healthy_dir, model, reader, weights=path, dims=dims, cache_dir=cache_dir, **common)
 
     def translate(x: torch.Tensor) -> np.ndarray:
         b_int, m = generator(x)
         return inception_features(model, losses.blend_healthy(x, b_int, m))
 
-    feats = sampled_features(role_dir, translate, **common)
+    feats = sampled_features(role_dir, translate, reader, **common)
     mu, sigma = statistics(feats)
     return {"fid": frechet_distance(mu, sigma, ref["mu"], ref["sigma"]), "samples": len(feats),
             "reference_cached": ref["cached"],
@@ -289,9 +276,7 @@ def selection_fid(generator: torch.nn.Module, cfg, *, device: str | torch.device
     healthy role, cfg.eval.fid_samples per side, seed 0; reference statistics cached in the run folder."""
     root = Path(cfg.data.root)
     role = root / "val" if (root / "val" / "manifest.json").is_file() else root / "mixed"
-    result = translation_fid(generator, role, root / "healthy", device=device, rank=rank, world_size=world_size,
-                             samples=cfg.eval.fid_samples, dims=cfg.eval.fid_dims, weights=cfg.eval.fid_weights,
-                             seed=0, batch_size=cfg.eval.batch_size, image_size=cfg.data.image_size,
-                             channels=cfg.data.channels, cache_dir=Path(cfg.train.run_dir) / "fid-cache",
-                             num_workers=cfg.data.num_workers, skip_corrupt=cfg.data.skip_corrupt)
+    result = translation_fid(generator, role, root / "healthy", EvalReader.from_config(cfg, rank, world_size),
+                             device=device, samples=cfg.eval.fid_samples, dims=cfg.eval.fid_dims,
+                             weights=cfg.eval.fid_weights, seed=0, cache_dir=Path(cfg.train.run_dir) / "fid-cache")
     return {"fid": result["fid"], "fid_samples": float(result["samples"])}

@@ -7,6 +7,7 @@ from typing import Optional
 
 import torch
 
+from a2b_dist.data import EvalReader
 from a2b_dist.distributed import gather_objects
 from a2b_dist.errors import UserError
 
@@ -24,21 +25,16 @@ def healthy_distance(x: torch.Tensor, healthy_mean: torch.Tensor) -> torch.Tenso
 
 
 @torch.no_grad()
-def healthy_mean_image(healthy_dir: str | os.PathLike, *, batch_size: int = 64, image_size: Optional[int] = None,
-                       channels: Optional[int] = None, rank: int = 0, world_size: int = 1,
-                       num_workers: int = 0, skip_corrupt: bool = False) -> torch.Tensor:
+def healthy_mean_image(healthy_dir: str | os.PathLike, reader: Optional[EvalReader] = None) -> torch.Tensor:
     """Mean image (C, H, W) in [-1, 1] over a role (the healthy shards), summed across ranks."""
-    from a2b_dist.data import eval_batches
-
+    reader = reader or EvalReader(batch_size=64)
     total: Optional[torch.Tensor] = None
     count = 0
-    for batch in eval_batches(healthy_dir, batch_size=batch_size, image_size=image_size, channels=channels,
-                              rank=rank, world_size=world_size, num_workers=num_workers,
-                              skip_corrupt=skip_corrupt):
+    for batch in reader.batches(healthy_dir):
         s = batch["image"].double().sum(dim=0)
         total = s if total is None else total + s
         count += batch["image"].shape[0]
-    parts = gather_objects((total, count), world_size)
+    parts = gather_objects((total, count), reader.world_size)
     sums = [t for t, _ in parts if t is not None]
     n = sum(c for _, c in parts)
     if not n:

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from a2b_dist import losses
+from a2b_dist.data import EvalReader
 from a2b_dist.distributed import gather_objects, sample_priority
 from a2b_dist.errors import UserError
 from a2b_dist.metrics import finish_mask_diagnostics, image_metrics, merge_mask_summaries, summarise_masks
@@ -21,19 +22,15 @@ SCORE_KINDS = losses.SCORE_KINDS
 
 
 @torch.no_grad()
-def score_role(generator: torch.nn.Module, role_dir: str | os.PathLike, *, batch_size: int,
-               topk_percent: float, device: str | torch.device = "cpu", image_size: Optional[int] = None,
-               channels: Optional[int] = None, rank: int = 0, world_size: int = 1, num_workers: int = 0,
-               skip_corrupt: bool = False, healthy_mean: Optional[torch.Tensor] = None,
-               num_panels: int = 0, seed: int = 0) -> dict:
+def score_role(generator: torch.nn.Module, role_dir: str | os.PathLike, reader: EvalReader, *,
+               topk_percent: float, device: str | torch.device = "cpu",
+               healthy_mean: Optional[torch.Tensor] = None, num_panels: int = 0, seed: int = 0) -> dict:
     """Score every sample of a role once across ranks; every rank returns the gathered result.
 
     Returns {"key": [...], "label": int64 (N,), "scores": {kind: (N,)}, "references": {kind: (N,)},
     "mask_summary": summary, "panels": {0: [...], 1: [...]}} sorted by key; panels hold up to
     num_panels samples per class (x, B', M, difference map, ground truth) chosen by key hash.
     """
-    from a2b_dist.data import eval_batches
-
     keys: list[str] = []
     labels: list[np.ndarray] = []
     scores: dict[str, list[np.ndarray]] = {k: [] for k in SCORE_KINDS}
@@ -42,9 +39,7 @@ def score_role(generator: torch.nn.Module, role_dir: str | os.PathLike, *, batch
         refs["healthy_distance"] = []
     summaries: list[dict] = []
     panels: dict[int, list[tuple]] = {0: [], 1: []}
-    for batch in eval_batches(role_dir, batch_size=batch_size, image_size=image_size, channels=channels,
-                              rank=rank, world_size=world_size, num_workers=num_workers,
-                              skip_corrupt=skip_corrupt):
+    for batch in reader.batches(role_dir):
         x = batch["image"].to(device)                                   # (B, C, H, W)
         b_int, m = generator(x)                                         # (B, C, H, W), (B, 1, H, W)
         b_prime = losses.blend_healthy(x, b_int, m)                     # Eq. 1
@@ -70,7 +65,7 @@ def score_role(generator: torch.nn.Module, role_dir: str | os.PathLike, *, batch
         "mask_summary": merge_mask_summaries(summaries) if summaries else None,
         "panels": panels,
     }
-    return _merge_ranks(gather_objects(local, world_size), num_panels)
+    return _merge_ranks(gather_objects(local, reader.world_size), num_panels)
 
 
 def _keep_panels(panels: dict, limit: int, seed: int, batch: dict, x, b_prime, m, diff) -> None:
@@ -159,10 +154,8 @@ def selection_metric(generator: torch.nn.Module, cfg, *, device: str | torch.dev
 
 
 def _selection_val_auc(generator, cfg, *, device, rank, world_size) -> dict[str, float]:
-    result = score_role(generator, Path(cfg.data.root) / "val", batch_size=cfg.eval.batch_size,
-                        topk_percent=cfg.eval.topk_percent, device=device, image_size=cfg.data.image_size,
-                        channels=cfg.data.channels, rank=rank, world_size=world_size,
-                        num_workers=cfg.data.num_workers, skip_corrupt=cfg.data.skip_corrupt)
+    result = score_role(generator, Path(cfg.data.root) / "val", EvalReader.from_config(cfg, rank, world_size),
+                        topk_percent=cfg.eval.topk_percent, device=device)
     summary = summarise_result(result, score=cfg.eval.score)
     flat: dict[str, Any] = {"val_auc": summary["auroc"], "val_aupr": summary["aupr"],
                             "val_pixel_auroc": summary["pixel_auroc"]}

@@ -160,6 +160,7 @@ def critic_scores(run_dir: Path, cfg, x: torch.Tensor) -> np.ndarray:
 
 def run_a2b(args, method: str, root: Path, run_dir: Path, seed: int) -> dict:
     from a2b_dist import checkpoint as ckpt
+    from a2b_dist.data import EvalReader
     from a2b_dist.references import healthy_mean_image
     from a2b_dist.scoring import score_role, summarise_result
     from a2b_dist.train import train
@@ -172,8 +173,9 @@ def run_a2b(args, method: str, root: Path, run_dir: Path, seed: int) -> dict:
     chosen = ckpt.resolve_checkpoint(run_dir / ckpt.BEST) if result["best"] else ckpt.latest_checkpoint(run_dir)
     G, _ = ckpt.load_generator(chosen)
     with torch.no_grad():
-        scored = score_role(G, root / "test", batch_size=64, topk_percent=cfg.eval.topk_percent,
-                            image_size=args.size, healthy_mean=healthy_mean_image(root / "healthy"))
+        reader = EvalReader(batch_size=64, image_size=args.size)
+        scored = score_role(G, root / "test", reader, topk_percent=cfg.eval.topk_percent,
+                            healthy_mean=healthy_mean_image(root / "healthy", reader))
     summary = summarise_result(scored, score=cfg.eval.score)
     test = load_role(root / "test", args.size)
     scores = {k: v["auroc"] for k, v in summary["scores"].items()}
@@ -312,10 +314,11 @@ def run_cell(args, protocol: str, method: str, seed: int) -> dict:
             shutil.rmtree(run_dir)
         res = run_a2b(args, method, root, run_dir, seed)
     elif method == "references":
+        from a2b_dist.data import EvalReader
         from a2b_dist.references import greyness, healthy_distance, healthy_mean_image
 
         test = load_role(root / "test", args.size)
-        mean = healthy_mean_image(root / "healthy", image_size=args.size)
+        mean = healthy_mean_image(root / "healthy", EvalReader(batch_size=64, image_size=args.size))
         res = {"scores": {"greyness": image_and_pixel(test["label"], greyness(test["image"]).numpy())["auroc"],
                           "healthy distance": image_and_pixel(
                               test["label"], healthy_distance(test["image"], mean).numpy())["auroc"]}}

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from a2b_dist import fid
+from a2b_dist.data import EvalReader
 from a2b_dist.errors import UserError
 
 
@@ -71,13 +72,13 @@ class Identity(nn.Module):
 
 def test_full_fid_path_with_standin_weights(sim_shards, standin_fid_weights, tmp_path):
     assert fid.inception_input(-torch.ones(2, 1, 8, 8)).shape == (2, 3, 8, 8)
-    common = dict(samples=8, dims=64, weights=standin_fid_weights, seed=3, batch_size=16, image_size=32,
-                  channels=1, cache_dir=tmp_path / "cache")
+    reader = EvalReader(batch_size=16, image_size=32, channels=1)
+    common = dict(samples=8, dims=64, weights=standin_fid_weights, seed=3, cache_dir=tmp_path / "cache")
     # B' = x on the healthy role itself, same samples: distance 0; written to the cache on the way.
-    same = fid.translation_fid(Identity(), sim_shards / "healthy", sim_shards / "healthy", **common)
+    same = fid.translation_fid(Identity(), sim_shards / "healthy", sim_shards / "healthy", reader, **common)
     assert same["samples"] == same["reference_samples"] == 8 and not same["reference_cached"]
     # The test role against healthy: positive; the reference statistics now come from the cache.
-    other = fid.translation_fid(Identity(), sim_shards / "test", sim_shards / "healthy", **common)
+    other = fid.translation_fid(Identity(), sim_shards / "test", sim_shards / "healthy", reader, **common)
     assert other["fid"] > 0 and other["reference_cached"]
     assert abs(same["fid"]) < 1e-4 * other["fid"]
     assert other["reference_cache"] == same["reference_cache"]
@@ -122,11 +123,11 @@ def test_ranks_shares_of_the_fid_samples_add_up(sim_shards, monkeypatch):
     def transform(x):
         return x.flatten(1).mean(dim=1, keepdim=True).double().numpy()   # a cheap stand-in feature
 
-    common = dict(transform=transform, keep=0.4, seed=5, batch_size=16, device="cpu", image_size=32,
-                  channels=1, num_workers=0, skip_corrupt=False)
-    whole = fid._pick(sim_shards / "test", rank=0, world_size=1, **common)
+    common = dict(transform=transform, keep=0.4, seed=5, device="cpu")
+    reader = lambda rank, world: EvalReader(batch_size=16, image_size=32, channels=1, rank=rank, world_size=world)  # noqa: E731
+    whole = fid._pick(sim_shards / "test", reader=reader(0, 1), **common)
     monkeypatch.setattr(fid, "gather_objects", lambda obj, world_size: [obj])   # this rank's share only
-    shares = [fid._pick(sim_shards / "test", rank=r, world_size=2, **common) for r in (0, 1)]
+    shares = [fid._pick(sim_shards / "test", reader=reader(r, 2), **common) for r in (0, 1)]
     assert {k for _, k, _ in whole} == {k for _, k, _ in shares[0]} | {k for _, k, _ in shares[1]}
     assert not {k for _, k, _ in shares[0]} & {k for _, k, _ in shares[1]}
     assert all(p < 0.4 for p, _, _ in whole) and 0 < len(whole) < 80

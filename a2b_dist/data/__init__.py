@@ -9,11 +9,12 @@ no trainer and no config module.
 """
 from .images import load_image, load_mask, prepare_image, to_tensor
 from .manifest import DataError, read_manifest
-from .streams import EvalBatches, TrainStream, eval_batches
+from .streams import EvalBatches, EvalReader, TrainStream, eval_batches
 
 __all__ = [
     "DataError",
     "EvalBatches",
+    "EvalReader",
     "TrainStream",
     "eval_batches",
     "load_image",

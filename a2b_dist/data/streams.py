@@ -28,6 +28,7 @@ import tarfile
 import warnings
 import zlib
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 
 import numpy as np
@@ -523,3 +524,30 @@ def _shard_ranges(role_dir: Path, shards: list[dict], lo: int, hi: int) -> list[
             out.append((str(role_dir / shard["name"]), start - first, stop - first))
         first = last
     return out
+
+
+@dataclass(frozen=True)
+class EvalReader:
+    """How every rank reads a role for scoring: the options of ``eval_batches``, held once so that
+    the evaluation functions (scoring, references, FID) take one object instead of seven loose
+    arguments (as stylegan2-ada's MetricOptions)."""
+    batch_size: int = 32
+    image_size: Optional[int] = None
+    channels: Optional[int] = None
+    rank: int = 0
+    world_size: int = 1
+    num_workers: int = 0
+    skip_corrupt: bool = False
+
+    @classmethod
+    def from_config(cls, cfg, rank: int = 0, world_size: int = 1) -> "EvalReader":
+        """eval.batch_size, the data section's image size, channels, loader workers and skip_corrupt."""
+        return cls(batch_size=cfg.eval.batch_size, image_size=cfg.data.image_size, channels=cfg.data.channels,
+                   rank=rank, world_size=world_size, num_workers=cfg.data.num_workers,
+                   skip_corrupt=cfg.data.skip_corrupt)
+
+    def batches(self, role_dir: str | os.PathLike) -> EvalBatches:
+        """This rank's share of one pass over ``role_dir`` (eval_batches)."""
+        return eval_batches(role_dir, batch_size=self.batch_size, image_size=self.image_size,
+                            channels=self.channels, rank=self.rank, world_size=self.world_size,
+                            num_workers=self.num_workers, skip_corrupt=self.skip_corrupt)
