@@ -82,6 +82,32 @@ def train_step(cfg: Config, models: Models, updates: A2BUpdates, next_batch: Cal
     return stats, lrs
 
 
+class TrainBatches:
+    """``next_batch(role)`` for train_step: the next batch of a role's stream on the device, in the
+    configured memory format, each image flipped left-right with probability 1/2 when data.hflip
+    (drawn from ``aug_gen``, which checkpoints save); counts the seconds spent waiting for data."""
+
+    def __init__(self, cfg: Config, streams: dict, aug_gen: torch.Generator, device: torch.device):
+        self.iters = {role: iter(s) for role, s in streams.items()}
+        self.hflip, self.aug_gen, self.device = cfg.data.hflip, aug_gen, device
+        self.fmt = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+        self.wait = 0.0
+
+    def __call__(self, role: str) -> torch.Tensor:
+        t = time.perf_counter()
+        x = next(self.iters[role])
+        if self.hflip:
+            flip = (torch.rand(x.shape[0], generator=self.aug_gen) < 0.5).view(-1, 1, 1, 1)
+            x = torch.where(flip, x.flip(-1), x)
+        self.wait += time.perf_counter() - t
+        return x.to(self.device, non_blocking=True).contiguous(memory_format=self.fmt)
+
+    def take_wait(self) -> float:
+        """Seconds waited since the last call; clears them."""
+        wait, self.wait = self.wait, 0.0
+        return wait
+
+
 class StepAgreement:
     """What all ranks agree on after each step, in one all-reduce: the mean losses (for logging),
     whether they are finite, and whether any rank asked to stop.
@@ -437,22 +463,12 @@ def _train(cfg: Config, *, resume: str, argv: Optional[list[str]], stop_requeste
             barrier=accelerator.wait_for_everyone)
 
     log = MetricsLog(run_dir, main, resumed_at=step if start_from is not None else None)
-    iters = {role: iter(s) for role, s in streams.items()}
-    fmt = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+    next_batch = TrainBatches(cfg, streams, aug_gen, device)
     images_per_step = cfg.optim.n_critic * 2 * cfg.train.batch_size
-    window = {"t0": time.perf_counter(), "wait": 0.0}
+    window_start = time.perf_counter()
     agreement = StepAgreement(world, device, fp16=accelerator.scaler is not None and accelerator.scaler.is_enabled())
     last_good = ckpt.latest_checkpoint(run_dir)
     stopped = False
-
-    def next_batch(role: str) -> torch.Tensor:
-        t = time.perf_counter()
-        x = next(iters[role])
-        if cfg.data.hflip:  # each image flipped left-right with probability 1/2
-            flip = (torch.rand(x.shape[0], generator=aug_gen) < 0.5).view(-1, 1, 1, 1)
-            x = torch.where(flip, x.flip(-1), x)
-        window["wait"] += time.perf_counter() - t
-        return x.to(device, non_blocking=True).contiguous(memory_format=fmt)
 
     from tqdm.auto import tqdm
     bar = tqdm(total=cfg.train.steps, initial=step, disable=not main, dynamic_ncols=True, desc="train")
@@ -470,17 +486,17 @@ def _train(cfg: Config, *, resume: str, argv: Optional[list[str]], stop_requeste
 
             # Log, sample, evaluate, checkpoint.
             if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-                elapsed = time.perf_counter() - window["t0"]
+                elapsed = time.perf_counter() - window_start
                 means, finite_steps = agreement.take_means()
                 record = {"step": step, "time": time.time(), "lr_g": lr_g, "lr_d": lr_d, **means,
                           "images_per_s": images_per_step * finite_steps / max(elapsed, 1e-9),
-                          "data_wait_share": window["wait"] / max(elapsed, 1e-9)}
+                          "data_wait_share": next_batch.take_wait() / max(elapsed, 1e-9)}
                 skipped = sum(getattr(s, "skipped", 0) for s in streams.values())
                 if skipped:
                     record["skipped_corrupt"] = skipped
                 log.write(record)
                 bar.set_postfix(loss_d=f"{means['loss_d']:.3f}", loss_g=f"{means['loss_g']:.3f}")
-                window.update(t0=time.perf_counter(), wait=0.0)
+                window_start = time.perf_counter()
             if main and sample_x is not None and cfg.train.sample_every and step % cfg.train.sample_every == 0:
                 save_samples(models.G_eval, sample_x.to(device), run_dir / "samples" / f"step-{step:09d}.png")
             improved = evaluated = False
