@@ -23,9 +23,10 @@ import torch
 
 from a2b_dist import losses
 from a2b_dist.config import apply_overrides, override_values
-from a2b_dist.errors import UserError, check_device, check_number, check_output_folder
-from a2b_dist.figures import plot_panel, safe_name
+from a2b_dist.errors import UserError, check_device, check_number, check_output_folder, number_arg
+from a2b_dist.figures import panel_png, plot_panel, safe_name
 from a2b_dist.files import write_atomic
+from a2b_dist.report import provenance, write_detection_report
 
 def find_images(folder: str | Path) -> list[Path]:
     """Image files under ``folder`` as the folder builder finds them (recursive, by suffix, any case)."""
@@ -102,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="flag images with score >= this: a number, or metrics.json from `a2b evaluate` "
                         "(its Youden threshold and score kind)")
     p.add_argument("--maps", action="store_true", help="write a panel per image: input | B' | mask | map")
+    p.add_argument("--report-panels", type=number_arg(0, None, integer=True), default=24,
+                   help="report.html: heat maps of the highest-scored images, this many (default 24)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("overrides", nargs="*", metavar="section.field=value",
                    help="settings of the checkpoint's config to change: eval.score (default: the "
@@ -143,6 +146,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     (out / "maps" if args.maps else out).mkdir(parents=True, exist_ok=True)
     root = Path(args.images)
     rows: list[tuple[str, float]] = []
+    top: list[tuple[float, str, dict]] = []     # the report's panels: the highest scores so far
     for start in range(0, len(paths), batch_size):
         chunk = paths[start:start + batch_size]
         x = load_batch(chunk, cfg.data.image_size, cfg.data.channels).to(device)   # (B, C, H, W)
@@ -153,10 +157,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         for i, p in enumerate(chunk):
             rel = p.relative_to(root).as_posix()
             rows.append((rel, float(values[i])))
+            arrays = {"x": x[i].cpu().numpy(), "b_prime": b_prime[i].cpu().numpy(),
+                      "mask": m[i, 0].cpu().numpy(), "diff": diff[i, 0].cpu().numpy(), "gt": None}
             if args.maps:
-                plot_panel(out / "maps" / f"{safe_name(rel)}.png", rel, None, float(values[i]), {
-                    "x": x[i].cpu().numpy(), "b_prime": b_prime[i].cpu().numpy(),
-                    "mask": m[i, 0].cpu().numpy(), "diff": diff[i, 0].cpu().numpy(), "gt": None})
+                plot_panel(out / "maps" / f"{safe_name(rel)}.png", rel, None, float(values[i]), arrays)
+            if args.report_panels and (len(top) < args.report_panels or (-values[i], rel) < top[-1][:2]):
+                top.append((-float(values[i]), rel, arrays))
+                top.sort(key=lambda e: e[:2])
+                del top[args.report_panels:]
 
     rows.sort(key=lambda r: (-r[1], r[0]))
     buf = io.StringIO()
@@ -165,11 +173,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     for rel, value in rows:
         writer.writerow([rel, f"{value:.6g}"] + ([int(value >= threshold)] if threshold is not None else []))
     write_atomic(out / "scores.csv", buf.getvalue())
+    panels = {rel: panel_png(rel, None, -neg, arrays) for neg, rel, arrays in top}
+    write_detection_report(out / "report.html", rows=rows, score=score, threshold=threshold, panels=panels,
+                           checkpoint=str(args.checkpoint),
+                           prov=provenance({}, ["a2b", "detect", *(argv if argv is not None else sys.argv[1:])]))
 
     flagged = sum(v >= threshold for _, v in rows) if threshold is not None else None
     print(f"scored {len(rows)} images ({score} score)"
           + (f"; {flagged} flagged at threshold {threshold:.6g}" if threshold is not None else ""))
-    print(f"wrote {out / 'scores.csv'}" + (f" and {len(rows)} panels in {out / 'maps'}" if args.maps else ""))
+    print(f"wrote {out / 'report.html'} (open it in a browser), {out / 'scores.csv'}"
+          + (f" and {len(rows)} panels in {out / 'maps'}" if args.maps else ""))
     return 0
 
 

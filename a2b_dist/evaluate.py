@@ -11,8 +11,8 @@ Several processes (every sample is scored exactly once across ranks; rank 0 writ
 
 The paper's score (section 3.3, 4) is the mean of the difference map |x - B'|; ``topk`` (the mean of
 the largest topk_percent of the map) is reported beside it. Files written to --out:
-metrics.json, scores.csv, roc.png, masks.png, maps/<class>-<key>.png; with ``--group-by patient``
-also groups.csv and a ``groups`` entry in metrics.json (AUROC of each group's mean and max score).
+report.html (one self-contained page: a2b_dist.report), metrics.json, scores.csv, roc.png,
+masks.png, maps/<class>-<key>.png; with ``--group-by patient`` also groups.csv and a ``groups`` entry in metrics.json (AUROC of each group's mean and max score).
 """
 from __future__ import annotations
 
@@ -27,13 +27,14 @@ from typing import Optional
 
 import torch
 
-from a2b_dist.config import SCORING_FIELDS, apply_overrides, override_values
+from a2b_dist.config import SCORING_FIELDS, apply_overrides, override_values, to_yaml
 from a2b_dist.data import EvalReader
 from a2b_dist.errors import UserError, check_output_folder, run_guarded
 from a2b_dist.figures import plot_masks, plot_panel, plot_roc, safe_name
 from a2b_dist.files import write_atomic
 from a2b_dist.metrics import group_metrics
 from a2b_dist.references import healthy_mean_image
+from a2b_dist.report import provenance, write_evaluation_report
 from a2b_dist.scoring import score_role, summarise_result
 
 
@@ -83,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shards", required=True, help="a role folder of shards, e.g. data/demo/test")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--num-maps", type=int, default=4, help="difference-map panels per class (default 4)")
+    p.add_argument("--report-panels", type=int, default=6,
+                   help="report.html: panels of the highest-scored healthy, lowest- and highest-scored "
+                        "anomalous images, this many each (default 6)")
     p.add_argument("--references", action="store_true",
                    help="also report training-free references: greyness and distance to the healthy mean")
     p.add_argument("--healthy", default=None,
@@ -124,8 +128,9 @@ def _check_args(args) -> None:
     if not Path(args.checkpoint).exists():
         raise UserError(f"--checkpoint {args.checkpoint} does not exist")
     check_output_folder("--out", args.out)
-    if args.num_maps < 0:
-        raise UserError(f"--num-maps must be 0 or more, not {args.num_maps}")
+    for name in ("num_maps", "report_panels"):
+        if getattr(args, name) < 0:
+            raise UserError(f"--{name.replace('_', '-')} must be 0 or more, not {getattr(args, name)}")
     override_values(args.overrides)   # malformed overrides fail before anything is loaded
     if (args.references or args.fid):
         healthy = Path(args.healthy) if args.healthy else shards.parent / "healthy"
@@ -167,7 +172,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     # Score every sample once across ranks.
     generator.eval()
     result = score_role(generator, args.shards, reader, topk_percent=topk, device=device,
-                        healthy_mean=healthy_mean, num_panels=args.num_maps, seed=args.seed)
+                        healthy_mean=healthy_mean, num_panels=args.num_maps, seed=args.seed,
+                        extremes=args.report_panels, score=score)
     metrics = summarise_result(result, score=score)
     metrics = {"checkpoint": str(args.checkpoint), "step": checkpoint_step(args.checkpoint),
                "shards": str(args.shards), "role": manifest.get("role"), "processes": world,
@@ -205,6 +211,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         if result["panels"][0] or result["panels"][1]:
             plot_masks(out / "masks.png", result["panels"])
         write_atomic(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+        manifests = {"scored": Path(args.shards) / "manifest.json"}
+        if args.healthy:
+            manifests["healthy"] = Path(args.healthy) / "manifest.json"
+        write_evaluation_report(out / "report.html", metrics=metrics, result=result, config_yaml=to_yaml(cfg),
+                                prov=provenance(manifests, ["a2b", "evaluate", *(argv if argv is not None else sys.argv[1:])]),
+                                group_table=grouped["table"] if grouped is not None else None,
+                                group_field=args.group_by)
         _report(metrics, out, expected)
     accelerator.wait_for_everyone()
     return 0
@@ -233,7 +246,7 @@ def _report(metrics: dict, out: Path, expected: Optional[int]) -> None:
               f"of the max score {_fmt(g['max']['auroc'])}")
     if "fid" in metrics:
         print(f"FID: {metrics['fid']['fid']:.3f} ({metrics['fid']['samples']} samples)")
-    print(f"wrote {out}/metrics.json, scores.csv, roc.png, masks.png, maps/")
+    print(f"wrote {out}/report.html (open it in a browser), metrics.json, scores.csv, roc.png, masks.png, maps/")
 
 
 if __name__ == "__main__":

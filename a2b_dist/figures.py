@@ -1,22 +1,20 @@
-"""Figures of an evaluation or a detection: ROC curves, one panel per image (input | B' | mask |
-heat map), the mask grid. Each is written atomically as PNG; matplotlib runs headless (Agg)."""
+"""Figures of an evaluation or a detection: ROC and precision-recall curves, score histograms per
+class, one panel per image (input | B' | mask | heat map), the mask grid.
+
+Each figure is a function that returns PNG bytes (``*_png``); ``plot_*`` writes the same bytes to a
+file atomically, and report.py embeds them in report.html, so the page and the PNGs are the same
+figures. matplotlib runs headless (Agg).
+"""
 from __future__ import annotations
 
 import io
 import os
-from pathlib import Path
 from typing import Optional
 
 import numpy as np
-from sklearn.metrics import roc_auc_score, roc_curve
+from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
 
 from a2b_dist.files import write_atomic
-
-
-def _save_figure(fig, path: Path) -> None:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-    write_atomic(path, buf.getvalue())
 
 
 def _pyplot():
@@ -26,27 +24,77 @@ def _pyplot():
     return plt
 
 
-def plot_roc(path: str | os.PathLike, result: dict, score: str) -> None:
-    """ROC curves of every score and reference, AUROC in the legend; the chosen score drawn bold."""
-    plt = _pyplot()
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    _pyplot().close(fig)
+    return buf.getvalue()
+
+
+def _known(result: dict) -> tuple[np.ndarray, np.ndarray]:
     labels = result["label"]
     known = labels >= 0
-    y = (labels[known] > 0).astype(int)
-    fig, ax = plt.subplots(figsize=(5, 5))
+    return known, (labels[known] > 0).astype(int)
+
+
+def _curves(result: dict, score: str) -> list[tuple[str, np.ndarray, bool]]:
     curves = [(f"score {k}", v, k == score) for k, v in result["scores"].items()]
-    curves += [(f"reference {k}", v, False) for k, v in result["references"].items()]
+    return curves + [(f"reference {k}", v, False) for k, v in result["references"].items()]
+
+
+def roc_png(result: dict, score: str) -> bytes:
+    """ROC curves of every score and reference, AUROC in the legend; the chosen score drawn bold."""
+    plt = _pyplot()
+    known, y = _known(result)
+    fig, ax = plt.subplots(figsize=(5, 5))
     if 0 < y.sum() < y.size:
-        for name, values, main in curves:
+        for name, values, main in _curves(result, score):
             fpr, tpr, _ = roc_curve(y, values[known])
-            auc = roc_auc_score(y, values[known])
             ax.plot(fpr, tpr, lw=2.5 if main else 1.2, ls="-" if name.startswith("score") else "--",
-                    label=f"{name}: AUROC {auc:.3f}")
+                    label=f"{name}: AUROC {roc_auc_score(y, values[known]):.3f}")
     ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls=":")
     ax.set(xlabel="false positive rate", ylabel="true positive rate", xlim=(0, 1), ylim=(0, 1.01),
            title=f"ROC ({y.size} images)")
     ax.legend(loc="lower right", fontsize=8)
-    _save_figure(fig, Path(path))
-    plt.close(fig)
+    return _png(fig)
+
+
+def pr_png(result: dict, score: str) -> bytes:
+    """Precision-recall curves of every score and reference, AUPR in the legend; the prevalence
+    (a detector at chance) dotted."""
+    plt = _pyplot()
+    known, y = _known(result)
+    fig, ax = plt.subplots(figsize=(5, 5))
+    if 0 < y.sum() < y.size:
+        for name, values, main in _curves(result, score):
+            precision, recall, _ = precision_recall_curve(y, values[known])
+            ax.plot(recall, precision, lw=2.5 if main else 1.2, ls="-" if name.startswith("score") else "--",
+                    label=f"{name}: AUPR {average_precision_score(y, values[known]):.3f}")
+        ax.axhline(y.mean(), color="grey", lw=0.8, ls=":")
+    ax.set(xlabel="recall (sensitivity)", ylabel="precision", xlim=(0, 1), ylim=(0, 1.01),
+           title=f"precision-recall ({y.size} images)")
+    ax.legend(loc="lower left", fontsize=8)
+    return _png(fig)
+
+
+def histogram_png(result: dict, score: str, threshold: Optional[float]) -> bytes:
+    """The chosen score's distribution per class (healthy, anomalous; unlabelled when present), the
+    threshold drawn."""
+    plt = _pyplot()
+    values, labels = result["scores"][score], result["label"]
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    groups = [("healthy", labels == 0, "tab:blue"), ("anomalous", labels > 0, "tab:red"),
+              ("unlabelled", labels < 0, "tab:grey")]
+    finite = values[np.isfinite(values)]
+    bins = np.linspace(finite.min(), finite.max(), 41) if finite.size and finite.min() < finite.max() else 20
+    for name, sel, colour in groups:
+        if sel.any():
+            ax.hist(values[sel], bins=bins, alpha=0.55, color=colour, label=f"{name} ({int(sel.sum())})")
+    if threshold is not None and np.isfinite(threshold):
+        ax.axvline(threshold, color="black", lw=1.2, ls="--", label=f"threshold {threshold:.4g}")
+    ax.set(xlabel=f"score ({score})", ylabel="images", title="scores per class")
+    ax.legend(fontsize=8)
+    return _png(fig)
 
 
 def _display(img: np.ndarray) -> tuple[np.ndarray, Optional[str]]:
@@ -55,7 +103,7 @@ def _display(img: np.ndarray) -> tuple[np.ndarray, Optional[str]]:
     return (u[0], "gray") if u.shape[0] == 1 else (u.transpose(1, 2, 0), None)
 
 
-def plot_panel(path: str | os.PathLike, key: str, label: Optional[int], score: float, arrays: dict) -> None:
+def panel_png(key: str, label: Optional[int], score: float, arrays: dict) -> bytes:
     """input | healthy translation B' | mask M | difference map over the input (ground truth outlined)."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, 4, figsize=(10, 2.9))
@@ -75,11 +123,10 @@ def plot_panel(path: str | os.PathLike, key: str, label: Optional[int], score: f
         ax.set_title(title, fontsize=9)
         ax.axis("off")
     fig.suptitle(f"{key}  " + (f"label {label}  " if label is not None else "") + f"score {score:.4g}", fontsize=9)
-    _save_figure(fig, Path(path))
-    plt.close(fig)
+    return _png(fig)
 
 
-def plot_masks(path: str | os.PathLike, panels: dict) -> None:
+def masks_png(panels: dict) -> bytes:
     """Masks on healthy and anomalous images: per class a row of inputs and a row of their masks."""
     plt = _pyplot()
     cols = max(1, max(len(panels[0]), len(panels[1])))
@@ -99,8 +146,19 @@ def plot_masks(path: str | os.PathLike, panels: dict) -> None:
                 ax_mask.contour(arrays["gt"], levels=[0.5], colors="red", linewidths=0.8)
         axes[2 * row, 0].set_title(f"{name}: input", fontsize=8, loc="left")
         axes[2 * row + 1, 0].set_title(f"{name}: mask M (0-1; red: ground truth)", fontsize=8, loc="left")
-    _save_figure(fig, Path(path))
-    plt.close(fig)
+    return _png(fig)
+
+
+def plot_roc(path: str | os.PathLike, result: dict, score: str) -> None:
+    write_atomic(path, roc_png(result, score))
+
+
+def plot_panel(path: str | os.PathLike, key: str, label: Optional[int], score: float, arrays: dict) -> None:
+    write_atomic(path, panel_png(key, label, score, arrays))
+
+
+def plot_masks(path: str | os.PathLike, panels: dict) -> None:
+    write_atomic(path, masks_png(panels))
 
 
 def safe_name(key: str) -> str:

@@ -24,12 +24,16 @@ SCORE_KINDS = losses.SCORE_KINDS
 @torch.no_grad()
 def score_role(generator: torch.nn.Module, role_dir: str | os.PathLike, reader: EvalReader, *,
                topk_percent: float, device: str | torch.device = "cpu",
-               healthy_mean: Optional[torch.Tensor] = None, num_panels: int = 0, seed: int = 0) -> dict:
+               healthy_mean: Optional[torch.Tensor] = None, num_panels: int = 0, seed: int = 0,
+               extremes: int = 0, score: str = "mean") -> dict:
     """Score every sample of a role once across ranks; every rank returns the gathered result.
 
     Returns {"key": [...], "label": int64 (N,), "scores": {kind: (N,)}, "references": {kind: (N,)},
-    "mask_summary": summary, "panels": {0: [...], 1: [...]}} sorted by key; panels hold up to
-    num_panels samples per class (x, B', M, difference map, ground truth) chosen by key hash.
+    "mask_summary": summary, "panels": {0: [...], 1: [...]}, "extremes": {...}} sorted by key;
+    panels hold up to num_panels samples per class (x, B', M, difference map, ground truth) chosen
+    by key hash; extremes the ``extremes`` highest-scored healthy images (false positives first),
+    the lowest-scored anomalous ones (missed first) and the highest-scored anomalous ones, by the
+    ``score`` kind, as [(key, score, arrays)].
     """
     keys: list[str] = []
     labels: list[np.ndarray] = []
@@ -39,6 +43,7 @@ def score_role(generator: torch.nn.Module, role_dir: str | os.PathLike, reader: 
         refs["healthy_distance"] = []
     summaries: list[dict] = []
     panels: dict[int, list[tuple]] = {0: [], 1: []}
+    tails: dict[str, list[tuple]] = {name: [] for name in EXTREMES}
     for batch in reader.batches(role_dir):
         x = batch["image"].to(device)                                   # (B, C, H, W)
         b_int, m = generator(x)                                         # (B, C, H, W), (B, 1, H, W)
@@ -56,6 +61,8 @@ def score_role(generator: torch.nn.Module, role_dir: str | os.PathLike, reader: 
         summaries.append(summarise_masks(m, y, batch["mask"], batch["has_mask"], diff))
         if num_panels:
             _keep_panels(panels, num_panels, seed, batch, x, b_prime, m, diff)
+        if extremes:
+            _keep_extremes(tails, extremes, scores[score][-1], batch, x, b_prime, m, diff)
 
     local = {
         "key": keys,
@@ -64,8 +71,15 @@ def score_role(generator: torch.nn.Module, role_dir: str | os.PathLike, reader: 
         "references": {k: np.concatenate(v) if v else np.zeros(0) for k, v in refs.items()},
         "mask_summary": merge_mask_summaries(summaries) if summaries else None,
         "panels": panels,
+        "extremes": tails,
     }
-    return _merge_ranks(gather_objects(local, reader.world_size), num_panels)
+    return _merge_ranks(gather_objects(local, reader.world_size), num_panels, extremes)
+
+
+def _arrays(i: int, batch: dict, x, b_prime, m, diff) -> dict:
+    return {"x": x[i].cpu().numpy(), "b_prime": b_prime[i].cpu().numpy(), "mask": m[i, 0].cpu().numpy(),
+            "diff": diff[i, 0].cpu().numpy(),
+            "gt": batch["mask"][i, 0].numpy() if bool(batch["has_mask"][i]) else None}
 
 
 def _keep_panels(panels: dict, limit: int, seed: int, batch: dict, x, b_prime, m, diff) -> None:
@@ -74,16 +88,36 @@ def _keep_panels(panels: dict, limit: int, seed: int, batch: dict, x, b_prime, m
         if label < 0:
             continue
         cls = 1 if label > 0 else 0
-        entry = (sample_priority(key, seed), key, {
-            "x": x[i].cpu().numpy(), "b_prime": b_prime[i].cpu().numpy(), "mask": m[i, 0].cpu().numpy(),
-            "diff": diff[i, 0].cpu().numpy(),
-            "gt": batch["mask"][i, 0].numpy() if bool(batch["has_mask"][i]) else None})
-        panels[cls].append(entry)
+        panels[cls].append((sample_priority(key, seed), key, _arrays(i, batch, x, b_prime, m, diff)))
         panels[cls].sort(key=lambda e: e[0])
         del panels[cls][limit:]
 
 
-def _merge_ranks(parts: list[dict], num_panels: int) -> dict:
+# name -> (the class it draws from, +1: highest scores first / -1: lowest first)
+EXTREMES = {"healthy_highest": (0, 1), "anomalous_lowest": (1, -1), "anomalous_highest": (1, 1)}
+
+
+def _keep_extremes(tails: dict, limit: int, values: np.ndarray, batch: dict, x, b_prime, m, diff) -> None:
+    """Keep, per EXTREMES entry, the ``limit`` samples with the most extreme score seen so far
+    (ties by key, so the choice does not depend on the order or number of ranks)."""
+    for i, key in enumerate(batch["key"]):
+        label = int(batch["label"][i])
+        if label < 0:
+            continue
+        cls = 1 if label > 0 else 0
+        for name, (want, sign) in EXTREMES.items():
+            if cls != want:
+                continue
+            entry = (-sign * float(values[i]), key, float(values[i]))
+            kept = tails[name]
+            if len(kept) >= limit and entry[:2] >= kept[-1][:2]:
+                continue
+            kept.append((*entry, _arrays(i, batch, x, b_prime, m, diff)))
+            kept.sort(key=lambda e: e[:2])
+            del kept[limit:]
+
+
+def _merge_ranks(parts: list[dict], num_panels: int, extremes: int = 0) -> dict:
     keys = [k for p in parts for k in p["key"]]
     if len(set(keys)) != len(keys):
         raise RuntimeError("a sample was scored on more than one rank; the data layer must split "
@@ -94,6 +128,9 @@ def _merge_ranks(parts: list[dict], num_panels: int) -> dict:
     for cls in (0, 1):
         entries = sorted((e for p in parts for e in p["panels"][cls]), key=lambda e: e[0])[:num_panels]
         panels[cls] = [(key, arrays) for _, key, arrays in entries]
+    tails = {name: [(key, value, arrays) for _, key, value, arrays in
+                    sorted((e for p in parts for e in p["extremes"][name]), key=lambda e: e[:2])[:extremes]]
+             for name in EXTREMES}
     summaries = [p["mask_summary"] for p in parts if p["mask_summary"] is not None]
     return {
         "key": [keys[i] for i in order],
@@ -102,6 +139,7 @@ def _merge_ranks(parts: list[dict], num_panels: int) -> dict:
         "references": {k: cat([p["references"][k] for p in parts]) for k in parts[0]["references"]},
         "mask_summary": merge_mask_summaries(summaries) if summaries else None,
         "panels": panels,
+        "extremes": tails,
     }
 
 

@@ -134,3 +134,18 @@ def standin_fid_weights(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("fid-weights") / "pt_inception-2015-12-05-6726825d.pth"
     torch.save(net.state_dict(), path)
     return path
+
+
+def chromium_screenshot(page: Path, png: Path) -> Path:
+    """A screenshot of a local HTML page by headless Chromium (Debian's `chromium`; CI installs it),
+    with every network request sent to a closed port, so a page that needs the network shows it."""
+    import shutil
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("chromium is not installed (apt-get install chromium; .ci/run installs it)")
+    proc = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                           "--proxy-server=127.0.0.1:9", "--window-size=1200,2400", f"--screenshot={png}",
+                           Path(page).resolve().as_uri()], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and png.is_file(), proc.stderr[-2000:]
+    return png

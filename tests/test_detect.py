@@ -86,6 +86,21 @@ def test_threshold_from_metrics_json_brings_its_score(setup):
                      "--threshold", str(tmp / "eval" / "metrics.json"), "eval.score=mean"])
 
 
+def test_detect_report_lists_every_image_once_by_score(setup):
+    import re
+
+    ckpt, images, tmp = setup
+    assert detect.main(["--checkpoint", str(ckpt), "--images", str(images), "--out", str(tmp / "out"),
+                        "--threshold", "0.3", "--report-panels", "2"]) == 0
+    page = (tmp / "out" / "report.html").read_text()
+    listed = re.findall(r'<tr><td class="num">\d+</td><td>([^<]+)</td><td class="num">([^<]+)</td>', page)
+    rows = _rows(tmp / "out" / "scores.csv")
+    assert [p for p, _ in listed] == [r["path"] for r in rows]                  # each once, highest first
+    assert sorted(p for p, _ in listed) == ["a.png", "a16.png", "sub/b.PNG", "sub/square.png"]
+    assert page.count("data:image/png;base64,") == 2                            # the two highest scores
+    assert f"{sum(float(r['score']) >= 0.3 for r in rows)}</b> flagged at threshold 0.3" in page
+
+
 def test_bad_paths_are_user_errors(setup):
     ckpt, images, tmp = setup
     base = ["--checkpoint", str(ckpt), "--out", str(tmp / "o")]

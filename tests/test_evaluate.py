@@ -191,6 +191,55 @@ def one_process(sim_shards, standin_fid_weights, tmp_path_factory):
     return args, tmp / "one"
 
 
+def test_report_page_holds_metrics_json_and_loads_nothing(one_process, sim_shards):
+    """report.html: the headline is metrics.json's, every figure is embedded, nothing is fetched, and
+    the provenance names the scored shards' manifest by its hash."""
+    import hashlib
+
+    _, out = one_process
+    page = (out / "report.html").read_text()
+    m = json.loads((out / "metrics.json").read_text())
+    assert f'id="image">{m["auroc"]:.4f}<' in page and f'id="AUPR">{m["aupr"]:.4f}<' in page
+    refs = re.findall(r'(?:src|href)\s*=\s*"([^"]*)"', page)
+    assert len(refs) >= 4 and all(r.startswith("data:image/png;base64,") for r in refs)
+    assert "<script" not in page and "<link" not in page and "url(" not in page and "@import" not in page
+    for title in ("Highest-scored healthy images", "Lowest-scored anomalous images",
+                  "Highest-scored anomalous images", "Mask diagnostics", "FID", "Provenance"):
+        assert title in page
+    assert hashlib.sha256((sim_shards / "test" / "manifest.json").read_bytes()).hexdigest() in page
+
+
+def test_report_renders_in_headless_chromium(one_process, tmp_path):
+    from PIL import Image
+
+    from conftest import chromium_screenshot
+
+    _, out = one_process
+    shot = chromium_screenshot(out / "report.html", tmp_path / "report.png")
+    grey = np.asarray(Image.open(shot).convert("L"), dtype=np.float64)
+    assert grey.shape[0] > 500 and grey.std() > 20          # a page with text and figures, not a blank one
+    assert (grey < 200).mean() > 0.02
+
+
+def test_extremes_are_the_highest_and_lowest_scores(sim_shards, eval_config):
+    from a2b_dist.data import EvalReader
+    from a2b_dist.nets import build_generator
+
+    torch.manual_seed(0)
+    gen = build_generator(eval_config.model, 1).eval()
+    with torch.no_grad():
+        res = scoring.score_role(gen, sim_shards / "test", EvalReader(batch_size=16, image_size=32), topk_percent=5,
+                                 extremes=3, score="topk")
+    values = dict(zip(res["key"], res["scores"]["topk"]))
+    healthy = sorted((k for k, y in zip(res["key"], res["label"]) if y == 0), key=lambda k: (-values[k], k))
+    anomalous = sorted((k for k, y in zip(res["key"], res["label"]) if y > 0), key=lambda k: (values[k], k))
+    ext = res["extremes"]
+    assert [k for k, _, _ in ext["healthy_highest"]] == healthy[:3]
+    assert [k for k, _, _ in ext["anomalous_lowest"]] == anomalous[:3]
+    assert [k for k, _, _ in ext["anomalous_highest"]] == sorted(anomalous, key=lambda k: (-values[k], k))[:3]
+    assert all(v == pytest.approx(values[k]) for k, v, _ in ext["healthy_highest"])
+
+
 def test_evaluate_one_process(one_process, sim_shards):
     _, out = one_process
     metrics = _check_outputs(out, sim_shards / "test", 1)
