@@ -42,6 +42,14 @@ class ConfigError(UserError, ValueError):
     """A config value a user has to fix; the message names the field and the allowed values."""
 
 
+TRACKERS = ("tensorboard", "mlflow", "wandb")   # train.log_with: Accelerate's names
+
+
+def trackers(cfg: "Config") -> list[str]:
+    """The trackers train.log_with names (none: an empty list)."""
+    return [t.strip() for t in cfg.train.log_with.split(",") if t.strip() and t.strip() != "none"]
+
+
 def bounded(default: Any, low: Any = None, high: Any = None) -> Any:
     """A numeric field with inclusive bounds (None: unbounded on that side), checked by validate();
     an int low bound makes the field an integer field."""
@@ -126,6 +134,10 @@ class TrainConfig:
     sample_every: int = bounded(2_000, 0, None)
     channels_last: bool = False
     compile: bool = False
+    # Trackers, through Accelerate's tracker API, beside metrics.jsonl: a comma-separated list of
+    # tensorboard (RUN/tb), mlflow (MLFLOW_TRACKING_URI, else a file store in RUN/mlruns), wandb
+    # (offline unless WANDB_MODE or WANDB_API_KEY says otherwise), or none.
+    log_with: str = "tensorboard"
     cpu: bool = False             # force CPU even where a GPU is present
     backend: str = one_of("ddp", ("ddp", "deepspeed"))   # deepspeed: optional package (README "DeepSpeed")
     zero_stage: int = 1           # deepspeed only: 0 (replicated Adam state) or 1 (Adam state sharded)
@@ -206,6 +218,11 @@ def validate(cfg: Config) -> Config:
     if cfg.eval.every and cfg.eval.select_from > cfg.train.steps:
         raise ConfigError(f"eval.select_from={cfg.eval.select_from} exceeds train.steps={cfg.train.steps}; "
                           "no evaluation could be selected as best")
+    trackers = [t.strip() for t in cfg.train.log_with.split(",") if t.strip()]
+    unknown = [t for t in trackers if t not in TRACKERS + ("none",)]
+    if unknown or ("none" in trackers and len(trackers) > 1):
+        raise ConfigError(f"train.log_with={cfg.train.log_with!r}: choose a comma-separated list of "
+                          f"{', '.join(TRACKERS)}, or none")
     if cfg.train.zero_stage not in (0, 1):
         raise ConfigError(f"train.zero_stage={cfg.train.zero_stage} is not allowed; choose 0 or 1 (ZeRO 2 and 3 "
                           "shard gradients and weights, untested with the critic's gradient penalty)")

@@ -34,7 +34,7 @@ import torch.distributed as dist
 from a2b_dist import backends
 from a2b_dist import checkpoint as ckpt
 from a2b_dist import losses as L
-from a2b_dist.config import Config, ConfigError, from_dict, get_field, save_config
+from a2b_dist.config import Config, ConfigError, from_dict, get_field, save_config, to_dict, trackers
 from a2b_dist.errors import UserError
 from a2b_dist.files import atomic_path, write_atomic
 from a2b_dist.updates import A2BUpdates, Models
@@ -164,8 +164,9 @@ def make_accelerator(cfg: Config):
         raise ConfigError("train.mixed_precision=fp16 needs a GPU; on CPU use bf16 or no")
     # No DDP buffer options: the networks hold no buffers (InstanceNorm keeps no running statistics,
     # checked in build_models), so DDP has nothing to broadcast in either network's forward.
-    return Accelerator(cpu=cpu, mixed_precision=cfg.train.mixed_precision,
-                       step_scheduler_with_optimizer=False)
+    names = trackers(cfg)
+    return Accelerator(cpu=cpu, mixed_precision=cfg.train.mixed_precision, step_scheduler_with_optimizer=False,
+                       log_with=names or None, project_dir=cfg.train.run_dir if names else None)
 
 
 def build_models(cfg: Config, accelerator) -> Models:
@@ -191,36 +192,74 @@ def record_launch(run_dir: Path, accelerator, argv: list[str]) -> None:
         f.write(json.dumps(info) + "\n")
 
 
-class MetricsLog:
-    """metrics.jsonl (one JSON object per line) and TensorBoard scalars, main process only."""
+def prepare_tracker_env(cfg: Config) -> None:
+    """Defaults for the trackers' own settings, before the Accelerator starts them: MLflow writes to
+    a file store in the run folder (no server, no database) unless MLFLOW_TRACKING_URI points
+    elsewhere (a tracking server, sqlite:///...); wandb runs offline
+    (into the run folder) unless WANDB_MODE or WANDB_API_KEY is set, so no run needs a network."""
+    run_dir = Path(cfg.train.run_dir).resolve()
+    names = trackers(cfg)
+    if "mlflow" in names and not os.environ.get("MLFLOW_TRACKING_URI"):
+        os.environ["MLFLOW_TRACKING_URI"] = (run_dir / "mlruns").as_uri()
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")   # MLflow 3 keeps it, in maintenance mode
+    if "wandb" in names:
+        if not os.environ.get("WANDB_MODE") and not os.environ.get("WANDB_API_KEY"):
+            os.environ["WANDB_MODE"] = "offline"
+        os.environ.setdefault("WANDB_DIR", str(run_dir))
 
-    def __init__(self, run_dir: Path, enabled: bool, resumed_at: Optional[int] = None):
-        self.enabled = enabled
+
+class MetricsLog:
+    """metrics.jsonl (one JSON object per line, main process only) and the trackers of
+    train.log_with through Accelerate (``accelerator.log``): scalars, the sample grids as images."""
+
+    def __init__(self, cfg: Config, accelerator, run_dir: Path, resumed_at: Optional[int] = None):
+        self.enabled = accelerator.is_main_process
+        self.acc = accelerator
         self.path = run_dir / "metrics.jsonl"
-        self.tb = None
-        if enabled:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-                # After a resume, TensorBoard hides the events past the checkpoint (they are rerun).
-                purge = resumed_at + 1 if resumed_at is not None else None
-                self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=purge)
-            except ImportError:  # tensorboard is optional at run time
-                self.tb = None
+        self.names = trackers(cfg)
+        if self.names:
+            # After a resume, TensorBoard hides the events past the checkpoint (they are rerun).
+            kwargs = {"tensorboard": {"purge_step": resumed_at + 1}} if resumed_at is not None else {}
+            kwargs["mlflow"] = {"run_name": f"{run_dir.name}-{time.strftime('%Y%m%d-%H%M%S')}"}
+            flat = {f"{section}.{k}": v for section, fields in to_dict(cfg).items() for k, v in fields.items()}
+            accelerator.init_trackers("tb", config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
+                                                    for k, v in flat.items()}, init_kwargs=kwargs)
+
+    def where(self) -> list[str]:
+        """One line per tracker: where to look."""
+        lines = []
+        if "tensorboard" in self.names:
+            lines.append(f"tensorboard --logdir {self.path.parent / 'tb'}")
+        if "mlflow" in self.names:
+            lines.append(f"mlflow ui --backend-store-uri {os.environ.get('MLFLOW_TRACKING_URI')}")
+        if "wandb" in self.names:
+            lines.append(f"wandb ({os.environ.get('WANDB_MODE', 'online')}) in {os.environ.get('WANDB_DIR')}")
+        return lines
 
     def write(self, record: dict) -> None:
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        if self.names:
+            values = {k: v for k, v in record.items()
+                      if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}
+            self.acc.log(values, step=record["step"])
+
+    def images(self, grid: torch.Tensor, png: Path, step: int) -> None:
+        """The sample grid (C, H, W in [0, 1]) to each tracker that keeps images (main process)."""
         if not self.enabled:
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if self.tb is not None:
-            for key, value in record.items():
-                if isinstance(value, (int, float)) and key != "step":
-                    self.tb.add_scalar(key, value, record["step"])
-            self.tb.flush()
+        if "tensorboard" in self.names:
+            self.acc.get_tracker("tensorboard").log_images({"samples": grid.cpu().numpy()}, step=step,
+                                                          dataformats="CHW")
+        if "mlflow" in self.names:
+            self.acc.get_tracker("mlflow").log_artifact(str(png), artifact_path="samples")
+        if "wandb" in self.names:
+            self.acc.get_tracker("wandb").log_images({"samples": [grid.permute(1, 2, 0).cpu().numpy()]}, step=step)
 
     def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
+        if self.names:
+            self.acc.end_training()
 
 
 def _open_streams(cfg: Config, rank: int, world: int):
@@ -259,8 +298,9 @@ def _sample_batch(cfg: Config, n: int = 8) -> Optional[torch.Tensor]:
 
 @torch.no_grad()
 def save_samples(G: torch.nn.Module, x: torch.Tensor, path: Path) -> torch.Tensor:
-    """Grid: rows input, B_int, mask, B', difference map; one column per image."""
-    from torchvision.utils import save_image
+    """Grid: rows input, B_int, mask, B', difference map; one column per image. Written to ``path``
+    and returned as one (C, H, W) image in [0, 1]."""
+    from torchvision.utils import make_grid, save_image
 
     was_training = G.training
     G.eval()
@@ -272,9 +312,9 @@ def save_samples(G: torch.nn.Module, x: torch.Tensor, path: Path) -> torch.Tenso
     to01 = lambda t: (t.float().clamp(-1, 1) + 1) / 2  # noqa: E731
     rows = [to01(x), to01(b_int), mask.float().expand(-1, c, -1, -1),
             to01(b_prime), (diff / 2).clamp(0, 1).expand(-1, c, -1, -1)]
-    grid = torch.cat(rows)
+    grid = make_grid(torch.cat(rows).cpu(), nrow=x.shape[0], padding=1)
     with atomic_path(path, suffix=".png") as tmp:
-        save_image(grid.cpu(), str(tmp), nrow=x.shape[0], padding=1)
+        save_image(grid, str(tmp))
     return grid
 
 
@@ -398,6 +438,7 @@ def _train(cfg: Config, *, resume: str, argv: Optional[list[str]], stop_requeste
     # Set up processes, folders and logging.
     backend = backends.get(cfg.train.backend)
     backend.prepare(cfg)
+    prepare_tracker_env(cfg)
     accelerator = make_accelerator(cfg)
     rank, world = accelerator.process_index, accelerator.num_processes
     main = accelerator.is_main_process
@@ -462,7 +503,9 @@ def _train(cfg: Config, *, resume: str, argv: Optional[list[str]], stop_requeste
             meta=ckpt.meta_for(cfg, step, best=best, **extra), rank=rank, world_size=world,
             barrier=accelerator.wait_for_everyone)
 
-    log = MetricsLog(run_dir, main, resumed_at=step if start_from is not None else None)
+    log = MetricsLog(cfg, accelerator, run_dir, resumed_at=step if start_from is not None else None)
+    for line in log.where():
+        accelerator.print(f"a2b: follow training with: {line}")
     next_batch = TrainBatches(cfg, streams, aug_gen, device)
     images_per_step = cfg.optim.n_critic * 2 * cfg.train.batch_size
     window_start = time.perf_counter()
@@ -498,7 +541,8 @@ def _train(cfg: Config, *, resume: str, argv: Optional[list[str]], stop_requeste
                 bar.set_postfix(loss_d=f"{means['loss_d']:.3f}", loss_g=f"{means['loss_g']:.3f}")
                 window_start = time.perf_counter()
             if main and sample_x is not None and cfg.train.sample_every and step % cfg.train.sample_every == 0:
-                save_samples(models.G_eval, sample_x.to(device), run_dir / "samples" / f"step-{step:09d}.png")
+                png = run_dir / "samples" / f"step-{step:09d}.png"
+                log.images(save_samples(models.G_eval, sample_x.to(device), png), png, step)
             improved = evaluated = False
             if cfg.eval.every and (step % cfg.eval.every == 0 or step == cfg.train.steps):
                 metrics = evaluate_for_selection(cfg, models.G_eval, accelerator)
