@@ -20,14 +20,15 @@ from a2b_dist.config import Config, ConfigError, from_dict, get_field, to_dict
 from a2b_dist.errors import UserError
 from a2b_dist.sweep import LR, apply_params
 
-LOSS_WEIGHTS = ("loss.lambda_rec", "loss.lambda_id", "loss.lambda_f", "loss.lambda_fs", "loss.lambda_fz")
+LOSS_WEIGHTS = ("loss.lambda_rec", "loss.lambda_id", "loss.lambda_f", "loss.lambda_fs")
 DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice")
 # Default space: log-uniform over a decade either side of each weight, a factor 3 for the rate.
 WEIGHT_FACTOR, LR_FACTOR = 10.0, 3.0
 # The detection levers (benchmarks/README.md, "Detection quality"), each with its off value (the
 # paper's) among the choices, so a sweep can tell on a user's own data whether a lever helps there.
 LEVERS = {
-    "loss.lambda_id_out": (0.0, 1.0, 5.0),
+    "loss.lambda_fz": (0.0, 0.1, 1.0),          # the 0/1 focus term: off in the toolkit's defaults
+    "loss.lambda_id_out": (0.0, 1.0, 10.0),
     "train.ema_decay": (0.0, 0.999),
     "loss.focus_size": ("image", "batch"),
     "data.hflip": (False, True),
@@ -70,7 +71,7 @@ class Param:
 
 
 def default_space(cfg: Config) -> dict[str, Param]:
-    """The five loss weights and the learning rate, log-uniform around the config's values
+    """The four loss weights and the learning rate, log-uniform around the config's values
     (the paper's, for the presets; a weight set to 0 is centred on the paper's default instead),
     and a choice for each detection lever in LEVERS."""
     paper = Config()
