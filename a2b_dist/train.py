@@ -258,8 +258,11 @@ class MetricsLog:
             self.acc.get_tracker("wandb").log_images({"samples": [grid.permute(1, 2, 0).cpu().numpy()]}, step=step)
 
     def close(self) -> None:
-        if self.names:
-            self.acc.end_training()
+        # Each tracker's finish(), not accelerator.end_training(): that also destroys the process
+        # group, which train() still needs (and a sweep's next trial after it).
+        if self.names and self.enabled:
+            for tracker in self.acc.trackers:
+                tracker.finish()
 
 
 def _open_streams(cfg: Config, rank: int, world: int):
