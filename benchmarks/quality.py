@@ -415,7 +415,8 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--size", type=int, default=32)
     p.add_argument("--config", default=str(ROOT / "configs" / "small.yaml"), help="the A2B-GAN preset")
-    p.add_argument("--steps", type=int, default=1500, help="A2B-GAN steps; sets every method's image budget")
+    p.add_argument("--steps", type=int, default=None,
+                   help="A2B-GAN steps; sets every method's image budget (default: the preset's train.steps)")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--work", default="runs/quality", help="shards, runs and results (reused on a rerun)")
     p.add_argument("--jobs", type=int, default=1, help="cells run at once (each with --threads threads)")
@@ -425,6 +426,9 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--ddad-k", type=int, default=3, help="autoencoders per DDAD ensemble")
     p.add_argument("--pca-components", type=int, default=32)
     args = p.parse_args(argv)
+    if args.steps is None:
+        from a2b_dist.config import load_config
+        args.steps = load_config(args.config).train.steps
     args.variants = dict(args.variant)
     known = {*A2B_METHODS, *OTHER_METHODS, *args.variants}
     bad = [m for m in args.methods if m not in known]
