@@ -41,9 +41,8 @@ def require_deepspeed(cfg: Config) -> None:
         import deepspeed  # noqa: F401
     except ImportError as e:
         raise ConfigError(
-            f"train.backend=deepspeed needs the deepspeed package ({e}); install it with "
-            f"`pip install deepspeed=={PINNED}` (pinned in requirements.txt), or choose "
-            "train.backend=ddp") from None
+            f"train.backend=deepspeed needs the deepspeed package ({e}): install the extra with "
+            f"`pip install 'a2b_dist[deepspeed]'` (deepspeed=={PINNED}), or choose train.backend=ddp") from None
 
 
 def engine_config(cfg: Config, lr: float, micro_batch: int) -> dict:

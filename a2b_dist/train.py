@@ -197,8 +197,15 @@ def prepare_tracker_env(cfg: Config) -> None:
     a file store in the run folder (no server, no database) unless MLFLOW_TRACKING_URI points
     elsewhere (a tracking server, sqlite:///...); wandb runs offline
     (into the run folder) unless WANDB_MODE or WANDB_API_KEY is set, so no run needs a network."""
+    import importlib.util
+
     run_dir = Path(cfg.train.run_dir).resolve()
     names = trackers(cfg)
+    for name, package, install in (("mlflow", "mlflow", "pip install 'a2b_dist[mlflow]'"),
+                                   ("wandb", "wandb", "pip install wandb")):
+        if name in names and importlib.util.find_spec(package) is None:
+            raise ConfigError(f"train.log_with={cfg.train.log_with} needs the {package} package: {install}, "
+                              f"or leave {name} out")
     if "mlflow" in names and not os.environ.get("MLFLOW_TRACKING_URI"):
         os.environ["MLFLOW_TRACKING_URI"] = (run_dir / "mlruns").as_uri()
         os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")   # MLflow 3 keeps it, in maintenance mode

@@ -312,9 +312,18 @@ def report(grid, exp: Path, base: dict, space: dict[str, Param], metric: str) ->
     return 0
 
 
+def require_ray() -> None:
+    """Ray is the [sweeps] extra; without it, one line that says how to get it."""
+    import importlib.util
+
+    if importlib.util.find_spec("ray") is None:
+        raise UserError("sweeps/tune.py needs Ray Tune: install the extra with pip install 'a2b_dist[sweeps]'")
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_intermixed_args(argv)
+    require_ray()
     check_args(args)
     base, space = define(args)
     storage = Path(args.storage).expanduser().resolve()

@@ -38,7 +38,8 @@ def test_missing_deepspeed_is_one_line(tmp_path):
             f"sys.exit(main(['train', '--config', 'configs/test.yaml', '{DS}', 'train.run_dir={tmp_path}']))")
     proc = run([sys.executable, "-c", code], check=False)
     assert proc.returncode == 2, proc.stderr[-2000:]
-    assert f"pip install deepspeed=={ds_backend.PINNED}" in proc.stderr and "train.backend=ddp" in proc.stderr
+    assert "pip install 'a2b_dist[deepspeed]'" in proc.stderr and f"deepspeed=={ds_backend.PINNED}" in proc.stderr
+    assert "train.backend=ddp" in proc.stderr
     assert "Traceback" not in proc.stderr
 
 

@@ -58,7 +58,7 @@ def _require(module: str):
         return importlib.import_module(module)
     except ImportError:
         raise DataError(f"reading {'DICOM' if module == 'pydicom' else 'NIfTI'} files needs {module}: "
-                        f"pip install {module} (the tested version is pinned in requirements.txt)") from None
+                        "install the extra with pip install 'a2b_dist[medical]'") from None
 
 
 def voi_window(values: np.ndarray, centre: float, width: float) -> np.ndarray:

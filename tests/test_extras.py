@@ -1,0 +1,59 @@
+"""The optional parts name their extra when its package is missing (DeepSpeed's case is in
+test_deepspeed.py, through the CLI). A missing package is stood in
+for by `sys.modules[name] = None` in a fresh interpreter (Python then raises ImportError on import,
+as it does when the package is not installed); everything else is the real code path.
+setup.py's extras are read from the real setup.py."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+BLOCK = "import sys\nfor m in {mods!r}: sys.modules[m] = None\n"
+
+
+def run_without(mods: list[str], code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", BLOCK.format(mods=mods) + code], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("mods,code,words", [
+    (["ray"], "import runpy, sys\nsys.argv = ['sweeps/tune.py', '--config', 'configs/test.yaml', '--metric', 'val_auc']\n"
+              "from a2b_dist.errors import run_guarded\nsys.path.insert(0, 'sweeps')\nimport tune\n"
+              "sys.exit(run_guarded(tune.main, sys.argv[1:]))",
+     "pip install 'a2b_dist[sweeps]'"),
+    (["pydicom"], "from a2b_dist.data import medical\nmedical._require('pydicom')", "pip install 'a2b_dist[medical]'"),
+    (["mlflow"], "from a2b_dist.config import load_config\nfrom a2b_dist.train import prepare_tracker_env\n"
+                 "prepare_tracker_env(load_config('configs/test.yaml', ['train.log_with=tensorboard,mlflow']))",
+     "pip install 'a2b_dist[mlflow]'"),
+])
+def test_a_missing_extra_is_named(mods, code, words):
+    proc = run_without(mods, code)
+    assert proc.returncode != 0 and words in proc.stderr, proc.stderr[-2000:]
+    if "run_guarded" in code:   # through the command: one line, no traceback
+        assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("error:"), proc.stderr
+
+
+def test_setup_keeps_the_optional_packages_out_of_the_core():
+    import ast
+
+    tree = ast.parse((ROOT / "setup.py").read_text())
+    extras = next(ast.literal_eval(n.value) for n in tree.body
+                  if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", "") == "EXTRAS")
+    proc = subprocess.run([sys.executable, "-c",
+                           "import runpy, sys, setuptools\n"
+                           "captured = {}\nsetuptools.setup = lambda **kw: captured.update(kw)\n"
+                           "runpy.run_path('setup.py')\n"
+                           "print(repr((captured['install_requires'], captured['extras_require'])))"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    core, extras_require = ast.literal_eval(proc.stdout.strip().splitlines()[-1])
+    names = {r.split("==")[0].split("[")[0].lower() for r in core}
+    assert {"torch", "accelerate", "webdataset", "scikit-learn", "pytorch-fid", "submitit"} <= names
+    assert not names & {"deepspeed", "ray", "pytest", "pydicom", "nibabel", "mlflow-skinny"}
+    assert set(extras_require) == set(extras) and any(r.startswith("deepspeed==") for r in extras_require["deepspeed"])
+    assert any(r.startswith("ray[tune,train]==") for r in extras_require["sweeps"])
