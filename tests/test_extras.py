@@ -57,3 +57,33 @@ def test_setup_keeps_the_optional_packages_out_of_the_core():
     assert not names & {"deepspeed", "ray", "pytest", "pydicom", "nibabel", "mlflow-skinny"}
     assert set(extras_require) == set(extras) and any(r.startswith("deepspeed==") for r in extras_require["deepspeed"])
     assert any(r.startswith("ray[tune,train]==") for r in extras_require["sweeps"])
+
+
+def test_core_install_trains_evaluates_and_detects(sim_shards, tmp_path):
+    """A fresh venv with `pip install .` and no extras (real pip, the package registry this machine
+    has): a2b train, evaluate and detect run on the test preset; the sweep names its extra."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    py = venv / "bin" / "python"
+    proc = subprocess.run([str(py), "-m", "pip", "install", "-q", str(ROOT)], capture_output=True, text=True,
+                          timeout=1500)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    listed = subprocess.run([str(py), "-m", "pip", "list", "--format=freeze"], capture_output=True, text=True,
+                            check=True).stdout.lower()
+    assert "torch==" in listed and not any(f"{p}==" in listed for p in ("deepspeed", "ray", "pytest", "pydicom"))
+    a2b = str(venv / "bin" / "a2b")
+    env = {"PATH": f"{venv / 'bin'}:/usr/bin:/bin", "OMP_NUM_THREADS": "1", "HOME": str(tmp_path)}
+    run = lambda *args: subprocess.run([a2b, *args], cwd=tmp_path, env=env, capture_output=True,  # noqa: E731
+                                       text=True, timeout=900)
+    steps = run("train", "--config", str(ROOT / "configs" / "test.yaml"), f"data.root={sim_shards}",
+                "train.run_dir=run", "train.steps=2", "optim.decay_steps=1", "train.sample_every=0")
+    assert steps.returncode == 0, steps.stderr[-3000:]
+    scored = run("evaluate", "--checkpoint", "run", "--shards", str(sim_shards / "test"), "--out", "eval")
+    assert scored.returncode == 0 and (tmp_path / "eval" / "report.html").is_file(), scored.stderr[-3000:]
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "a.png").write_bytes((ROOT / "docs" / "masks-defaults.png").read_bytes())
+    found = run("detect", "--checkpoint", "run", "--images", "images", "--out", "detect")
+    assert found.returncode == 0 and (tmp_path / "detect" / "scores.csv").is_file(), found.stderr[-3000:]
+    sweep = subprocess.run([str(py), str(ROOT / "sweeps" / "tune.py"), "--config", str(ROOT / "configs" / "test.yaml"),
+                            "--metric", "val_auc"], env=env, capture_output=True, text=True, timeout=300)
+    assert sweep.returncode == 2 and "pip install 'a2b_dist[sweeps]'" in sweep.stderr, sweep.stderr[-2000:]
