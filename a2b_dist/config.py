@@ -218,9 +218,8 @@ def validate(cfg: Config) -> Config:
     if cfg.eval.every and cfg.eval.select_from > cfg.train.steps:
         raise ConfigError(f"eval.select_from={cfg.eval.select_from} exceeds train.steps={cfg.train.steps}; "
                           "no evaluation could be selected as best")
-    trackers = [t.strip() for t in cfg.train.log_with.split(",") if t.strip()]
-    unknown = [t for t in trackers if t not in TRACKERS + ("none",)]
-    if unknown or ("none" in trackers and len(trackers) > 1):
+    named = [t.strip() for t in cfg.train.log_with.split(",") if t.strip()]
+    if any(t not in TRACKERS + ("none",) for t in named) or ("none" in named and len(named) > 1):
         raise ConfigError(f"train.log_with={cfg.train.log_with!r}: choose a comma-separated list of "
                           f"{', '.join(TRACKERS)}, or none")
     if cfg.train.zero_stage not in (0, 1):

@@ -42,39 +42,40 @@ def _curves(result: dict, score: str) -> list[tuple[str, np.ndarray, bool]]:
     return curves + [(f"reference {k}", v, False) for k, v in result["references"].items()]
 
 
-def roc_png(result: dict, score: str) -> bytes:
-    """ROC curves of every score and reference, AUROC in the legend; the chosen score drawn bold."""
+def _curves_png(result: dict, score: str, kind: str) -> bytes:
+    """ROC (``kind="roc"``) or precision-recall curves of every score and reference, the area in
+    the legend; the chosen score drawn bold, references dashed."""
     plt = _pyplot()
     known, y = _known(result)
     fig, ax = plt.subplots(figsize=(5, 5))
     if 0 < y.sum() < y.size:
         for name, values, main in _curves(result, score):
-            fpr, tpr, _ = roc_curve(y, values[known])
-            ax.plot(fpr, tpr, lw=2.5 if main else 1.2, ls="-" if name.startswith("score") else "--",
-                    label=f"{name}: AUROC {roc_auc_score(y, values[known]):.3f}")
-    ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls=":")
-    ax.set(xlabel="false positive rate", ylabel="true positive rate", xlim=(0, 1), ylim=(0, 1.01),
-           title=f"ROC ({y.size} images)")
-    ax.legend(loc="lower right", fontsize=8)
+            if kind == "roc":
+                fpr, tpr, _ = roc_curve(y, values[known])
+                xs, ys, area = fpr, tpr, f"AUROC {roc_auc_score(y, values[known]):.3f}"
+            else:
+                precision, recall, _ = precision_recall_curve(y, values[known])
+                xs, ys, area = recall, precision, f"AUPR {average_precision_score(y, values[known]):.3f}"
+            ax.plot(xs, ys, lw=2.5 if main else 1.2, ls="-" if name.startswith("score") else "--",
+                    label=f"{name}: {area}")
+        if kind == "pr":
+            ax.axhline(y.mean(), color="grey", lw=0.8, ls=":")     # a detector at chance: the prevalence
+    if kind == "roc":
+        ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls=":")
+        ax.set(xlabel="false positive rate", ylabel="true positive rate", title=f"ROC ({y.size} images)")
+    else:
+        ax.set(xlabel="recall (sensitivity)", ylabel="precision", title=f"precision-recall ({y.size} images)")
+    ax.set(xlim=(0, 1), ylim=(0, 1.01))
+    ax.legend(loc="lower right" if kind == "roc" else "lower left", fontsize=8)
     return _png(fig)
+
+
+def roc_png(result: dict, score: str) -> bytes:
+    return _curves_png(result, score, "roc")
 
 
 def pr_png(result: dict, score: str) -> bytes:
-    """Precision-recall curves of every score and reference, AUPR in the legend; the prevalence
-    (a detector at chance) dotted."""
-    plt = _pyplot()
-    known, y = _known(result)
-    fig, ax = plt.subplots(figsize=(5, 5))
-    if 0 < y.sum() < y.size:
-        for name, values, main in _curves(result, score):
-            precision, recall, _ = precision_recall_curve(y, values[known])
-            ax.plot(recall, precision, lw=2.5 if main else 1.2, ls="-" if name.startswith("score") else "--",
-                    label=f"{name}: AUPR {average_precision_score(y, values[known]):.3f}")
-        ax.axhline(y.mean(), color="grey", lw=0.8, ls=":")
-    ax.set(xlabel="recall (sensitivity)", ylabel="precision", xlim=(0, 1), ylim=(0, 1.01),
-           title=f"precision-recall ({y.size} images)")
-    ax.legend(loc="lower left", fontsize=8)
-    return _png(fig)
+    return _curves_png(result, score, "pr")
 
 
 def histogram_png(result: dict, score: str, threshold: Optional[float]) -> bytes:

@@ -7,7 +7,6 @@ the page opens from a laptop after ``scp`` and shows the same numbers as metrics
 from __future__ import annotations
 
 import base64
-import hashlib
 import html
 import platform
 import sys
@@ -16,6 +15,7 @@ from pathlib import Path
 from typing import Any, Iterable, Optional
 
 from a2b_dist import figures
+from a2b_dist.data.manifest import sha256_file
 from a2b_dist.files import write_atomic
 
 STYLE = """
@@ -61,13 +61,6 @@ def _page(title: str, body: str) -> str:
             f"<title>{html.escape(title)}</title><style>{STYLE}</style></head>\n<body>\n{body}\n</body></html>\n")
 
 
-def file_sha256(path: Path) -> Optional[str]:
-    try:
-        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-    except OSError:
-        return None
-
-
 def provenance(manifests: dict[str, Path], argv: Optional[list[str]] = None) -> dict:
     """Versions, the command line, the time, and the SHA-256 of each shard role's manifest.json."""
     import accelerate
@@ -77,7 +70,8 @@ def provenance(manifests: dict[str, Path], argv: Optional[list[str]] = None) -> 
             "host": platform.node(),
             "versions": {"python": platform.python_version(), "torch": torch.__version__,
                          "accelerate": accelerate.__version__},
-            "manifests": {name: {"path": str(p), "sha256": file_sha256(p)} for name, p in manifests.items()}}
+            "manifests": {name: {"path": str(p), "sha256": sha256_file(p) if Path(p).is_file() else None}
+                          for name, p in manifests.items()}}
 
 
 def _provenance_html(prov: dict) -> str:

@@ -192,6 +192,9 @@ def record_launch(run_dir: Path, accelerator, argv: list[str]) -> None:
         f.write(json.dumps(info) + "\n")
 
 
+_TRACKER_DEFAULTS: dict[str, str] = {}   # environment values prepare_tracker_env chose, not the user
+
+
 def prepare_tracker_env(cfg: Config) -> None:
     """Defaults for the trackers' own settings, before the Accelerator starts them: MLflow writes to
     a file store in the run folder (no server, no database) unless MLFLOW_TRACKING_URI points
@@ -206,13 +209,20 @@ def prepare_tracker_env(cfg: Config) -> None:
         if name in names and importlib.util.find_spec(package) is None:
             raise ConfigError(f"train.log_with={cfg.train.log_with} needs the {package} package: {install}, "
                               f"or leave {name} out")
-    if "mlflow" in names and not os.environ.get("MLFLOW_TRACKING_URI"):
-        os.environ["MLFLOW_TRACKING_URI"] = (run_dir / "mlruns").as_uri()
-        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")   # MLflow 3 keeps it, in maintenance mode
+    def default(key: str, value: str) -> None:
+        # A value this function set for an earlier run in the same process (a sweep's reused worker)
+        # is that run's; it is replaced. A value the user set is kept.
+        if os.environ.get(key) is None or _TRACKER_DEFAULTS.get(key) == os.environ[key]:
+            os.environ[key] = _TRACKER_DEFAULTS[key] = value
+
+    if "mlflow" in names:
+        default("MLFLOW_TRACKING_URI", (run_dir / "mlruns").as_uri())
+        if _TRACKER_DEFAULTS.get("MLFLOW_TRACKING_URI") == os.environ["MLFLOW_TRACKING_URI"]:
+            default("MLFLOW_ALLOW_FILE_STORE", "true")   # our file store; MLflow 3 keeps it in maintenance mode
     if "wandb" in names:
-        if not os.environ.get("WANDB_MODE") and not os.environ.get("WANDB_API_KEY"):
-            os.environ["WANDB_MODE"] = "offline"
-        os.environ.setdefault("WANDB_DIR", str(run_dir))
+        if not os.environ.get("WANDB_API_KEY"):
+            default("WANDB_MODE", "offline")
+        default("WANDB_DIR", str(run_dir))
 
 
 class MetricsLog:

@@ -54,3 +54,19 @@ def test_log_with_names_the_choices(tmp_path):
     with pytest.raises(ConfigError, match="train.log_with='tensorbored'.*tensorboard, mlflow, wandb, or none"):
         load_config("configs/test.yaml", ["train.log_with=tensorbored"])
     assert load_config("configs/test.yaml", ["train.log_with=none"]).train.log_with == "none"
+
+
+def test_tracker_defaults_follow_each_run_but_keep_the_users(tmp_path, monkeypatch):
+    """A process that trains twice (a sweep's reused Ray worker) logs each run into its own MLflow
+    store; a MLFLOW_TRACKING_URI the user set is never replaced."""
+    from a2b_dist.config import load_config
+    from a2b_dist.train import prepare_tracker_env
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    for run in ("a", "b"):
+        prepare_tracker_env(load_config("configs/test.yaml", [f"train.run_dir={tmp_path / run}",
+                                                               "train.log_with=mlflow"]))
+        assert os.environ["MLFLOW_TRACKING_URI"] == (tmp_path / run / "mlruns").resolve().as_uri()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    prepare_tracker_env(load_config("configs/test.yaml", [f"train.run_dir={tmp_path / 'c'}", "train.log_with=mlflow"]))
+    assert os.environ["MLFLOW_TRACKING_URI"] == "http://127.0.0.1:5000"
