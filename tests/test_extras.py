@@ -80,6 +80,19 @@ def test_core_install_trains_evaluates_and_detects(sim_shards, tmp_path):
     assert steps.returncode == 0, steps.stderr[-3000:]
     scored = run("evaluate", "--checkpoint", "run", "--shards", str(sim_shards / "test"), "--out", "eval")
     assert scored.returncode == 0 and (tmp_path / "eval" / "report.html").is_file(), scored.stderr[-3000:]
+    # The page of this 2-step run shows metrics.json's AUROC and renders in a real browser.
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from conftest import chromium_screenshot
+
+    auroc = json.loads((tmp_path / "eval" / "metrics.json").read_text())["auroc"]
+    assert f'id="image">{auroc:.4f}<' in (tmp_path / "eval" / "report.html").read_text()
+    grey = np.asarray(Image.open(chromium_screenshot(tmp_path / "eval" / "report.html", tmp_path / "page.png"))
+                      .convert("L"), dtype=np.float64)
+    assert grey.std() > 20 and (grey < 200).mean() > 0.02
     (tmp_path / "images").mkdir()
     (tmp_path / "images" / "a.png").write_bytes((ROOT / "docs" / "masks-defaults.png").read_bytes())
     found = run("detect", "--checkpoint", "run", "--images", "images", "--out", "detect")
