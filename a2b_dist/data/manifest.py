@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Optional
 
-from a2b_dist.errors import UserError
+from .storage import DataError, Storage, TransferError, hash_and_count, is_url, join, parent
 
 FORMAT = "a2b-shards/1"
 MANIFEST = "manifest.json"
@@ -33,10 +33,6 @@ _REQUIRED = {
     "shards": list,
 }
 _SHARD_REQUIRED = {"name": str, "samples": int, "bytes": int, "sha256": str}
-
-
-class DataError(UserError, ValueError):
-    """A data problem a user has to fix; the message names the file or field and what differs."""
 
 
 def shard_name(role: str, index: int) -> str:
@@ -60,16 +56,26 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 
 def count_samples(path: Path) -> int:
     """Number of samples in a shard, from its tar headers only (member data is seeked over)."""
+    with tarfile.open(path, mode="r:") as tar:
+        return _count_keys(tar)
+
+
+def count_stream(stream) -> int:
+    """Number of samples in a shard read once, start to end, from a stream (a remote shard)."""
+    with tarfile.open(fileobj=stream, mode="r|") as tar:
+        return _count_keys(tar)
+
+
+def _count_keys(tar: tarfile.TarFile) -> int:
     keys = 0
     previous = None
-    with tarfile.open(path, mode="r:") as tar:
-        for member in tar:
-            if not member.isreg():
-                continue
-            key, _ = split_member(member.name)
-            if key != previous:
-                keys += 1
-                previous = key
+    for member in tar:
+        if not member.isreg():
+            continue
+        key, _ = split_member(member.name)
+        if key != previous:
+            keys += 1
+            previous = key
     return keys
 
 
@@ -87,38 +93,44 @@ def shared_groups(groups_by_role: dict[str, list[str]], show: int = 5) -> list[s
     return found
 
 
-def _warn_shared_groups(role_dir: Path, manifest: dict) -> None:
+def _warn_shared_groups(role_dir: str, manifest: dict, storage: Storage) -> None:
     """Warn when a sibling role folder shares a group (patient, volume) with this one: leakage."""
     if not manifest.get("groups"):
         return
+    root = parent(role_dir)
     for role in ROLES:
-        sibling = role_dir.parent / role / MANIFEST
-        if role == manifest["role"] or not sibling.is_file():
+        if role == manifest["role"]:
             continue
         try:
-            other = list(json.loads(sibling.read_text()).get("groups") or [])
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError, TypeError):
-            continue  # that role's own open reports its manifest
+            other = list(json.loads(storage.read_bytes(join(root, role, MANIFEST))).get("groups") or [])
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError, TypeError, DataError):
+            continue  # no such role, or that role's own open reports its manifest
         for problem in shared_groups({manifest["role"]: manifest["groups"], role: other}):
-            warnings.warn(f"LEAKAGE in {role_dir.parent}: {problem}; the same patient or volume in training "
+            warnings.warn(f"LEAKAGE in {root}: {problem}; the same patient or volume in training "
                           "and evaluation inflates every metric. Rebuild the roles in one call with --split, "
                           "which assigns whole groups to roles", stacklevel=4)
 
 
-def sample_origins(role_dir: str | os.PathLike) -> dict[str, dict]:
+def sample_origins(role_dir: str | os.PathLike, storage: Optional[Storage] = None) -> dict[str, dict]:
     """key -> the sample's json field (its origin, with ``group`` where the builder gave one)."""
-    role_dir = Path(role_dir)
-    manifest = json.loads((role_dir / MANIFEST).read_text())
+    storage = storage or Storage()
+    role_dir = str(role_dir)
+    manifest = json.loads(storage.read_bytes(join(role_dir, MANIFEST)))
     out: dict[str, dict] = {}
     for shard in manifest["shards"]:
-        with tarfile.open(role_dir / shard["name"], mode="r:") as tar:
-            for member in tar:
-                key, ext = split_member(member.name)
-                if ext == "json" and member.isreg():
-                    try:
-                        out[key] = json.loads(tar.extractfile(member).read().decode("utf-8"))
-                    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-                        raise DataError(f"{role_dir / shard['name']}: sample {key!r}: unreadable json ({exc})") from None
+        location = join(role_dir, shard["name"])
+
+        def read() -> None:
+            with storage.open_shard(location, size=shard["bytes"], sha256=shard["sha256"]) as stream:
+                with tarfile.open(fileobj=stream, mode="r|") as tar:
+                    for member in tar:
+                        key, ext = split_member(member.name)
+                        if ext == "json" and member.isreg():
+                            try:
+                                out[key] = json.loads(tar.extractfile(member).read().decode("utf-8"))
+                            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+                                raise DataError(f"{location}: sample {key!r}: unreadable json ({exc})") from None
+        storage.call(location, "reading", read)
     return out
 
 
@@ -144,6 +156,7 @@ def read_manifest(
     image_size: Optional[int] = None,
     channels: Optional[int] = None,
     verify: str = "count",
+    storage: Optional[Storage] = None,
 ) -> dict:
     """Read ``role_dir/manifest.json`` and check the shards against it.
 
@@ -151,8 +164,13 @@ def read_manifest(
     size; with ``verify="count"`` (default) also its sample count (tar headers only), with
     ``verify="sha256"`` also its hash; the image size and channels equal the ones given.
     Raises DataError naming the file and what differs.
+
+    ``role_dir`` may be a URL (read through ``storage``): sizes then come from the server's
+    metadata, ``count`` is checked as each shard streams (its tar headers cannot be read without
+    reading the shard), and ``sha256`` reads every shard once, in parallel.
     """
-    manifest, damaged = _open_role(role_dir, image_size=image_size, channels=channels, verify=verify)
+    manifest, damaged = _open_role(role_dir, image_size=image_size, channels=channels, verify=verify,
+                                   storage=storage)
     if damaged:
         raise DataError(damaged[0])
     return manifest
@@ -165,10 +183,12 @@ def open_role(
     channels: Optional[int],
     skip_corrupt: bool,
     verify: str = "count",
+    storage: Optional[Storage] = None,
 ) -> dict:
     """read_manifest for the readers: with skip_corrupt a damaged shard (wrong size, count or
     hash) is a warning, and its missing samples are counted as skipped when read."""
-    manifest, damaged = _open_role(role_dir, image_size=image_size, channels=channels, verify=verify)
+    manifest, damaged = _open_role(role_dir, image_size=image_size, channels=channels, verify=verify,
+                                   storage=storage)
     if damaged and not skip_corrupt:
         raise DataError(damaged[0] + " (skip_corrupt=True reads what is left and counts the rest as skipped)")
     for problem in damaged:
@@ -176,18 +196,36 @@ def open_role(
     return manifest
 
 
-def _open_role(role_dir, *, image_size, channels, verify) -> tuple[dict, list[str]]:
+def _open_role(role_dir, *, image_size, channels, verify, storage: Optional[Storage] = None
+               ) -> tuple[dict, list[str]]:
     if verify not in VERIFY_LEVELS:
         raise DataError(f"verify={verify!r} is not one of {', '.join(VERIFY_LEVELS)}")
-    role_dir = Path(role_dir)
-    path = role_dir / MANIFEST
-    if not role_dir.is_dir():
-        raise DataError(f"{role_dir}: no such shard folder; build it with `python shards/build.py`")
-    if not path.is_file():
-        raise DataError(f"{path} not found: {role_dir} is not a shard folder written by `python shards/build.py`")
+    storage = storage or Storage()
+    remote = is_url(role_dir)
+    role_dir = str(role_dir) if remote else Path(role_dir)
+    path = join(role_dir, MANIFEST)
+    if remote:
+        try:
+            text = storage.read_bytes(path).decode("utf-8")
+        except TransferError as exc:
+            if not exc.missing:
+                raise
+            raise DataError(f"{path} not found: {role_dir} is not a shard folder written by "
+                            "`python shards/build.py` (or uploaded with its upload command)") from None
+        except UnicodeDecodeError as exc:
+            raise DataError(f"{path} is not readable JSON: {exc}") from None
+    else:
+        if not role_dir.is_dir():
+            raise DataError(f"{role_dir}: no such shard folder; build it with `python shards/build.py`")
+        if not Path(path).is_file():
+            raise DataError(f"{path} not found: {role_dir} is not a shard folder written by `python shards/build.py`")
+        try:
+            text = Path(path).read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise DataError(f"{path} is not readable JSON: {exc}") from None
     try:
-        manifest = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        manifest = json.loads(text)
+    except json.JSONDecodeError as exc:
         raise DataError(f"{path} is not readable JSON: {exc}") from None
     if not isinstance(manifest, dict):
         raise DataError(f"{path}: expected a JSON object, found {type(manifest).__name__}")
@@ -198,6 +236,8 @@ def _open_role(role_dir, *, image_size, channels, verify) -> tuple[dict, list[st
         if not isinstance(shard, dict):
             raise DataError(f"{path}: shards[{i}] is not an object")
         _check_fields(path, shard, _SHARD_REQUIRED, prefix=f"shards[{i}].")
+        if "/" in shard["name"] or "\\" in shard["name"] or shard["name"] in ("", ".", ".."):
+            raise DataError(f"{path}: shards[{i}].name {shard['name']!r} must be a file name in the role folder")
     listed = sum(s["samples"] for s in manifest["shards"])
     if listed != manifest["samples"]:
         raise DataError(f"{path}: samples is {manifest['samples']} but the shards list {listed}")
@@ -213,7 +253,9 @@ def _open_role(role_dir, *, image_size, channels, verify) -> tuple[dict, list[st
             f"was asked for; rebuild with --channels {channels} or use channels={manifest['channels']}"
         )
 
-    _warn_shared_groups(role_dir, manifest)
+    _warn_shared_groups(str(role_dir), manifest, storage)
+    if remote:
+        return manifest, _remote_problems(role_dir, manifest, path, verify, storage)
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:   # hashing releases the GIL
         problems = list(pool.map(lambda shard: _shard_problem(role_dir / shard["name"], shard, path, verify),
                                  manifest["shards"]))
@@ -239,6 +281,40 @@ def _shard_problem(file: Path, shard: dict, path: Path, verify: str) -> Optional
     return None
 
 
+def _remote_problems(role_dir: str, manifest: dict, path: str, verify: str, storage: Storage) -> list[str]:
+    """The checks of _shard_problem for shards behind a URL: sizes from the server's metadata
+    (one request per shard, in parallel); with sha256 every shard is read once, in parallel, and
+    its hash and sample count compared (through the node's cache when there is one)."""
+    urls = [join(role_dir, s["name"]) for s in manifest["shards"]]
+    problems: list[Optional[str]] = []
+    for url, shard, size in zip(urls, manifest["shards"], storage.sizes(urls)):
+        if size is None:
+            raise DataError(f"{url}: shard listed in {path} is missing (the server answers: not found)")
+        problems.append(None if size == shard["bytes"] else
+                        f"{url}: {size} bytes on the server, {path} lists {shard['bytes']} (truncated or rewritten)")
+    if verify == "sha256":
+        def check(url: str, shard: dict) -> Optional[str]:
+            def read() -> tuple[str, int, int]:
+                with storage.open_shard(url, size=shard["bytes"], sha256=shard["sha256"]) as stream:
+                    return hash_and_count(stream, count_stream)
+            try:
+                digest, found, _ = storage.call(url, "verifying", read)
+            except TransferError:
+                raise
+            except (tarfile.TarError, EOFError) as exc:
+                return f"{url}: unreadable tar ({exc})"
+            if found != shard["samples"]:
+                return f"{url}: holds {found} samples, {path} lists {shard['samples']}"
+            if digest != shard["sha256"]:
+                return f"{url}: sha256 differs from the one in {path} (the bytes changed after the build)"
+            return None
+        todo = [(u, s) for u, s, p in zip(urls, manifest["shards"], problems) if p is None]
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            found = dict(zip([u for u, _ in todo], pool.map(lambda item: check(*item), todo)))
+        problems = [p if p is not None else found.get(u) for u, p in zip(urls, problems)]
+    return [p for p in problems if p is not None]
+
+
 def _check_fields(path: Path, obj: dict, required: dict[str, Any], prefix: str = "") -> None:
     for name, kind in required.items():
         if name not in obj:
@@ -248,21 +324,24 @@ def _check_fields(path: Path, obj: dict, required: dict[str, Any], prefix: str =
             raise DataError(f"{path}: field {prefix}{name} should be {kind.__name__}, found {value!r}")
 
 
-def verify_roles(folder: str | os.PathLike) -> list[tuple[Path, Optional[dict], list[str]]]:
+def verify_roles(folder: str | os.PathLike, storage: Optional[Storage] = None
+                 ) -> list[tuple[str, Optional[dict], list[str]]]:
     """Check every shard of a role folder, or of each role under a data root, at verify="sha256":
-    [(role folder, manifest or None, problems)], one entry per role found."""
-    folder = Path(folder)
-    if (folder / MANIFEST).is_file():
+    [(role folder, manifest or None, problems)], one entry per role found. ``folder`` may be a URL."""
+    storage = storage or Storage()
+    folder = str(folder)
+    if storage.exists(join(folder, MANIFEST)):
         role_dirs = [folder]
     else:
-        role_dirs = [folder / r for r in ROLES if (folder / r / MANIFEST).is_file()]
+        role_dirs = [join(folder, r) for r in ROLES if storage.exists(join(folder, r, MANIFEST))]
         if not role_dirs:
             raise DataError(f"{folder}: neither a role folder (no {MANIFEST}) nor a data root with any of "
                             f"{', '.join(ROLES)} in it")
     out = []
     for role_dir in role_dirs:
         try:
-            manifest, damaged = _open_role(role_dir, image_size=None, channels=None, verify="sha256")
+            manifest, damaged = _open_role(role_dir, image_size=None, channels=None, verify="sha256",
+                                           storage=storage)
         except DataError as exc:   # unreadable manifest, missing shard: reported per role, the others go on
             out.append((role_dir, None, [str(exc)]))
             continue

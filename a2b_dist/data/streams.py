@@ -14,6 +14,10 @@ Evaluation (``eval_batches``). Samples are numbered across the shards in manifes
 of W takes the contiguous run [r * n // W, (r + 1) * n // W), split the same way over its
 workers, so across all ranks every sample is read exactly once, whatever the shard counts.
 
+A role folder may be a URL (http(s)://, s3://, gs://): its shards stream through a ``Storage``
+(bounded timeouts, retries with backoff, the node's cache), with the same order, positions and
+exactly-once split as local shards.
+
 Nothing inside a shard is unpickled: only the ``png``/``mask.png`` fields are decoded (Pillow),
 ``cls`` is parsed as ASCII; every other field is ignored.
 """
@@ -25,9 +29,9 @@ import numbers
 import os
 import signal
 import tarfile
+import time
 import warnings
 import zlib
-from pathlib import Path
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 
@@ -37,7 +41,8 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .images import decode_png, to_float
-from .manifest import DataError, open_role, split_member
+from .manifest import MANIFEST, DataError, open_role, split_member
+from .storage import Storage, is_url, join
 
 STATE_FORMAT = "a2b-trainstream/1"
 
@@ -53,23 +58,49 @@ class _CorruptSample(Exception):
     pass
 
 
-def _shard_samples(path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {field: bytes}) in file order. A sample cut off by a truncation is not yielded."""
-    key, fields, last = None, {}, None
-    try:
-        with open(path, "rb") as stream:
-            for member in wds.tariterators.tar_file_iterator(stream):
-                member_key, field = split_member(member["fname"])
-                if member_key != key:
-                    if key is not None:
-                        yield key, fields
-                        last = key
-                    key, fields = member_key, {}
-                fields[field] = member["data"]
-    except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
-        raise _BrokenShard(path, last, exc) from None
+def _tar_samples(stream) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {field: bytes}) in file order from a tar stream. A sample cut off by a truncation is not yielded."""
+    key, fields = None, {}
+    for member in wds.tariterators.tar_file_iterator(stream):
+        member_key, field = split_member(member["fname"])
+        if member_key != key:
+            if key is not None:
+                yield key, fields
+            key, fields = member_key, {}
+        fields[field] = member["data"]
     if key is not None:
         yield key, fields
+
+
+def _shard_samples(path: str, storage: Optional[Storage] = None, size: Optional[int] = None,
+                   sha256: Optional[str] = None) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {field: bytes}) of one shard, a local file or a URL read through ``storage`` (its
+    cache, or a stream). A stream that fails is opened again, with backoff, and the samples
+    already delivered are read past; the last failure raises TransferError naming the URL."""
+    delivered, last, attempt = 0, None, 0
+    while True:
+        try:
+            with (storage or Storage()).open_shard(path, size=size, sha256=sha256) as stream:
+                for index, (key, fields) in enumerate(_tar_samples(stream)):
+                    if index >= delivered:
+                        delivered += 1
+                        last = key
+                        yield key, fields
+            return
+        except (tarfile.TarError, EOFError, zlib.error) as exc:
+            raise _BrokenShard(path, last, exc) from None
+        except DataError:
+            raise
+        except OSError as exc:
+            if not is_url(path):   # a local file that cannot be read: damaged, as a bad tar
+                raise _BrokenShard(path, last, exc) from None
+            storage.failed(path, "reading", exc, attempt)
+            attempt += 1
+        except Exception as exc:   # the transfer failed (each library has its own errors; failed() sorts them)
+            if not is_url(path):
+                raise
+            storage.failed(path, "reading", exc, attempt)
+            attempt += 1
 
 
 def _decode_image(fields: dict, image_size: int, channels: int) -> np.ndarray:
@@ -171,19 +202,25 @@ class _WorkerStream:
         idle_blocks = 0
         while True:
             shard, rng = self.block_rng(block)
-            path, expected = p["shards"][shard]
+            path, expected, size, sha256 = p["shards"][shard]
             delivered, good = 0, 0
             missing = 0
 
             def read():
                 nonlocal delivered, missing
                 try:
-                    for item in _shard_samples(path):
+                    for item in _shard_samples(path, p["storage"], size, sha256):
                         delivered += 1
                         yield item
                 except _BrokenShard as exc:
                     if not p["skip_corrupt"]:
                         raise DataError(f"{exc} (skip_corrupt=True skips and counts the lost samples)") from None
+                    missing = max(0, expected - delivered)
+                    return
+                if delivered != expected:   # checked on open for local shards, here for streamed ones
+                    if not p["skip_corrupt"]:
+                        raise DataError(f"{path}: holds {delivered} samples, its manifest lists {expected} "
+                                        "(skip_corrupt=True skips and counts the lost samples)")
                     missing = max(0, expected - delivered)
 
             for n, (key, fields) in enumerate(_shuffled(read(), p["shuffle_buffer"], rng), start=1):
@@ -255,6 +292,7 @@ class TrainStream:
         shuffle_buffer: int = 256,
         skip_corrupt: bool = False,
         verify: str = "count",
+        storage: Optional[Storage] = None,
     ):
         batch_size = _check_int("batch_size", batch_size, 1)
         seed = _check_int("seed", seed, 0)
@@ -264,17 +302,24 @@ class TrainStream:
             raise DataError(f"rank {rank} is outside world_size {world_size}")
         num_workers = _check_int("num_workers", num_workers, 0)
         shuffle_buffer = _check_int("shuffle_buffer", shuffle_buffer, 1)
-        role_dir = Path(role_dir)
+        role_dir = str(role_dir)
+        storage = storage or Storage()
+        started = time.perf_counter()
         self.manifest = open_role(role_dir, image_size=image_size, channels=channels, skip_corrupt=skip_corrupt,
-                                  verify=verify)
-        shards = [(str(role_dir / s["name"]), s["samples"]) for s in self.manifest["shards"]]
-        counts = np.array([n for _, n in shards], dtype=np.float64)
+                                  verify=verify, storage=storage)
+        # What was checked on open, for the run's log: remote checks and sha256 take real time.
+        self.checked = {"location": role_dir, "verify": verify, "shards": len(self.manifest["shards"]),
+                        "bytes": sum(s["bytes"] for s in self.manifest["shards"]),
+                        "seconds": round(time.perf_counter() - started, 3)}
+        shards = [(join(role_dir, s["name"]), s["samples"], s["bytes"], s["sha256"]) for s in self.manifest["shards"]]
+        counts = np.array([s[1] for s in shards], dtype=np.float64)
         if counts.sum() == 0:
-            raise DataError(f"{role_dir / 'manifest.json'}: the role holds no samples")
+            raise DataError(f"{join(role_dir, MANIFEST)}: the role holds no samples")
         self.num_workers = num_workers
         self.streams = max(1, num_workers)
         self._plan = {
-            "role_dir": str(role_dir),
+            "role_dir": role_dir,
+            "storage": storage,
             "shards": shards,
             "weights": counts / counts.sum(),
             "batch_size": batch_size,
@@ -389,10 +434,10 @@ class _EvalWorkers(IterableDataset):
         worker = info.id if info else 0
         skipped = 0
         batch: list[tuple] = []
-        for path, start, stop in p["ranges"][worker]:
+        for path, start, stop, size, sha256 in p["ranges"][worker]:
             index = -1
             try:
-                for index, (key, fields) in enumerate(_shard_samples(path)):
+                for index, (key, fields) in enumerate(_shard_samples(path, p["storage"], size, sha256)):
                     if index < start:
                         continue
                     if index >= stop:
@@ -482,11 +527,13 @@ def eval_batches(
     world_size: int = 1,
     num_workers: int = 0,
     skip_corrupt: bool = False,
+    storage: Optional[Storage] = None,
 ) -> EvalBatches:
     """A finite pass over this rank's share of a role; all ranks together see every sample once.
 
     Batches are dicts: image float32 (B, C, H, W) in [-1, 1]; label int64 (B,), -1 where unknown;
     mask float32 (B, 1, H, W) in {0, 1}, zeros where absent; has_mask bool (B,); key list[str].
+    ``role_dir`` may be a URL, read through ``storage``.
     """
     _check_int("batch_size", batch_size, 1)
     _check_int("world_size", world_size, 1)
@@ -494,8 +541,10 @@ def eval_batches(
     if rank >= world_size:
         raise DataError(f"rank {rank} is outside world_size {world_size}")
     _check_int("num_workers", num_workers, 0)
-    role_dir = Path(role_dir)
-    manifest = open_role(role_dir, image_size=image_size, channels=channels, skip_corrupt=skip_corrupt)
+    role_dir = str(role_dir)
+    storage = storage or Storage()
+    manifest = open_role(role_dir, image_size=image_size, channels=channels, skip_corrupt=skip_corrupt,
+                         storage=storage)
     total = manifest["samples"]
     lo, hi = total * rank // world_size, total * (rank + 1) // world_size
     workers = max(1, num_workers)
@@ -504,7 +553,8 @@ def eval_batches(
         w_lo, w_hi = lo + (hi - lo) * w // workers, lo + (hi - lo) * (w + 1) // workers
         ranges.append(_shard_ranges(role_dir, manifest["shards"], w_lo, w_hi))
     plan = {
-        "role_dir": str(role_dir),
+        "role_dir": role_dir,
+        "storage": storage,
         "ranges": ranges,
         "batch_size": batch_size,
         "image_size": manifest["image_size"],
@@ -514,14 +564,14 @@ def eval_batches(
     return EvalBatches(plan, num_workers, hi - lo)
 
 
-def _shard_ranges(role_dir: Path, shards: list[dict], lo: int, hi: int) -> list[tuple[str, int, int]]:
-    """Global sample range [lo, hi) -> (shard path, first local index, stop) per shard touched."""
+def _shard_ranges(role_dir: str, shards: list[dict], lo: int, hi: int) -> list[tuple[str, int, int, int, str]]:
+    """Global sample range [lo, hi) -> (shard location, first local index, stop, bytes, sha256) per shard touched."""
     out, first = [], 0
     for shard in shards:
         last = first + shard["samples"]
         start, stop = max(lo, first), min(hi, last)
         if start < stop:
-            out.append((str(role_dir / shard["name"]), start - first, stop - first))
+            out.append((join(role_dir, shard["name"]), start - first, stop - first, shard["bytes"], shard["sha256"]))
         first = last
     return out
 
@@ -538,16 +588,19 @@ class EvalReader:
     world_size: int = 1
     num_workers: int = 0
     skip_corrupt: bool = False
+    storage: Storage = Storage()
 
     @classmethod
     def from_config(cls, cfg, rank: int = 0, world_size: int = 1) -> "EvalReader":
-        """eval.batch_size, the data section's image size, channels, loader workers and skip_corrupt."""
+        """eval.batch_size, the data section's image size, channels, loader workers, skip_corrupt,
+        and how URLs are read (timeouts, retries, the node's cache)."""
         return cls(batch_size=cfg.eval.batch_size, image_size=cfg.data.image_size, channels=cfg.data.channels,
                    rank=rank, world_size=world_size, num_workers=cfg.data.num_workers,
-                   skip_corrupt=cfg.data.skip_corrupt)
+                   skip_corrupt=cfg.data.skip_corrupt, storage=Storage.from_config(cfg.data))
 
     def batches(self, role_dir: str | os.PathLike) -> EvalBatches:
         """This rank's share of one pass over ``role_dir`` (eval_batches)."""
         return eval_batches(role_dir, batch_size=self.batch_size, image_size=self.image_size,
                             channels=self.channels, rank=self.rank, world_size=self.world_size,
-                            num_workers=self.num_workers, skip_corrupt=self.skip_corrupt)
+                            num_workers=self.num_workers, skip_corrupt=self.skip_corrupt,
+                            storage=self.storage)
