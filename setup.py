@@ -5,6 +5,9 @@
     pip install '.[sweeps]'           # sweeps/tune.py (Ray Tune)
     pip install '.[medical]'          # shards/build.py dicom / nifti
     pip install '.[mlflow]'           # train.log_with=mlflow
+    pip install '.[http]'             # data.root=https://... (shards on a web server)
+    pip install '.[s3]'               # data.root=s3://... (and S3-compatible stores: MinIO, Ceph)
+    pip install '.[gcs]'              # data.root=gs://...
     pip install '.[dev]'              # all of them and pytest (make test installs requirements.txt)
 
 Versions come from requirements.txt, the one pinned list.
@@ -15,7 +18,8 @@ from setuptools import find_packages, setup
 
 HERE = Path(__file__).parent
 EXTRAS = {"deepspeed": ["deepspeed"], "sweeps": ["ray"], "medical": ["pydicom", "nibabel"],
-          "mlflow": ["mlflow-skinny"], "dev": ["pytest"]}
+          "mlflow": ["mlflow-skinny"], "http": ["aiohttp"], "s3": ["s3fs"], "gcs": ["gcsfs"],
+          "dev": ["pytest", "moto"]}
 
 
 def requirements() -> dict[str, str]:

@@ -64,7 +64,9 @@ def one_of(default: Any, choices: tuple) -> Any:
 
 @dataclass
 class DataConfig:
-    # A folder holding the roles healthy/ mixed/ val/ test/ as shards/build.py writes them.
+    # A folder holding the roles healthy/ mixed/ val/ test/ as shards/build.py writes them, or a URL
+    # to one: https://host/path, s3://bucket/prefix, gs://bucket/prefix (credentials from the
+    # environment or the provider's config files, never in the URL).
     root: str = "data/simulated-128"
     image_size: int = bounded(128, 32, 512)
     channels: int = one_of(1, (1, 3))
@@ -74,6 +76,14 @@ class DataConfig:
     # Checks of each shard against its manifest on open: size, count (size and tar headers), sha256
     # (also the hash: reads every shard once).
     verify: str = one_of("count", ("size", "count", "sha256"))
+    # data.root a URL: seconds a request may wait for the server (connecting, or between bytes),
+    # and retries of a failed request with backoff (1, 2, 4, ... s) before the run fails.
+    timeout_s: float = bounded(60.0, 1.0, 3600.0)
+    retries: int = bounded(4, 0, 20)
+    # data.root a URL: a folder on this node's local disk keeping downloaded shards (by sha256) for
+    # later passes and resumed jobs ("": stream every read), and its size cap in GiB.
+    cache_dir: str = ""
+    cache_gb: float = bounded(50.0, 0.0, None)
     hflip: bool = False           # random horizontal flip of training images (the authors' augmentation;
                                   # off by default: laterality matters in many medical images)
 
@@ -205,6 +215,15 @@ def validate(cfg: Config) -> Config:
             value = getattr(getattr(cfg, section.name), f.name)
             if isinstance(value, float) and not math.isfinite(value):
                 raise ConfigError(f"{section.name}.{f.name}={value!r} is not a finite number")
+    from a2b_dist.data.storage import DataError, check_location, is_url
+
+    try:
+        check_location(cfg.data.root, "data.root")
+    except DataError as e:
+        raise ConfigError(str(e)) from None
+    if is_url(cfg.data.cache_dir):
+        raise ConfigError(f"data.cache_dir={cfg.data.cache_dir!r}: the cache is a folder on this node's local "
+                          "disk, not a URL")
     if cfg.data.image_size % 4:
         raise ConfigError(f"data.image_size={cfg.data.image_size} must be a multiple of 4 "
                           "(the generator downsamples twice by 2)")
@@ -298,7 +317,8 @@ def parse_overrides(overrides: Sequence[str]) -> dict:
 
 # What a command that scores with a trained generator (a2b evaluate, a2b detect) may change in the
 # checkpoint's config: how it scores and reads, never what shaped the networks.
-SCORING_FIELDS = ("eval.", "data.num_workers", "data.skip_corrupt", "data.verify")
+SCORING_FIELDS = ("eval.", "data.num_workers", "data.skip_corrupt", "data.verify", "data.timeout_s",
+                  "data.retries", "data.cache_dir", "data.cache_gb")
 
 
 def apply_overrides(cfg: Config, overrides: Sequence[str], *, allowed: Sequence[str],

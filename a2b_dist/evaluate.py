@@ -38,12 +38,12 @@ from a2b_dist.report import provenance, write_evaluation_report
 from a2b_dist.scoring import score_role, summarise_result
 
 
-def sample_groups(role_dir: str | os.PathLike, field: str) -> dict[str, str]:
+def sample_groups(role_dir: str | os.PathLike, field: str, storage=None) -> dict[str, str]:
     """key -> the value of ``field`` in each sample's json (``patient``, ``volume``, ``group``)."""
     from a2b_dist.data.manifest import sample_origins
 
     out = {}
-    for key, origin in sample_origins(role_dir).items():
+    for key, origin in sample_origins(role_dir, storage).items():
         value = origin.get(field)
         if value is None or isinstance(value, (dict, list)):
             raise UserError(f"--group-by {field}: sample {key!r} in {role_dir} has no {field!r} in its json; "
@@ -81,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True,
                    help="export .pt, checkpoint folder, or run folder (its newest complete checkpoint; "
                         "RUN/best for the best one)")
-    p.add_argument("--shards", required=True, help="a role folder of shards, e.g. data/demo/test")
+    p.add_argument("--shards", required=True, help="a role folder of shards, e.g. data/demo/test, or its URL "
+                   "(https://host/data/test, s3://bucket/data/test)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--num-maps", type=int, default=4, help="difference-map panels per class (default 4)")
     p.add_argument("--report-panels", type=int, default=6,
@@ -121,8 +122,11 @@ def checkpoint_step(path: str | os.PathLike) -> Optional[int]:
 
 
 def _check_args(args) -> None:
-    shards = Path(args.shards)
-    if not (shards / "manifest.json").is_file():
+    """Argument checks before anything is loaded (a URL's manifest is checked when it is read)."""
+    from a2b_dist.data.storage import check_location, is_url, join, parent
+
+    shards = check_location(args.shards, "--shards")
+    if not is_url(shards) and not (Path(shards) / "manifest.json").is_file():
         raise UserError(f"--shards {shards}: no manifest.json there; pass one role folder written by "
                         "`python shards/build.py`, e.g. DATA/test")
     if not Path(args.checkpoint).exists():
@@ -133,11 +137,11 @@ def _check_args(args) -> None:
             raise UserError(f"--{name.replace('_', '-')} must be 0 or more, not {getattr(args, name)}")
     override_values(args.overrides)   # malformed overrides fail before anything is loaded
     if (args.references or args.fid):
-        healthy = Path(args.healthy) if args.healthy else shards.parent / "healthy"
-        if not (healthy / "manifest.json").is_file():
+        healthy = check_location(args.healthy, "--healthy") if args.healthy else join(parent(shards), "healthy")
+        if not is_url(healthy) and not (Path(healthy) / "manifest.json").is_file():
             raise UserError(f"{healthy} is not a healthy shard role (no manifest.json); "
                             "--references and --fid need one: pass --healthy DIR")
-        args.healthy = str(healthy)
+        args.healthy = healthy
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -145,6 +149,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     from a2b_dist.checkpoint import load_generator
     from a2b_dist.data.manifest import open_role
+    from a2b_dist.data.storage import join
 
     args = build_parser().parse_intermixed_args(argv)
     _check_args(args)
@@ -157,14 +162,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     generator, cfg = load_generator(args.checkpoint, device=device)
     cfg, _ = apply_overrides(cfg, args.overrides, allowed=SCORING_FIELDS, source="a2b evaluate")
     size, channels = cfg.data.image_size, cfg.data.channels
+    reader = EvalReader.from_config(cfg, rank, world)
     manifest = open_role(args.shards, image_size=size, channels=channels, skip_corrupt=cfg.data.skip_corrupt,
-                         verify=cfg.data.verify)
-    groups = sample_groups(args.shards, args.group_by) if args.group_by else None  # fail before scoring
+                         verify=cfg.data.verify, storage=reader.storage)
+    if args.healthy:   # a URL's healthy role is checked here, before the long passes
+        open_role(args.healthy, image_size=size, channels=channels, skip_corrupt=cfg.data.skip_corrupt,
+                  verify="size", storage=reader.storage)
+    groups = (sample_groups(args.shards, args.group_by, reader.storage)   # fail before scoring
+              if args.group_by else None)
     if args.fid:  # fail before the long passes when the Inception weights are missing
         from a2b_dist import fid
         fid.find_weights(cfg.eval.fid_weights)
     score, topk = cfg.eval.score, cfg.eval.topk_percent
-    reader = EvalReader.from_config(cfg, rank, world)
 
     # Training-free reference: the healthy mean image.
     healthy_mean = healthy_mean_image(args.healthy, reader) if args.references else None
@@ -211,11 +220,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         if result["panels"][0] or result["panels"][1]:
             plot_masks(out / "masks.png", result["panels"])
         write_atomic(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
-        manifests = {"scored": Path(args.shards) / "manifest.json"}
+        manifests = {"scored": join(args.shards, "manifest.json")}
         if args.healthy:
-            manifests["healthy"] = Path(args.healthy) / "manifest.json"
+            manifests["healthy"] = join(args.healthy, "manifest.json")
         write_evaluation_report(out / "report.html", metrics=metrics, result=result, config_yaml=to_yaml(cfg),
-                                prov=provenance(manifests, ["a2b", "evaluate", *(argv if argv is not None else sys.argv[1:])]),
+                                prov=provenance(manifests, ["a2b", "evaluate", *(argv if argv is not None else sys.argv[1:])],
+                                                storage=reader.storage),
                                 group_table=grouped["table"] if grouped is not None else None,
                                 group_field=args.group_by)
         _report(metrics, out, expected)

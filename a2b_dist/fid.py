@@ -146,10 +146,10 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
 # ---------------------------------------------------------------------------------------------
 # Sampling a role and gathering features
 
-def _role_count(role_dir: str | os.PathLike, image_size, channels) -> tuple[dict, int]:
+def _role_count(role_dir: str | os.PathLike, image_size, channels, storage=None) -> tuple[dict, int]:
     from a2b_dist.data import read_manifest
 
-    manifest = read_manifest(role_dir, image_size=image_size, channels=channels)
+    manifest = read_manifest(role_dir, image_size=image_size, channels=channels, storage=storage)
     return manifest, int(manifest.get("samples", manifest.get("count", 0)))
 
 
@@ -158,7 +158,7 @@ def sampled_features(role_dir: str | os.PathLike, transform: Callable[[torch.Ten
                      reader: EvalReader, *, samples: int, seed: int, device: str | torch.device) -> np.ndarray:
     """Features (n, dims) of min(samples, role size) samples picked by seeded key hash, identical on
     every rank and for any world size; ``transform`` maps an image batch in [-1, 1] to features."""
-    _, count = _role_count(role_dir, reader.image_size, reader.channels)
+    _, count = _role_count(role_dir, reader.image_size, reader.channels, reader.storage)
     # Keep a little more than needed by hash (3 standard deviations), then the ``samples`` lowest
     # after gathering; in the rare case that is too few, read again keeping everything. Either way
     # the result is the ``samples`` lowest priorities of the whole role.
@@ -221,7 +221,7 @@ def reference_statistics(healthy_dir: str | os.PathLike, model: InceptionV3, rea
                          cache_dir: Optional[str | os.PathLike] = None) -> dict:
     """{"mu", "sigma", "n", "path", "cached"} of the healthy role; read from / written to the cache.
     Rank 0 decides whether the cache holds them, so all ranks take the same branch."""
-    manifest, _ = _role_count(healthy_dir, reader.image_size, reader.channels)
+    manifest, _ = _role_count(healthy_dir, reader.image_size, reader.channels, reader.storage)
     key = reference_cache_key(weights, dims, samples, seed, manifest)
     path = Path(cache_dir or default_cache_dir()) / f"healthy-{key}.npz"
     loaded = None
@@ -274,9 +274,12 @@ def selection_fid(generator: torch.nn.Module, cfg, *, device: str | torch.device
                   world_size: int = 1) -> dict[str, float]:
     """Model selection by FID: B' of the val role (the mixed role where there is no val) against the
     healthy role, cfg.eval.fid_samples per side, seed 0; reference statistics cached in the run folder."""
-    root = Path(cfg.data.root)
-    role = root / "val" if (root / "val" / "manifest.json").is_file() else root / "mixed"
-    result = translation_fid(generator, role, root / "healthy", EvalReader.from_config(cfg, rank, world_size),
+    from a2b_dist.data.storage import join
+
+    reader = EvalReader.from_config(cfg, rank, world_size)
+    root = cfg.data.root
+    role = join(root, "val") if reader.storage.exists(join(root, "val", "manifest.json")) else join(root, "mixed")
+    result = translation_fid(generator, role, join(root, "healthy"), reader,
                              device=device, samples=cfg.eval.fid_samples, dims=cfg.eval.fid_dims,
                              weights=cfg.eval.fid_weights, seed=0, cache_dir=Path(cfg.train.run_dir) / "fid-cache")
     return {"fid": result["fid"], "fid_samples": float(result["samples"])}

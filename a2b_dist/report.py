@@ -7,6 +7,7 @@ the page opens from a laptop after ``scp`` and shows the same numbers as metrics
 from __future__ import annotations
 
 import base64
+import hashlib
 import html
 import platform
 import sys
@@ -15,7 +16,6 @@ from pathlib import Path
 from typing import Any, Iterable, Optional
 
 from a2b_dist import figures
-from a2b_dist.data.manifest import sha256_file
 from a2b_dist.files import write_atomic
 
 STYLE = """
@@ -61,17 +61,25 @@ def _page(title: str, body: str) -> str:
             f"<title>{html.escape(title)}</title><style>{STYLE}</style></head>\n<body>\n{body}\n</body></html>\n")
 
 
-def provenance(manifests: dict[str, Path], argv: Optional[list[str]] = None) -> dict:
-    """Versions, the command line, the time, and the SHA-256 of each shard role's manifest.json."""
+def provenance(manifests: dict[str, str], argv: Optional[list[str]] = None, storage=None) -> dict:
+    """Versions, the command line, the time, and the SHA-256 of each shard role's manifest.json
+    (a path or a URL, read through ``storage``)."""
     import accelerate
     import torch
+
+    from a2b_dist.data.storage import DataError, Storage
+
+    def digest(location: str) -> Optional[str]:
+        try:
+            return hashlib.sha256((storage or Storage()).read_bytes(str(location))).hexdigest()
+        except (OSError, DataError):
+            return None
 
     return {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "argv": list(sys.argv if argv is None else argv),
             "host": platform.node(),
             "versions": {"python": platform.python_version(), "torch": torch.__version__,
                          "accelerate": accelerate.__version__},
-            "manifests": {name: {"path": str(p), "sha256": sha256_file(p) if Path(p).is_file() else None}
-                          for name, p in manifests.items()}}
+            "manifests": {name: {"path": str(p), "sha256": digest(p)} for name, p in manifests.items()}}
 
 
 def _provenance_html(prov: dict) -> str:

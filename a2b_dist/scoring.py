@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import random
-from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
@@ -192,7 +191,9 @@ def selection_metric(generator: torch.nn.Module, cfg, *, device: str | torch.dev
 
 
 def _selection_val_auc(generator, cfg, *, device, rank, world_size) -> dict[str, float]:
-    result = score_role(generator, Path(cfg.data.root) / "val", EvalReader.from_config(cfg, rank, world_size),
+    from a2b_dist.data.storage import join
+
+    result = score_role(generator, join(cfg.data.root, "val"), EvalReader.from_config(cfg, rank, world_size),
                         topk_percent=cfg.eval.topk_percent, device=device)
     summary = summarise_result(result, score=cfg.eval.score)
     flat: dict[str, Any] = {"val_auc": summary["auroc"], "val_aupr": summary["aupr"],
@@ -203,7 +204,7 @@ def _selection_val_auc(generator, cfg, *, device, rank, world_size) -> dict[str,
         if name.startswith(("mask_", "diff_")):
             flat[name] = value
     if flat["val_auc"] is None:
-        raise UserError(f"{Path(cfg.data.root) / 'val'} needs both healthy and anomalous labelled images "
+        raise UserError(f"{join(cfg.data.root, 'val')} needs both healthy and anomalous labelled images "
                         "for eval.metric=val_auc; rebuild the shards with a labelled val role or use "
                         "eval.metric=fid")
     return {k: float(v) for k, v in flat.items() if v is not None}

@@ -283,35 +283,65 @@ class MetricsLog:
 
 
 def _open_streams(cfg: Config, rank: int, world: int):
+    """The two training streams of this rank; their shards checked on open (data.verify). With
+    sha256 on several processes rank 0 alone reads every shard, once, and all ranks share its verdict."""
     from a2b_dist.data import TrainStream
+    from a2b_dist.data.storage import Storage, join
+    from a2b_dist.distributed import gather_objects
 
-    root = Path(cfg.data.root)
+    storage = Storage.from_config(cfg.data)
     per_rank = cfg.train.batch_size // world
-    streams = {}
-    for tag, role in enumerate(("mixed", "healthy")):
-        role_dir = root / role
-        if not (role_dir / "manifest.json").is_file():
-            raise UserError(
-                f"no {role} shards at {role_dir} (data.root={cfg.data.root}). Build them first, for "
-                f"example: python shards/build.py simulated --source mnist5k --size {cfg.data.image_size} "
-                f"--out {cfg.data.root}")
-        streams[role] = TrainStream(   # checks the shards (data.verify; damaged ones skipped with data.skip_corrupt)
-            role_dir, batch_size=per_rank, image_size=cfg.data.image_size, channels=cfg.data.channels,
-            seed=derive_seed(cfg.train.seed, tag), rank=rank, world_size=world,
-            num_workers=cfg.data.num_workers, shuffle_buffer=cfg.data.shuffle_buffer,
-            skip_corrupt=cfg.data.skip_corrupt, verify=cfg.data.verify)
-    return streams
+
+    def open_all(verify: str) -> dict:
+        streams = {}
+        for tag, role in enumerate(("mixed", "healthy")):
+            role_dir = join(cfg.data.root, role)
+            if not storage.exists(join(role_dir, "manifest.json")):
+                raise UserError(f"no {role} shards at {role_dir} (data.root={cfg.data.root}). {missing_data_hint(cfg)}")
+            streams[role] = TrainStream(   # checks the shards (damaged ones skipped with data.skip_corrupt)
+                role_dir, batch_size=per_rank, image_size=cfg.data.image_size, channels=cfg.data.channels,
+                seed=derive_seed(cfg.train.seed, tag), rank=rank, world_size=world,
+                num_workers=cfg.data.num_workers, shuffle_buffer=cfg.data.shuffle_buffer,
+                skip_corrupt=cfg.data.skip_corrupt, verify=verify, storage=storage)
+        return streams
+
+    if cfg.data.verify != "sha256" or world == 1:
+        return open_all(cfg.data.verify)
+    streams, verdict = None, None
+    if rank == 0:
+        try:
+            streams = open_all("sha256")
+        except UserError as e:
+            verdict = str(e)
+    verdict = gather_objects(verdict, world)[0]
+    if verdict is not None:
+        raise UserError(verdict)
+    return streams if rank == 0 else open_all("size")
+
+
+def missing_data_hint(cfg: Config) -> str:
+    """How to make the shards data.root names: build them, or upload a local build to the URL."""
+    from a2b_dist.data.storage import is_url
+
+    build = (f"python shards/build.py simulated --source mnist5k --size {cfg.data.image_size} --out "
+             f"{cfg.data.root}")
+    if is_url(cfg.data.root):
+        return (f"Build the shards first and upload them, for example: {build} (it uploads when --out is a URL), "
+                f"or python shards/build.py upload DATA {cfg.data.root}")
+    return f"Build the shards first, for example: {build}"
 
 
 def _sample_batch(cfg: Config, n: int = 8) -> Optional[torch.Tensor]:
     """A fixed batch for sample grids: the first images of the val role (else the mixed role)."""
     from a2b_dist.data import eval_batches
+    from a2b_dist.data.storage import Storage, join
 
+    storage = Storage.from_config(cfg.data)
     for role in ("val", "mixed"):
-        role_dir = Path(cfg.data.root) / role
-        if (role_dir / "manifest.json").is_file():
+        role_dir = join(cfg.data.root, role)
+        if storage.exists(join(role_dir, "manifest.json")):
             for batch in eval_batches(role_dir, batch_size=n, image_size=cfg.data.image_size,
-                                      channels=cfg.data.channels):
+                                      channels=cfg.data.channels, storage=storage):
                 return batch["image"]
     return None
 
@@ -470,6 +500,12 @@ def _train(cfg: Config, *, resume: str, argv: Optional[list[str]], stop_requeste
 
     # Check the data and the checkpoint to resume before anything is written.
     streams = _open_streams(cfg, rank, world)
+    from a2b_dist.data.storage import is_url
+    if is_url(cfg.data.root) or cfg.data.verify == "sha256":   # these checks take real time: say what they did
+        for stream in streams.values():
+            c = stream.checked
+            accelerator.print(f"data: {c['location']}: {c['shards']} shards, {c['bytes'] / 2**20:.1f} MiB, "
+                              f"checked ({c['verify']}) in {c['seconds']:.1f} s")
     start_from = _resume_path(cfg, resume, warn=accelerator.print)
     meta = ckpt.read_meta(start_from) if start_from is not None else None
     if start_from is not None:

@@ -118,6 +118,8 @@ def resolve_config(args: argparse.Namespace) -> Config:
     """The config the job will run: file + overrides, paths made absolute, checked against the data."""
     from a2b_dist.config import ConfigError
     from a2b_dist.data import DataError, read_manifest
+    from a2b_dist.data.storage import Storage, absolute, join
+    from a2b_dist.train import missing_data_hint
 
     cfg = load_config(args.config, args.overrides)
     if args.run_dir:
@@ -128,7 +130,7 @@ def resolve_config(args: argparse.Namespace) -> Config:
         name = "--run-dir" if args.run_dir else "train.run_dir"
         raise UserError(f"{name} {cfg.train.run_dir!r}: a path with control characters (a newline?) "
                         "cannot go into the batch script")
-    cfg.data.root = str(Path(cfg.data.root).resolve())
+    cfg.data.root = absolute(cfg.data.root)   # a URL stays as it is: every node reads it directly
     if cfg.eval.fid_weights:
         cfg.eval.fid_weights = str(Path(cfg.eval.fid_weights).resolve())
     tasks = n_tasks(args)
@@ -137,11 +139,10 @@ def resolve_config(args: argparse.Namespace) -> Config:
                           f"({tasks} = {args.nodes} nodes x {max(args.gpus_per_node, 1)} per node)")
     for role in ("mixed", "healthy"):
         try:
-            read_manifest(Path(cfg.data.root) / role, image_size=cfg.data.image_size, channels=cfg.data.channels)
+            read_manifest(join(cfg.data.root, role), image_size=cfg.data.image_size, channels=cfg.data.channels,
+                          storage=Storage.from_config(cfg.data))
         except DataError as e:
-            raise UserError(f"data.root={cfg.data.root}: {e}. Build the shards first, for example: python "
-                            f"shards/build.py simulated --source mnist5k --size {cfg.data.image_size} "
-                            f"--out {cfg.data.root}") from None
+            raise UserError(f"data.root={cfg.data.root}: {e}. {missing_data_hint(cfg)}") from None
     return cfg
 
 

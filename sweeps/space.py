@@ -17,6 +17,7 @@ from typing import Any, Optional
 import yaml
 
 from a2b_dist.config import Config, ConfigError, from_dict, get_field, to_dict
+from a2b_dist.data.storage import Storage, absolute, join
 from a2b_dist.errors import UserError
 from a2b_dist.sweep import LR, apply_params
 
@@ -153,7 +154,7 @@ def prepare_base(cfg: Config, *, metric: str, seed: int, max_steps: Optional[int
     nodes), eval.metric set, an evaluation (and the checkpoint Ray keeps) every eval.every steps,
     and train.steps cut to --max-steps with the learning-rate decay scaled to match."""
     cfg = copy.deepcopy(cfg)
-    cfg.data.root = str(Path(cfg.data.root).expanduser().resolve())
+    cfg.data.root = absolute(cfg.data.root)   # a URL stays as it is
     if cfg.eval.fid_weights:
         cfg.eval.fid_weights = str(Path(cfg.eval.fid_weights).expanduser().resolve())
     cfg.eval.metric = metric
@@ -170,12 +171,12 @@ def prepare_base(cfg: Config, *, metric: str, seed: int, max_steps: Optional[int
 
 def check_data(cfg: Config) -> None:
     """Fail before starting Ray when the shards (or, for FID, the Inception weights) are missing."""
-    root = Path(cfg.data.root)
+    storage = Storage.from_config(cfg.data)
     roles = ("mixed", "healthy") + (("val",) if cfg.eval.metric == "val_auc" else ())
     for role in roles:
-        if not (root / role / "manifest.json").is_file():
-            raise UserError(f"no {role} shards at {root / role} (data.root={cfg.data.root}); build them with "
-                            f"python shards/build.py ... --out {cfg.data.root}"
+        if not storage.exists(join(cfg.data.root, role, "manifest.json")):
+            raise UserError(f"no {role} shards at {join(cfg.data.root, role)} (data.root={cfg.data.root}); build "
+                            f"them with python shards/build.py ... --out {cfg.data.root}"
                             + ("; --metric val_auc needs a labelled val role" if role == "val" else ""))
     if cfg.eval.metric == "fid":
         from a2b_dist import fid
