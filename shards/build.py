@@ -14,15 +14,23 @@
     python shards/build.py nifti --volumes brains/ --labels brains/labels.csv --axis 2 --out data/brain \
         --size 128 --channels 1 --split healthy=0.4,mixed=0.4,val=0.05,test=0.15
     python shards/build.py verify data/xray            # every shard's size, count and sha256
+    python shards/build.py simulated --source mnist5k --size 32 --out s3://bucket/demo   # built, then uploaded
+    python shards/build.py upload data/xray s3://bucket/xray    # a local build to object storage
+    python shards/build.py verify s3://bucket/xray             # read back once, sha256 of every shard
 
-Each role lands in OUT/<role>/ all at once: a failed build leaves no output folder behind.
+Each role lands in OUT/<role>/ all at once: a failed build leaves no output folder behind. An
+--out URL (s3://, gs://) is built in a local staging folder, then uploaded with each role's
+manifest after all of its shards, so readers never see a role whose shards are not all there.
+Credentials come from the environment or the provider's config files, never from the URL.
 """
 from __future__ import annotations
 
 import argparse
 import shlex
+import shutil
 import signal
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -32,7 +40,8 @@ from a2b_dist.data.manifest import ROLES, DataError, verify_roles  # noqa: E402
 from a2b_dist.data.medical import SliceRule, dicom_roles, listed_roles, nifti_roles, parse_window, write_skipped  # noqa: E402
 from a2b_dist.data.simulate import ANOMALIES, SOURCES, simulated_roles  # noqa: E402
 from a2b_dist.data.sources import folder_role, npz_roles  # noqa: E402
-from a2b_dist.data.write import write_roles  # noqa: E402
+from a2b_dist.data.storage import Storage, check_location, is_url, join  # noqa: E402
+from a2b_dist.data.write import upload_roles, write_roles  # noqa: E402
 
 
 def positive_int(text: str) -> int:
@@ -110,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     def common(sub, channels: bool = True) -> None:
-        sub.add_argument("--out", required=True, type=Path, help="folder that receives one subfolder per role")
+        sub.add_argument("--out", required=True,
+                         help="folder that receives one subfolder per role, or an s3:// or gs:// URL to upload to")
         sub.add_argument("--size", required=True, type=positive_int, help="side of the square images, px")
         if channels:
             sub.add_argument("--channels", required=True, type=int, choices=(1, 3))
@@ -182,9 +192,25 @@ def build_parser() -> argparse.ArgumentParser:
     common(sim, channels=False)
 
     verify = commands.add_parser("verify", help="check every shard against its manifest: size, sample count, sha256")
-    verify.add_argument("folders", nargs="+", type=Path, metavar="DIR",
-                        help="a role folder (holding manifest.json) or a data root holding role folders")
+    verify.add_argument("folders", nargs="+", metavar="DIR",
+                        help="a role folder (holding manifest.json) or a data root holding role folders; "
+                             "a URL is read once")
+
+    upload = commands.add_parser("upload", help="copy a built data root to object storage, manifests last")
+    upload.add_argument("source", type=Path, metavar="DIR", help="a data root written by this script")
+    upload.add_argument("target", metavar="URL", help="s3://bucket/prefix or gs://bucket/prefix")
+    upload.add_argument("--overwrite", action="store_true", help="replace roles already there")
     return parser
+
+
+def upload(source: Path, target: str, overwrite: bool) -> int:
+    try:
+        check_location(target, "URL")
+        upload_roles(source, target, overwrite=overwrite, storage=Storage(), report=print)
+    except DataError as exc:
+        print(f"shards/build.py upload: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def verify(folders: list[Path]) -> int:
@@ -226,6 +252,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "verify":
         return verify(args.folders)
+    if args.command == "upload":
+        return upload(args.source, args.target, args.overwrite)
+    try:
+        check_location(args.out, "--out")
+    except DataError as exc:
+        print(f"shards/build.py {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    remote = is_url(args.out)
+    out = Path(tempfile.mkdtemp(prefix="a2b-build-")) / "data" if remote else Path(args.out)
     command = shlex.join(["python", "shards/build.py", *argv])
     started = time.perf_counter()
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
@@ -265,14 +300,27 @@ def main(argv: list[str] | None = None) -> int:
             roles, source = simulated_roles(args.source, args.size, args.seed, args.scale,
                                             anomaly=args.anomaly, count=args.count)
             bit_depth, channels = 8, 1
+        if remote:   # fail before the build when the target already holds a role
+            for role in roles:
+                if Storage().exists(join(args.out, role, "manifest.json")) and not args.overwrite:
+                    raise DataError(f"{join(args.out, role)} already holds a manifest.json; pass --overwrite "
+                                    "to replace it")
         manifests = write_roles(
-            args.out, roles, image_size=args.size, channels=channels, bit_depth=bit_depth, source=source,
+            out, roles, image_size=args.size, channels=channels, bit_depth=bit_depth, source=source,
             seed=args.seed, command=command, maxcount=args.maxcount, maxsize=args.maxsize, overwrite=args.overwrite,
         )
         notes = []
         if args.command == "dicom":
-            listed = write_skipped(args.out, scan)
+            listed = write_skipped(out, scan)
             notes = scan.summary() + ([f"the skipped files and why: {listed}"] if listed else [])
+        if remote:   # staged in $TMPDIR, then uploaded; the staging folder goes in any case
+            upload_roles(out, args.out, roles=list(manifests), overwrite=args.overwrite, storage=Storage(),
+                         report=notes.append)
+            if args.command == "dicom" and listed:
+                storage = Storage()
+                fs, path = storage.filesystem(join(args.out, listed.name))
+                storage.call(join(args.out, listed.name), "uploading", lambda: fs.put_file(str(listed), path))
+                notes = [n.replace(str(listed), join(args.out, listed.name)) for n in notes]
     except DataError as exc:
         print(f"shards/build.py {args.command}: error: {exc}", file=sys.stderr)
         return 2
@@ -288,10 +336,12 @@ def main(argv: list[str] | None = None) -> int:
         return 128 + signal.SIGTERM
     finally:
         signal.signal(signal.SIGTERM, previous)
+        if remote:
+            shutil.rmtree(out.parent, ignore_errors=True)
     for role, manifest in manifests.items():
         labels = ", ".join(f"{k}: {v}" for k, v in manifest["labels"].items())
         groups = f", {len(manifest['groups'])} {manifest.get('group_by', 'group')} groups" if "groups" in manifest else ""
-        print(f"{args.out / role}: {manifest['samples']} samples ({labels}){groups}, {len(manifest['shards'])} shards")
+        print(f"{join(args.out, role)}: {manifest['samples']} samples ({labels}){groups}, {len(manifest['shards'])} shards")
     for note in notes:
         print(note)
     print(f"built in {time.perf_counter() - started:.1f} s")

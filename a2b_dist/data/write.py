@@ -3,6 +3,8 @@
 Every role is written into a temporary folder next to its target (``.healthy.partial-*``), each
 shard under a temporary name renamed once complete; the folders are renamed into place only after
 every role of the build succeeded, so a failed build leaves no half-written output.
+
+``upload_roles`` copies a build to object storage, each role's manifest after all its shards.
 """
 from __future__ import annotations
 
@@ -14,13 +16,15 @@ import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Iterable, Mapping, Optional
 
 import numpy as np
 import webdataset as wds
 
 from .images import encode_png
-from .manifest import FORMAT, MANIFEST, ROLES, DataError, sha256_file, shard_name, shared_groups
+from .manifest import FORMAT, MANIFEST, ROLES, DataError, read_manifest, sha256_file, shard_name, shared_groups
+from .storage import Storage, check_location, is_url, join
 
 KEY_PATTERN = re.compile(r"^[A-Za-z0-9_-]+$")  # no dots (WebDataset splits the key at the first dot)
 
@@ -233,3 +237,52 @@ class _RoleWriter:
         self.shards.append(
             {"name": self.name, "samples": self._count, "bytes": final.stat().st_size, "sha256": sha256_file(final)}
         )
+
+
+# Uploading a build to object storage.
+
+def upload_roles(local_root: str | os.PathLike, url: str, *, roles: Optional[Iterable[str]] = None,
+                 overwrite: bool = False, storage: Optional[Storage] = None,
+                 report: Callable[[str], None] = lambda line: None) -> dict[str, dict]:
+    """Copy role folders of ``local_root`` to ``url/<role>/``: every shard first (in parallel, each
+    checked by its size on the server), the manifest last, so that a reader never finds a manifest
+    whose shards are not all there. Each local role is checked against its manifest (sizes and
+    sample counts) before anything is sent. Returns the manifests by role."""
+    storage = storage or Storage()
+    check_location(url, "upload target")
+    if not is_url(url):
+        raise DataError(f"{url}: not a URL; upload to s3://bucket/prefix or gs://bucket/prefix "
+                        "(a local --out is written in place)")
+    if url.split("://", 1)[0].lower() in ("http", "https"):
+        raise DataError(f"{url}: an HTTP server cannot take uploads through fsspec; copy the built folder to "
+                        "the folder the server serves, or upload to s3:// or gs://")
+    local_root = Path(local_root)
+    names = list(roles) if roles is not None else [r for r in ROLES if (local_root / r / MANIFEST).is_file()]
+    if not names:
+        raise DataError(f"{local_root}: no role folder with a {MANIFEST} in it ({', '.join(ROLES)})")
+    manifests = {role: read_manifest(local_root / role) for role in names}   # damaged: nothing is sent
+    for role in names:
+        if storage.exists(join(url, role, MANIFEST)) and not overwrite:
+            raise DataError(f"{join(url, role)} already holds a {MANIFEST}; pass --overwrite to replace it")
+    fs, _ = storage.filesystem(url)
+    for role, manifest in manifests.items():
+        target = join(url, role)
+        remote_manifest = storage.filesystem(join(target, MANIFEST))[1]
+        if storage.exists(join(target, MANIFEST)):   # readers stop seeing the old role before its shards change
+            storage.call(join(target, MANIFEST), "removing", lambda: fs.rm_file(remote_manifest))
+
+        def put(shard: dict) -> None:
+            source, dest = local_root / role / shard["name"], join(target, shard["name"])
+            storage.call(dest, "uploading", lambda: fs.put_file(str(source), storage.filesystem(dest)[1]))
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            list(pool.map(put, manifest["shards"]))
+        urls = [join(target, s["name"]) for s in manifest["shards"]]
+        for dest, shard, size in zip(urls, manifest["shards"], storage.sizes(urls)):
+            if size != shard["bytes"]:
+                raise DataError(f"{dest}: {size} bytes on the server after the upload, {shard['bytes']} here; "
+                                f"the manifest was not uploaded")
+        blob = (local_root / role / MANIFEST).read_bytes()
+        storage.call(join(target, MANIFEST), "uploading", lambda: fs.pipe_file(remote_manifest, blob))
+        report(f"{target}: {len(manifest['shards'])} shards and {MANIFEST} uploaded "
+               f"({sum(s['bytes'] for s in manifest['shards']) / 2**20:.1f} MiB)")
+    return manifests
