@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
@@ -37,9 +38,9 @@ def build_module():
     return module
 
 
-def build_shards(*args: str) -> subprocess.CompletedProcess:
+def build_shards(*args: str, env: Optional[dict] = None) -> subprocess.CompletedProcess:
     """Run `python shards/build.py ARGS`; raise with its stderr if it fails."""
-    proc = subprocess.run([sys.executable, str(BUILD), *args], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, str(BUILD), *args], capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise AssertionError(f"shards/build.py {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr}")
     return proc

@@ -1,0 +1,425 @@
+"""Shards behind a URL, against real servers the tests start on 127.0.0.1: Python's HTTP server
+serving a shard folder (its request log counts what was downloaded), moto's standalone S3 server
+holding a bucket (its request recorder shows the upload order), and small http.server handlers that
+stop answering or refuse. Nothing is mocked: the readers go through fsspec, aiohttp and s3fs."""
+from __future__ import annotations
+
+import http.server
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from a2b_dist.data import eval_batches, read_manifest
+from a2b_dist.data.manifest import DataError
+from a2b_dist.data.storage import Storage, TransferError
+from tests.conftest import build_shards, export_generator, make_eval_config
+from tests.test_train import ACCELERATE, ENV, assert_same_weights, final_weights, free_port, run, train_cmd
+
+ROOT = Path(__file__).resolve().parents[1]
+# Credentials the S3 server accepts; they must never reach a run folder or a log.
+KEY_ID, SECRET = "AKIAA2BTESTKEY0042", "a2b-secret-that-must-not-leak-7f3e9c"
+BUCKET = "a2b-test-bucket"
+FAST = Storage(timeout_s=1.0, retries=1, backoff_s=0.1)   # a stalled server fails in seconds
+
+
+def wait_for_port(port: int, proc: subprocess.Popen, log: Path) -> None:
+    for _ in range(200):
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited: {log.read_text()[-2000:]}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise AssertionError(f"server did not start: {log.read_text()[-2000:]}")
+
+
+@contextmanager
+def server(cmd: list[str], port: int, log: Path, env=None):
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env or ENV)
+    try:
+        wait_for_port(port, proc, log)
+        yield proc
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def shard_gets(log: Path) -> list[str]:
+    """Paths of the .tar files http.server answered a GET for, from its request log."""
+    return [line.split('"GET ', 1)[1].split(" ", 1)[0] for line in log.read_text().splitlines()
+            if '"GET ' in line and ".tar " in line]
+
+
+@pytest.fixture(scope="module")
+def http_data(sim_shards, tmp_path_factory):
+    """(URL of sim_shards through `python -m http.server`, its request log)."""
+    port, log = free_port(), tmp_path_factory.mktemp("http") / "requests.log"
+    with server([sys.executable, "-m", "http.server", "--bind", "127.0.0.1", "--directory",
+                 str(sim_shards.parent), str(port)], port, log):
+        yield f"http://127.0.0.1:{port}/{sim_shards.name}", log
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """(environment pointing boto at a moto S3 server with a bucket, its endpoint)."""
+    port, log = free_port(), tmp_path_factory.mktemp("moto") / "moto.log"
+    endpoint = f"http://127.0.0.1:{port}"
+    env = {**ENV, "AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": KEY_ID, "AWS_SECRET_ACCESS_KEY": SECRET,
+           "AWS_DEFAULT_REGION": "us-east-1"}
+    server_env = {**env, "MOTO_RECORDER_FILEPATH": str(log.parent / "recording")}   # not the working folder
+    with server([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], port, log, server_env):
+        saved = {k: os.environ.get(k) for k in env if k.startswith("AWS_")}
+        os.environ.update({k: v for k, v in env.items() if k.startswith("AWS_")})
+        try:
+            import fsspec
+            fsspec.filesystem("s3").mkdir(BUCKET)
+            yield env, endpoint
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+
+def recorded(endpoint: str, action: str) -> list[dict]:
+    """moto's request recorder: start (an empty recording), stop, or the requests recorded in order."""
+    import urllib.request
+
+    if action in ("start", "stop"):
+        for step in (("reset", "start") if action == "start" else ("stop",)):
+            urllib.request.urlopen(urllib.request.Request(f"{endpoint}/moto-api/recorder/{step}-recording",
+                                                          method="POST")).read()
+        return []
+    text = urllib.request.urlopen(f"{endpoint}/moto-api/recorder/download-recording").read().decode()
+    decoder, out, at = json.JSONDecoder(), [], 0
+    while True:   # one JSON object per request, not always newline-separated
+        while at < len(text) and text[at].isspace():
+            at += 1
+        if at >= len(text):
+            return out
+        entry, at = decoder.raw_decode(text, at)
+        out.append(entry)
+
+
+@pytest.fixture(scope="module")
+def s3_data(s3, sim_shards):
+    """sim_shards uploaded with `shards/build.py upload`, and the PUTs in the order the server got them."""
+    env, endpoint = s3
+    recorded(endpoint, "start")
+    proc = subprocess.run([sys.executable, "shards/build.py", "upload", str(sim_shards), f"s3://{BUCKET}/sim"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    puts = [(r["method"], r["url"]) for r in recorded(endpoint, "log") if r["method"] in ("PUT", "POST", "DELETE")]
+    recorded(endpoint, "stop")
+    assert proc.returncode == 0, proc.stderr
+    return f"s3://{BUCKET}/sim", env, puts
+
+
+@pytest.fixture(scope="module")
+def local_run(sim_shards, tmp_path_factory):
+    """The reference: 8 steps trained from the local shards."""
+    run_dir = tmp_path_factory.mktemp("local-run") / "run"
+    run(train_cmd(1, f"data.root={sim_shards}", f"train.run_dir={run_dir}", "data.num_workers=1"))
+    return run_dir
+
+
+# Training and resuming.
+
+@pytest.mark.parametrize("where", ["http", "s3"])
+def test_training_from_a_url_equals_local_and_resumes_exactly(where, request, local_run, tmp_path):
+    """The same shards read through a URL give the very weights of the local run, also when the
+    run stops at step 3 and resumes (the data stream's positions are the same as for files)."""
+    if where == "http":
+        url, env = request.getfixturevalue("http_data")[0], ENV
+    else:
+        url, _, puts = request.getfixturevalue("s3_data")
+        env = request.getfixturevalue("s3")[0]
+    common = [f"data.root={url}", f"train.run_dir={tmp_path / 'run'}", "data.num_workers=1"]
+    first = subprocess.run(train_cmd(1, *common, "--until-step", "3"), cwd=ROOT, env=env, capture_output=True,
+                           text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = subprocess.run(train_cmd(1, *common), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "at step 3" in second.stdout + second.stderr
+    assert_same_weights(final_weights(local_run), final_weights(tmp_path / "run"))
+    if where == "s3":   # credentials: only in the environment, never in the run folder or the logs
+        for path in (tmp_path / "run").rglob("*"):
+            if path.is_file():
+                blob = path.read_bytes()
+                assert KEY_ID.encode() not in blob and SECRET.encode() not in blob, path
+        for out in (first, second):
+            assert KEY_ID not in out.stdout + out.stderr and SECRET not in out.stdout + out.stderr
+
+
+def test_a_url_with_credentials_is_refused_before_anything_is_written(tmp_path):
+    proc = run(train_cmd(1, "data.root=https://user:hunter2@127.0.0.1:9/sim", f"train.run_dir={tmp_path / 'run'}"),
+               check=False)
+    assert proc.returncode == 2 and "data.root" in proc.stderr and "environment" in proc.stderr
+    assert "hunter2" not in proc.stdout + proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("url, refused", [
+    ("https://user:pw@host/data", True), ("s3://AKIA:secret@bucket/data", True),
+    ("https://host/data?X-Amz-Signature=abc&X-Amz-Credential=k", True), ("https://host/data?sig=abc", True),
+    ("https://host/data?token=abc", True), ("https://host/data?monkey=1", False), ("s3://bucket/data", False),
+    ("gs://bucket/data", False), ("data/demo", False), ("nosuchproto://host/data", True),
+])
+def test_urls_that_carry_credentials_or_unknown_protocols_are_refused(url, refused):
+    from a2b_dist.data.storage import check_location
+
+    if refused:
+        with pytest.raises(DataError, match="data.root") as caught:
+            check_location(url, "data.root")
+        assert "pw" not in str(caught.value) and "abc" not in str(caught.value)
+    else:
+        assert check_location(url, "data.root") == url
+
+
+# Evaluation.
+
+@pytest.fixture(scope="module")
+def local_scores(sim_shards, tmp_path_factory):
+    """A tiny generator's export and its scores.csv from one process on the local test folder."""
+    tmp = tmp_path_factory.mktemp("local-eval")
+    gen = export_generator(tmp / "generator.pt", make_eval_config(sim_shards, tmp / "run"))
+    done = subprocess.run([sys.executable, "-m", "a2b_dist.cli", "evaluate", "--checkpoint", str(gen), "--shards",
+                           str(sim_shards / "test"), "--out", str(tmp / "local")],
+                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return gen, (tmp / "local" / "scores.csv").read_text()
+
+
+@pytest.mark.parametrize("where", ["http", "s3"])
+def test_evaluation_over_two_processes_reads_every_sample_once(where, request, local_scores, sim_shards, tmp_path):
+    """`a2b evaluate` on 2 processes from the server scores exactly the samples (and scores) of
+    one process on the local folder; from S3 both ranks share one node cache."""
+    gen, scores = local_scores
+    if where == "http":
+        url, env, extra = request.getfixturevalue("http_data")[0], ENV, []
+    else:
+        url, env, _ = request.getfixturevalue("s3_data")
+        extra = [f"data.cache_dir={tmp_path / 'cache'}"]
+    launch = [ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+              "--main_process_port", str(free_port()), "-m", "a2b_dist.evaluate"]
+    two = subprocess.run(launch + ["--checkpoint", str(gen), "--shards", f"{url}/test", "--out", str(tmp_path / "two"),
+                                   "data.num_workers=1", *extra],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    metrics = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert metrics["processes"] == 2 and metrics["counts"]["samples"] == metrics["counts"]["manifest"] == 80
+    assert (tmp_path / "two" / "scores.csv").read_text() == scores
+    if where == "s3":
+        manifest = read_manifest(sim_shards / "test")
+        assert sorted(p.name for p in (tmp_path / "cache").glob("*.tar")) == sorted(
+            f"{s['sha256']}.tar" for s in manifest["shards"])
+        assert not list((tmp_path / "cache").glob("*.part-*"))
+
+
+def test_the_cache_serves_the_second_pass(http_data, sim_shards, tmp_path):
+    url, log = http_data
+    storage = Storage(cache_dir=str(tmp_path / "cache"))
+
+    def one_pass() -> list[str]:
+        return [k for b in eval_batches(f"{url}/test", batch_size=16, storage=storage, num_workers=2) for k in b["key"]]
+
+    before = len(shard_gets(log))
+    first = one_pass()
+    downloaded = shard_gets(log)[before:]
+    assert sorted(downloaded) == sorted(f"/sim/test/{s['name']}" for s in read_manifest(sim_shards / "test")["shards"])
+    second = one_pass()
+    assert shard_gets(log)[before + len(downloaded):] == []   # no shard fetched again
+    assert first == second and len(set(first)) == 80
+
+
+def test_the_cache_keeps_to_its_size_cap(http_data, tmp_path):
+    url, _ = http_data
+    shards = read_manifest(f"{url}/test", storage=Storage())["shards"]
+    cap = max(s["bytes"] for s in shards) + 10
+    storage = Storage(cache_dir=str(tmp_path / "cache"), cache_bytes=cap)
+    keys = [k for b in eval_batches(f"{url}/test", batch_size=16, storage=storage) for k in b["key"]]
+    assert len(keys) == 80
+    held = list((tmp_path / "cache").glob("*.tar"))
+    assert sum(p.stat().st_size for p in held) <= cap and held
+
+
+# Checks on open.
+
+def test_remote_manifest_checks_sizes_and_sha256_on_demand(sim_shards, tmp_path):
+    """A shard rewritten on the server with its size unchanged passes the size check and is caught
+    by data.verify=sha256, which reads it once; a shard that is gone is named by its URL."""
+    copy = tmp_path / "served" / "sim"
+    shutil.copytree(sim_shards, copy)
+    shard = copy / "test" / "test-000001.tar"
+    blob = bytearray(shard.read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    shard.write_bytes(bytes(blob))
+    port, log = free_port(), tmp_path / "requests.log"
+    with server([sys.executable, "-m", "http.server", "--bind", "127.0.0.1", "--directory", str(copy.parent),
+                 str(port)], port, log):
+        url = f"http://127.0.0.1:{port}/sim"
+        assert read_manifest(f"{url}/test", verify="count")["samples"] == 80
+        with pytest.raises(DataError, match=r"test-000001\.tar: sha256 differs"):
+            read_manifest(f"{url}/test", verify="sha256")
+        assert read_manifest(f"{url}/healthy", verify="sha256")["samples"] == 80
+        (copy / "healthy" / "healthy-000002.tar").unlink()
+        with pytest.raises(DataError, match=rf"{url}/healthy/healthy-000002\.tar: shard listed in .* is missing"):
+            read_manifest(f"{url}/healthy")
+        proc = run(train_cmd(1, f"data.root={url}", f"train.run_dir={tmp_path / 'run'}"), check=False)
+        assert proc.returncode == 2 and "healthy-000002.tar" in proc.stderr and "missing" in proc.stderr
+        assert proc.stderr.strip().count("\n") == 0, proc.stderr     # one line, no traceback
+        assert not (tmp_path / "run").exists()
+
+
+def test_a_missing_object_in_the_bucket_is_named(s3, sim_shards):
+    import fsspec
+
+    env, _ = s3
+    proc = subprocess.run([sys.executable, "shards/build.py", "upload", str(sim_shards), f"s3://{BUCKET}/gone"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    fsspec.filesystem("s3").rm_file(f"{BUCKET}/gone/val/val-000000.tar")
+    with pytest.raises(DataError, match=rf"s3://{BUCKET}/gone/val/val-000000\.tar: shard listed in .* is missing"):
+        read_manifest(f"s3://{BUCKET}/gone/val", storage=FAST)
+    assert read_manifest(f"s3://{BUCKET}/gone/test", storage=FAST)["samples"] == 80
+
+
+class _Handler(http.server.SimpleHTTPRequestHandler):
+    """Serves a folder, but stalls after half of any shard named in ``stall`` and answers 403 for
+    files named in ``deny``."""
+    stall: tuple[str, ...] = ()
+    deny: tuple[str, ...] = ()
+    release = threading.Event()
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        name = self.path.rsplit("/", 1)[-1]
+        if name in self.deny:
+            self.send_error(403)
+            return
+        if name not in self.stall:
+            return super().do_GET()
+        blob = Path(self.translate_path(self.path)).read_bytes()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(blob)))
+        self.end_headers()
+        self.wfile.write(blob[: len(blob) // 2])
+        self.wfile.flush()
+        self.release.wait(60)   # stops answering, the connection open
+
+
+@contextmanager
+def faulty_server(folder: Path, stall=(), deny=()):
+    handler = type("Handler", (_Handler,), {"stall": tuple(stall), "deny": tuple(deny), "release": threading.Event()})
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), lambda *a: handler(*a, directory=str(folder)))
+    httpd.daemon_threads = True
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        handler.release.set()
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def bounded(fn, seconds: float = 120):
+    """fn() in a thread: a hang fails the test instead of stalling the suite."""
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(fn).result(timeout=seconds)
+
+
+def test_a_server_that_stops_answering_fails_within_the_timeout(sim_shards, tmp_path):
+    """Half a shard, then silence: the read times out, is retried, and fails naming the URL; with
+    the cache on, the half-downloaded shard is not left in it."""
+    name = read_manifest(sim_shards / "test")["shards"][0]["name"]
+    with faulty_server(sim_shards.parent, stall=[name]) as base:
+        def read(storage):
+            return [k for b in eval_batches(f"{base}/sim/test", batch_size=16, storage=storage) for k in b["key"]]
+
+        def expect_timeout(storage):
+            with pytest.raises(TransferError) as caught:
+                read(storage)
+            return str(caught.value)
+        message = bounded(lambda: expect_timeout(FAST))
+        assert f"{base}/sim/test/{name}" in message and "no answer within data.timeout_s=1 s" in message
+        assert "after 2 attempts" in message
+        cache = tmp_path / "cache"
+        message = bounded(lambda: expect_timeout(Storage(timeout_s=1.0, retries=1, backoff_s=0.1, cache_dir=str(cache))))
+        assert "downloading failed after 2 attempts" in message
+        assert not list(cache.glob("*.tar")) and not list(cache.glob("*.part-*"))
+
+
+def test_a_server_that_never_answers_and_a_refusal(sim_shards):
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)   # connections are accepted by the kernel and never answered
+    try:
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}/sim/test"
+        with pytest.raises(TransferError, match=r"manifest\.json: reading failed after 2 attempts: no answer"):
+            bounded(lambda: read_manifest(url, storage=FAST))
+    finally:
+        silent.close()
+    with faulty_server(sim_shards.parent, deny=["manifest.json"]) as base:
+        with pytest.raises(TransferError, match=r"access denied \(HTTP 403\); check the credentials") as caught:
+            bounded(lambda: read_manifest(f"{base}/sim/test", storage=FAST))
+        assert "after" not in str(caught.value)   # a refusal is not retried
+
+
+# Uploading.
+
+def test_upload_sends_every_manifest_after_its_shards(s3_data, sim_shards):
+    url, _, puts = s3_data
+    for role in ("healthy", "mixed", "val", "test"):
+        order = [u for m, u in puts if m == "PUT" and f"/sim/{role}/" in u]
+        names = [u.rsplit("/", 1)[-1] for u in order]
+        shards = sorted(s["name"] for s in read_manifest(sim_shards / role)["shards"])
+        assert sorted(names[:-1]) == shards and names[-1] == "manifest.json", names
+    assert read_manifest(f"{url}/test", verify="sha256")["samples"] == 80
+
+
+def test_upload_checks_the_build_first_and_build_out_a_url(s3, sim_shards, tmp_path):
+    env, endpoint = s3
+    damaged = tmp_path / "damaged"
+    shutil.copytree(sim_shards, damaged)
+    with open(damaged / "test" / "test-000000.tar", "r+b") as f:
+        f.truncate(1000)
+    recorded(endpoint, "start")
+    proc = subprocess.run([sys.executable, "shards/build.py", "upload", str(damaged), f"s3://{BUCKET}/damaged"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    sent = [r for r in recorded(endpoint, "log") if r["method"] == "PUT"]
+    recorded(endpoint, "stop")
+    assert proc.returncode == 2 and "test-000000.tar" in proc.stderr and not sent
+    out = f"s3://{BUCKET}/built"
+    proc = build_shards("simulated", "--source", "mnist5k", "--size", "32", "--scale", "0.02", "--seed", "1",
+                        "--out", out, env=env)
+    assert f"{out}/test: " in proc.stdout
+    check = subprocess.run([sys.executable, "shards/build.py", "verify", out], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert check.returncode == 0 and check.stdout.count(": ok,") == 4, check.stdout + check.stderr
+    again = subprocess.run([sys.executable, "shards/build.py", "simulated", "--source", "mnist5k", "--size", "32",
+                            "--scale", "0.02", "--out", out], cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=300)
+    assert again.returncode == 2 and "--overwrite" in again.stderr
+
+
+def test_a_missing_filesystem_package_names_its_extra(tmp_path):
+    code = ("import sys\nsys.modules['s3fs'] = None\nfrom a2b_dist.cli import main\n"
+            f"sys.exit(main(['train', '--config', 'configs/test.yaml', 'data.root=s3://{BUCKET}/sim', "
+            f"'train.run_dir={tmp_path / 'run'}']))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "pip install 'a2b_dist[s3]'" in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().count("\n") == 0
