@@ -77,6 +77,17 @@ def test_ddp_scaling_prints_its_table(capsys):
     assert rows[0]["processes"] == 1 and rows[0]["images_per_s"] > 0
 
 
+def test_data_throughput_reads_local_and_from_an_http_server(capsys):
+    """The loader benchmark: local shards, the same shards streamed from a real http.server, and
+    from the node's cache after one pass filled it."""
+    import data_throughput
+
+    rows = data_throughput.main(["--sizes", "32", "--samples", "64", "--batch-size", "4", "--batches", "3"])
+    out = capsys.readouterr().out
+    assert [r["source"] for r in rows] == ["local", "http", "http+cache"] and all(r["images_per_s"] > 0 for r in rows)
+    assert "images/s/worker" in out and len(re.findall(r"^ +32 +http\+cache", out, re.M)) == 1
+
+
 def test_quality_prints_every_method(sim_shards, tmp_path, capsys):
     import quality
 
