@@ -296,10 +296,12 @@ def test_a_missing_object_in_the_bucket_is_named(s3, sim_shards):
 
 
 class _Handler(http.server.SimpleHTTPRequestHandler):
-    """Serves a folder, but stalls after half of any shard named in ``stall`` and answers 403 for
-    files named in ``deny``."""
+    """Serves a folder, but stalls after half of any shard named in ``stall`` (only its first GET
+    with ``once``) and answers 403 for files named in ``deny``."""
     stall: tuple[str, ...] = ()
     deny: tuple[str, ...] = ()
+    once = False
+    stalled: set = set()
     release = threading.Event()
 
     def log_message(self, *args):
@@ -310,8 +312,9 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
         if name in self.deny:
             self.send_error(403)
             return
-        if name not in self.stall:
+        if name not in self.stall or (self.once and name in self.stalled):
             return super().do_GET()
+        self.stalled.add(name)
         blob = Path(self.translate_path(self.path)).read_bytes()
         self.send_response(200)
         self.send_header("Content-Length", str(len(blob)))
@@ -322,8 +325,9 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
 
 
 @contextmanager
-def faulty_server(folder: Path, stall=(), deny=()):
-    handler = type("Handler", (_Handler,), {"stall": tuple(stall), "deny": tuple(deny), "release": threading.Event()})
+def faulty_server(folder: Path, stall=(), deny=(), once=False):
+    handler = type("Handler", (_Handler,), {"stall": tuple(stall), "deny": tuple(deny), "once": once,
+                                            "stalled": set(), "release": threading.Event()})
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), lambda *a: handler(*a, directory=str(folder)))
     httpd.daemon_threads = True
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
@@ -361,6 +365,17 @@ def test_a_server_that_stops_answering_fails_within_the_timeout(sim_shards, tmp_
         message = bounded(lambda: expect_timeout(Storage(timeout_s=1.0, retries=1, backoff_s=0.1, cache_dir=str(cache))))
         assert "downloading failed after 2 attempts" in message
         assert not list(cache.glob("*.tar")) and not list(cache.glob("*.part-*"))
+
+
+def test_a_stream_that_stalls_once_is_reopened_and_each_sample_read_once(sim_shards):
+    """The first GET of a shard stops after half of it; the retry reads past the samples already
+    delivered, so the pass is the local one, every sample once, in the same order."""
+    local = [k for b in eval_batches(sim_shards / "test", batch_size=16) for k in b["key"]]
+    names = [s["name"] for s in read_manifest(sim_shards / "test")["shards"]]
+    with faulty_server(sim_shards.parent, stall=names, once=True) as base:
+        keys = bounded(lambda: [k for b in eval_batches(f"{base}/sim/test", batch_size=16, storage=FAST)
+                                for k in b["key"]])
+    assert keys == local and len(set(keys)) == 80
 
 
 def test_a_server_that_never_answers_and_a_refusal(sim_shards):
