@@ -295,6 +295,16 @@ def test_a_missing_object_in_the_bucket_is_named(s3, sim_shards):
     assert read_manifest(f"s3://{BUCKET}/gone/test", storage=FAST)["samples"] == 80
 
 
+def test_a_manifest_cannot_name_a_file_outside_its_role_folder(sim_shards, tmp_path):
+    role = tmp_path / "test"
+    shutil.copytree(sim_shards / "test", role)
+    manifest = json.loads((role / "manifest.json").read_text())
+    manifest["shards"][0]["name"] = "../../etc/passwd"
+    (role / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match=r"shards\[0\]\.name '\.\./\.\./etc/passwd' must be a file name"):
+        read_manifest(role)
+
+
 class _Handler(http.server.SimpleHTTPRequestHandler):
     """Serves a folder, but stalls after half of any shard named in ``stall`` (only its first GET
     with ``once``) and answers 403 for files named in ``deny``."""
