@@ -48,7 +48,7 @@ from safetensors.torch import save_file
 
 from a2b_dist.config import Config, from_dict, to_dict
 from a2b_dist.errors import UserError
-from a2b_dist.files import atomic_path, write_atomic
+from a2b_dist.files import atomic_path, sha256_file, write_atomic
 
 class CheckpointError(UserError):
     """A checkpoint that cannot be read or written; the message names the folder or file."""
@@ -159,7 +159,7 @@ def _save(target: Path, tmp: Path, global_state: Optional[dict], rank_state: dic
     if rank == 0:
         files = sorted(p for p in tmp.rglob("*") if p.is_file())
         written = {"skeleton": skeleton, "files": [str(p.relative_to(tmp)) for p in files],
-                   "sha256": {str(p.relative_to(tmp)): file_sha256(p) for p in files}}   # checked on load
+                   "sha256": {str(p.relative_to(tmp)): sha256_file(p) for p in files}}   # checked on load
         _write_json(tmp / "meta.json", {**meta, "format": FORMAT, "world_size": world_size, **written})
         old = target.parent / f".old-{target.name}"
         if target.exists():  # replacing (only `best` is ever replaced): move aside, swap, delete
@@ -212,11 +212,6 @@ def expected_files(meta: dict) -> list[str]:
     return [f"state-{r:05d}-of-{ws:05d}.safetensors" for r in range(ws)]
 
 
-def file_sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def checkpoint_problem(path: str | Path) -> Optional[str]:
     """Why a checkpoint folder cannot be loaded, naming the damaged file; None when it can.
 
@@ -245,7 +240,7 @@ def checkpoint_problem(path: str | Path) -> Optional[str]:
         file = path / name
         if not file.is_file():
             return f"{file} is missing"
-        if file_sha256(file) != digest:
+        if sha256_file(file) != digest:
             return f"{file} is damaged (its SHA-256 differs from the one recorded in meta.json)"
     for file in sorted(path.glob("*.safetensors")):
         try:

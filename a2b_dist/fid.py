@@ -29,7 +29,7 @@ from torch.nn.functional import adaptive_avg_pool2d
 from a2b_dist import losses
 from a2b_dist.data import EvalReader
 from a2b_dist.errors import UserError
-from a2b_dist.files import atomic_path
+from a2b_dist.files import atomic_path, sha256_file
 from a2b_dist.distributed import gather_objects, sample_priority
 
 WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
@@ -196,11 +196,7 @@ def _weights_hash(path: Path) -> str:
     st = path.stat()
     ident = (str(path.resolve()), st.st_size, st.st_mtime_ns)
     if ident not in _WEIGHTS_HASHES:
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                digest.update(block)
-        _WEIGHTS_HASHES[ident] = digest.hexdigest()
+        _WEIGHTS_HASHES[ident] = sha256_file(path)
     return _WEIGHTS_HASHES[ident]
 
 

@@ -4,6 +4,7 @@ temporary file and leaves the previous version, if any, untouched."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 from pathlib import Path
 from typing import Iterator
@@ -36,3 +37,9 @@ def write_atomic(path: str | os.PathLike, data: bytes | str, *, fsync: bool = Fa
                 f.flush()
                 os.fsync(f.fileno())
     return Path(path)
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file's bytes, read in blocks (shards, checkpoint files, FID weights)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()

@@ -5,7 +5,6 @@ A role folder (healthy/, mixed/, val/, test/) holds ``<role>-000000.tar``, ... a
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tarfile
@@ -13,6 +12,8 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Optional
+
+from a2b_dist.files import sha256_file
 
 from .storage import DataError, Storage, TransferError, hash_and_count, is_url, join, parent
 
@@ -44,14 +45,6 @@ def split_member(name: str) -> tuple[str, str]:
     base = os.path.basename(name)
     key, dot, ext = base.partition(".")
     return key, ext if dot else ""
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def count_samples(path: Path) -> int:
