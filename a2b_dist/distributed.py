@@ -3,9 +3,13 @@ way on any number of ranks."""
 from __future__ import annotations
 
 import hashlib
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import torch
+
+from a2b_dist.errors import UserError
+
+T = TypeVar("T")
 
 
 def gather_objects(obj: Any, world_size: int) -> list[Any]:
@@ -15,6 +19,24 @@ def gather_objects(obj: Any, world_size: int) -> list[Any]:
         torch.distributed.all_gather_object(out, obj)
         return out
     return [obj]
+
+
+def verified_once(open_with: Callable[[str], T], verify: str, rank: int, world_size: int) -> T:
+    """``open_with(verify)`` on every rank, except that ``sha256`` (which reads every shard) runs on
+    rank 0 alone while the other ranks check sizes; rank 0's verdict, a UserError, is raised on
+    every rank (a rank that failed alone would leave the others waiting at the next collective)."""
+    if verify != "sha256" or world_size == 1:
+        return open_with(verify)
+    result, message = None, None
+    if rank == 0:
+        try:
+            result = open_with("sha256")
+        except UserError as e:
+            message = str(e)
+    message = gather_objects(message, world_size)[0]
+    if message is not None:
+        raise UserError(message)
+    return result if rank == 0 else open_with("size")
 
 
 def sample_priority(key: str, seed: int) -> float:

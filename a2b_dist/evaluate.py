@@ -150,6 +150,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     from a2b_dist.checkpoint import load_generator
     from a2b_dist.data.manifest import open_role
     from a2b_dist.data.storage import join
+    from a2b_dist.distributed import verified_once
 
     args = build_parser().parse_intermixed_args(argv)
     _check_args(args)
@@ -163,8 +164,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     cfg, _ = apply_overrides(cfg, args.overrides, allowed=SCORING_FIELDS, source="a2b evaluate")
     size, channels = cfg.data.image_size, cfg.data.channels
     reader = EvalReader.from_config(cfg, rank, world)
-    manifest = open_role(args.shards, image_size=size, channels=channels, skip_corrupt=cfg.data.skip_corrupt,
-                         verify=cfg.data.verify, storage=reader.storage)
+    manifest = verified_once(   # data.verify=sha256 reads every shard once, on rank 0
+        lambda verify: open_role(args.shards, image_size=size, channels=channels, skip_corrupt=cfg.data.skip_corrupt,
+                                 verify=verify, storage=reader.storage), cfg.data.verify, rank, world)
     if args.healthy:   # a URL's healthy role is checked here, before the long passes
         open_role(args.healthy, image_size=size, channels=channels, skip_corrupt=cfg.data.skip_corrupt,
                   verify="size", storage=reader.storage)

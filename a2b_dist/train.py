@@ -287,7 +287,7 @@ def _open_streams(cfg: Config, rank: int, world: int):
     sha256 on several processes rank 0 alone reads every shard, once, and all ranks share its verdict."""
     from a2b_dist.data import TrainStream
     from a2b_dist.data.storage import Storage, join
-    from a2b_dist.distributed import gather_objects
+    from a2b_dist.distributed import verified_once
 
     storage = Storage.from_config(cfg.data)
     per_rank = cfg.train.batch_size // world
@@ -305,18 +305,7 @@ def _open_streams(cfg: Config, rank: int, world: int):
                 skip_corrupt=cfg.data.skip_corrupt, verify=verify, storage=storage)
         return streams
 
-    if cfg.data.verify != "sha256" or world == 1:
-        return open_all(cfg.data.verify)
-    streams, verdict = None, None
-    if rank == 0:
-        try:
-            streams = open_all("sha256")
-        except UserError as e:
-            verdict = str(e)
-    verdict = gather_objects(verdict, world)[0]
-    if verdict is not None:
-        raise UserError(verdict)
-    return streams if rank == 0 else open_all("size")
+    return verified_once(open_all, cfg.data.verify, rank, world)
 
 
 def missing_data_hint(cfg: Config) -> str:

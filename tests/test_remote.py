@@ -206,8 +206,8 @@ def test_evaluation_over_two_processes_reads_every_sample_once(where, request, l
     """`a2b evaluate` on 2 processes from the server scores exactly the samples (and scores) of
     one process on the local folder; from S3 both ranks share one node cache."""
     gen, scores = local_scores
-    if where == "http":
-        url, env, extra = request.getfixturevalue("http_data")[0], ENV, []
+    if where == "http":   # and every shard's sha256 checked once, on rank 0
+        url, env, extra = request.getfixturevalue("http_data")[0], ENV, ["data.verify=sha256"]
     else:
         url, env, _ = request.getfixturevalue("s3_data")
         extra = [f"data.cache_dir={tmp_path / 'cache'}"]
@@ -256,9 +256,10 @@ def test_the_cache_keeps_to_its_size_cap(http_data, tmp_path):
 
 # Checks on open.
 
-def test_remote_manifest_checks_sizes_and_sha256_on_demand(sim_shards, tmp_path):
+def test_remote_manifest_checks_sizes_and_sha256_on_demand(sim_shards, local_scores, tmp_path):
     """A shard rewritten on the server with its size unchanged passes the size check and is caught
-    by data.verify=sha256, which reads it once; a shard that is gone is named by its URL."""
+    by data.verify=sha256, which reads it once (on 2 processes: rank 0 reads, both ranks stop with
+    its message); a shard that is gone is named by its URL."""
     copy = tmp_path / "served" / "sim"
     shutil.copytree(sim_shards, copy)
     shard = copy / "test" / "test-000001.tar"
@@ -273,6 +274,13 @@ def test_remote_manifest_checks_sizes_and_sha256_on_demand(sim_shards, tmp_path)
         with pytest.raises(DataError, match=r"test-000001\.tar: sha256 differs"):
             read_manifest(f"{url}/test", verify="sha256")
         assert read_manifest(f"{url}/healthy", verify="sha256")["samples"] == 80
+        launch = [ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                  "--main_process_port", str(free_port()), "-m", "a2b_dist.evaluate"]
+        two = subprocess.run(launch + ["--checkpoint", str(local_scores[0]), "--shards", f"{url}/test", "--out",
+                                       str(tmp_path / "eval"), "data.verify=sha256"],
+                             cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+        assert two.returncode != 0 and "test-000001.tar: sha256 differs" in two.stderr, two.stderr[-3000:]
+        assert not (tmp_path / "eval" / "metrics.json").exists()
         (copy / "healthy" / "healthy-000002.tar").unlink()
         with pytest.raises(DataError, match=rf"{url}/healthy/healthy-000002\.tar: shard listed in .* is missing"):
             read_manifest(f"{url}/healthy")

@@ -99,7 +99,10 @@ def test_selection_starts_at_select_from(sim_shards, tmp_path):
 
 def test_ddp_two_processes_bf16(sim_shards, tmp_path):
     run_dir = tmp_path / "ddp"
-    run(train_cmd(2, f"data.root={sim_shards}", f"train.run_dir={run_dir}", "train.mixed_precision=bf16"))
+    out = run(train_cmd(2, f"data.root={sim_shards}", f"train.run_dir={run_dir}", "train.mixed_precision=bf16",
+                        "data.verify=sha256"))
+    # sha256 on 2 processes: rank 0 read every shard, and says so once per role.
+    assert (out.stdout + out.stderr).count("checked (sha256)") == 2
     launch = json.loads((run_dir / "launches.jsonl").read_text().splitlines()[0])
     assert launch["world_size"] == 2 and launch["mixed_precision"] == "bf16"
     meta = ckpt.read_meta(ckpt.latest_checkpoint(run_dir))
