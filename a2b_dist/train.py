@@ -314,6 +314,9 @@ def missing_data_hint(cfg: Config) -> str:
 
     build = (f"python shards/build.py simulated --source mnist5k --size {cfg.data.image_size} --out "
              f"{cfg.data.root}")
+    if cfg.data.root.lower().startswith(("http://", "https://")):
+        return (f"Build the shards first into a folder the server serves at {cfg.data.root}, for example: "
+                f"python shards/build.py simulated --source mnist5k --size {cfg.data.image_size} --out DATA")
     if is_url(cfg.data.root):
         return (f"Build the shards first and upload them, for example: {build} (it uploads when --out is a URL), "
                 f"or python shards/build.py upload DATA {cfg.data.root}")

@@ -187,6 +187,18 @@ def test_urls_that_carry_credentials_or_unknown_protocols_are_refused(url, refus
         assert check_location(url, "data.root") == url
 
 
+def test_submit_passes_a_url_through_and_checks_it(http_data, tmp_path):
+    url, _ = http_data
+    submit = [sys.executable, "jobs/submit.py", "--config", "configs/test.yaml", "--partition", "gpu", "--dry-run",
+              "--run-dir", str(tmp_path / "run")]
+    ok = subprocess.run(submit + [f"data.root={url}"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0 and f"root: {url}\n" in ok.stdout, ok.stderr[-2000:]
+    bad = subprocess.run(submit + [f"data.root={url}-gone"], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                         timeout=120)
+    assert bad.returncode == 2 and f"{url}-gone/mixed/manifest.json not found" in bad.stderr
+    assert "a folder the server serves" in bad.stderr
+
+
 # Evaluation.
 
 @pytest.fixture(scope="module")
