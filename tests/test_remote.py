@@ -199,6 +199,20 @@ def test_submit_passes_a_url_through_and_checks_it(http_data, tmp_path):
     assert "a folder the server serves" in bad.stderr
 
 
+def test_sweep_base_config_keeps_a_url_and_checks_its_roles(http_data):
+    sys.path.insert(0, str(ROOT / "sweeps"))
+    import space
+    from a2b_dist.config import load_config
+
+    url, _ = http_data
+    base = space.prepare_base(load_config("configs/test.yaml", [f"data.root={url}"]), metric="val_auc", seed=0,
+                              max_steps=None)
+    assert base.data.root == url
+    space.check_data(base)   # mixed, healthy and val are there
+    with pytest.raises(Exception, match=r"no mixed shards at .*-gone/mixed"):
+        space.check_data(load_config("configs/test.yaml", [f"data.root={url}-gone"]))
+
+
 # Evaluation.
 
 @pytest.fixture(scope="module")
