@@ -19,16 +19,16 @@ With ``cache_dir`` (one per node, on local disk) streamed shards are kept: a sha
 to a temporary name, its size checked against the manifest, then renamed to ``<sha256>.tar``;
 the least recently used shards are evicted to stay under ``cache_bytes``. A half-downloaded shard
 never enters the cache, and processes of one node download each shard once (a per-shard lock).
+
+Uploads (``upload``, ``write_bytes``, ``remove``) go through the same retries.
 """
 from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import os
 import re
 import shutil
-import socket
 import time
 import uuid
 import warnings
@@ -302,55 +302,57 @@ class Storage:
         fs, path = self.filesystem(location)
         return self.call(location, "reading", lambda: fs.cat_file(path))
 
+    def _info(self, location: str) -> Optional[dict]:
+        """The server's metadata of one object (size, ...), None when there is no such object."""
+        fs, path = self.filesystem(location)
+
+        def lookup() -> Optional[dict]:
+            try:
+                return fs.info(path)
+            except FileNotFoundError as exc:   # fsspec's http also says so for a timeout: see the cause
+                if explain(exc, self.timeout_s)[1].startswith("not found"):
+                    return None
+                raise
+        return self.call(location, "looking up", lookup)
+
     def exists(self, location: str) -> bool:
         """Whether a file is there; for a URL a missing object is False, any other failure raises."""
         if not is_url(location):
             return Path(_local(location)).is_file()
-        fs, path = self.filesystem(location)
+        return self._info(location) is not None
 
-        def probe() -> bool:
-            try:
-                fs.info(path)
-                return True
-            except FileNotFoundError as exc:
-                if explain(exc, self.timeout_s)[1] == "not found" or _status(exc) == 404:
-                    return False
-                raise
-        return self.call(location, "looking up", probe)
-
-    def sizes(self, locations: list[str]) -> list[Optional[int]]:
-        """Byte sizes from the file system or the server's metadata (None: missing)."""
-        if not locations:
-            return []
-        if not is_url(locations[0]):
-            return [os.path.getsize(_local(p)) if os.path.isfile(_local(p)) else None for p in locations]
-        fs, _ = self.filesystem(locations[0])
-
-        def size(location: str) -> Optional[int]:
-            path = self.filesystem(location)[1]
-
-            def info() -> Optional[int]:
-                try:
-                    found = fs.info(path)
-                except FileNotFoundError as exc:
-                    if explain(exc, self.timeout_s)[1] == "not found" or _status(exc) == 404:
-                        return None
-                    raise
-                if found.get("size") is None:
-                    raise DataError(f"{location}: the server gives no size (no Content-Length); "
-                                    "the shard cannot be checked against its manifest")
-                return int(found["size"])
-            return self.call(location, "looking up", info)
+    def sizes(self, urls: list[str]) -> list[Optional[int]]:
+        """Byte sizes from the servers' metadata, 16 requests at a time (None: missing)."""
+        def size(url: str) -> Optional[int]:
+            info = self._info(url)
+            if info is not None and info.get("size") is None:
+                raise DataError(f"{url}: the server gives no size (no Content-Length); "
+                                "the shard cannot be checked against its manifest")
+            return None if info is None else int(info["size"])
 
         with ThreadPoolExecutor(max_workers=16) as pool:
-            return list(pool.map(size, locations))
+            return list(pool.map(size, urls))
+
+    # Writing (uploads to object storage).
+
+    def upload(self, local: str | os.PathLike, url: str) -> None:
+        fs, path = self.filesystem(url)
+        self.call(url, "uploading", lambda: fs.put_file(str(local), path))
+
+    def write_bytes(self, url: str, blob: bytes) -> None:
+        fs, path = self.filesystem(url)
+        self.call(url, "uploading", lambda: fs.pipe_file(path, blob))
+
+    def remove(self, url: str) -> None:
+        fs, path = self.filesystem(url)
+        self.call(url, "removing", lambda: fs.rm_file(path))
 
     @contextlib.contextmanager
     def open_shard(self, location: str, *, size: Optional[int] = None, sha256: Optional[str] = None
                    ) -> Iterator[IO[bytes]]:
         """A shard to read from start to end: a local file, the cached copy of a remote shard
         (downloaded first when the cache is on), or a stream from the server. Read errors of a
-        stream arrive as exceptions that ``streaming_failed`` sorts (retry or TransferError)."""
+        stream arrive as exceptions that ``failed`` sorts (retry or TransferError)."""
         if not is_url(location):
             with open(_local(location), "rb") as f:
                 yield f
@@ -393,7 +395,7 @@ class Storage:
             fcntl.flock(lock, fcntl.LOCK_EX)   # another process of this node may be downloading it
             if self._hit(final, size):
                 return final
-            tmp = cache / f"{sha256}.tar.part-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            tmp = cache / f"{sha256}.tar.part-{uuid.uuid4().hex[:8]}"
 
             def download() -> None:
                 stream = self._stream(location, size)
@@ -425,14 +427,14 @@ class Storage:
 
     def _evict(self, keep: Path) -> None:
         """Remove the least recently used shards until the cache holds at most cache_bytes, and
-        the partial downloads of processes of this node that are gone."""
+        partial downloads left by processes that died (their shard's lock is free)."""
         cache = keep.parent
-        host = socket.gethostname()
         for part in cache.glob("*.tar.part-*"):
-            _, _, owner = part.name.partition(".tar.part-")
-            name, _, rest = owner.rpartition("-")   # host-pid, token
-            owner_host, _, pid = name.rpartition("-")
-            if owner_host == host and pid.isdigit() and not _alive(int(pid)):
+            with open(cache / f"{part.name.split('.', 1)[0]}.lock", "a") as lock:
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue   # being downloaded now
                 part.unlink(missing_ok=True)
         entries = []
         for path in cache.glob("*.tar"):
@@ -446,33 +448,3 @@ class Storage:
             if path != keep:
                 path.unlink(missing_ok=True)   # a reader that has it open keeps reading it
                 total -= size
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def hash_and_count(stream: IO[bytes], count: Callable[[IO[bytes]], int]) -> tuple[str, int, int]:
-    """(sha256, samples, bytes) of a shard read once from ``stream``: ``count`` parses the tar from a
-    reader that hashes what passes through it, and the rest is read to the end."""
-    class Hashing:
-        def __init__(self):
-            self.digest, self.n = hashlib.sha256(), 0
-
-        def read(self, n: int = -1) -> bytes:
-            block = stream.read(n)
-            self.digest.update(block)
-            self.n += len(block)
-            return block
-
-    reader = Hashing()
-    samples = count(reader)
-    while reader.read(1 << 20):
-        pass
-    return reader.digest.hexdigest(), samples, reader.n

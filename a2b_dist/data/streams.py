@@ -72,15 +72,14 @@ def _tar_samples(stream) -> Iterator[tuple[str, dict[str, bytes]]]:
         yield key, fields
 
 
-def _shard_samples(path: str, storage: Optional[Storage] = None, size: Optional[int] = None,
-                   sha256: Optional[str] = None) -> Iterator[tuple[str, dict[str, bytes]]]:
+def _shard_samples(path: str, storage: Storage, size: int, sha256: str) -> Iterator[tuple[str, dict[str, bytes]]]:
     """(key, {field: bytes}) of one shard, a local file or a URL read through ``storage`` (its
     cache, or a stream). A stream that fails is opened again, with backoff, and the samples
     already delivered are read past; the last failure raises TransferError naming the URL."""
     delivered, last, attempt = 0, None, 0
     while True:
         try:
-            with (storage or Storage()).open_shard(path, size=size, sha256=sha256) as stream:
+            with storage.open_shard(path, size=size, sha256=sha256) as stream:
                 for index, (key, fields) in enumerate(_tar_samples(stream)):
                     if index >= delivered:
                         delivered += 1
@@ -91,13 +90,10 @@ def _shard_samples(path: str, storage: Optional[Storage] = None, size: Optional[
             raise _BrokenShard(path, last, exc) from None
         except DataError:
             raise
-        except OSError as exc:
-            if not is_url(path):   # a local file that cannot be read: damaged, as a bad tar
-                raise _BrokenShard(path, last, exc) from None
-            storage.failed(path, "reading", exc, attempt)
-            attempt += 1
-        except Exception as exc:   # the transfer failed (each library has its own errors; failed() sorts them)
-            if not is_url(path):
+        except Exception as exc:   # a transfer that failed (each library has its own errors; failed() sorts them)
+            if not is_url(path):   # a local file that cannot be read is damaged, as a bad tar
+                if isinstance(exc, OSError):
+                    raise _BrokenShard(path, last, exc) from None
                 raise
             storage.failed(path, "reading", exc, attempt)
             attempt += 1
@@ -308,7 +304,8 @@ class TrainStream:
         self.manifest = open_role(role_dir, image_size=image_size, channels=channels, skip_corrupt=skip_corrupt,
                                   verify=verify, storage=storage)
         # What was checked on open, for the run's log: remote checks and sha256 take real time.
-        self.checked = {"location": role_dir, "verify": verify, "shards": len(self.manifest["shards"]),
+        self.checked = {"location": role_dir, "remote": is_url(role_dir), "verify": verify,
+                        "shards": len(self.manifest["shards"]),
                         "bytes": sum(s["bytes"] for s in self.manifest["shards"]),
                         "seconds": round(time.perf_counter() - started, 3)}
         shards = [(join(role_dir, s["name"]), s["samples"], s["bytes"], s["sha256"]) for s in self.manifest["shards"]]
