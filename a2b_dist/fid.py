@@ -270,11 +270,12 @@ def selection_fid(generator: torch.nn.Module, cfg, *, device: str | torch.device
                   world_size: int = 1) -> dict[str, float]:
     """Model selection by FID: B' of the val role (the mixed role where there is no val) against the
     healthy role, cfg.eval.fid_samples per side, seed 0; reference statistics cached in the run folder."""
+    from a2b_dist.data.manifest import role_exists
     from a2b_dist.data.storage import join
 
     reader = EvalReader.from_config(cfg, rank, world_size)
     root = cfg.data.root
-    role = join(root, "val") if reader.storage.exists(join(root, "val", "manifest.json")) else join(root, "mixed")
+    role = join(root, "val" if role_exists(root, "val", reader.storage) else "mixed")
     result = translation_fid(generator, role, join(root, "healthy"), reader,
                              device=device, samples=cfg.eval.fid_samples, dims=cfg.eval.fid_dims,
                              weights=cfg.eval.fid_weights, seed=0, cache_dir=Path(cfg.train.run_dir) / "fid-cache")

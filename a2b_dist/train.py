@@ -286,6 +286,7 @@ def _open_streams(cfg: Config, rank: int, world: int):
     """The two training streams of this rank; their shards checked on open (data.verify). With
     sha256 on several processes rank 0 alone reads every shard, once, and all ranks share its verdict."""
     from a2b_dist.data import TrainStream
+    from a2b_dist.data.manifest import build_hint, role_exists
     from a2b_dist.data.storage import Storage, join
     from a2b_dist.distributed import verified_once
 
@@ -296,8 +297,9 @@ def _open_streams(cfg: Config, rank: int, world: int):
         streams = {}
         for tag, role in enumerate(("mixed", "healthy")):
             role_dir = join(cfg.data.root, role)
-            if not storage.exists(join(role_dir, "manifest.json")):
-                raise UserError(f"no {role} shards at {role_dir} (data.root={cfg.data.root}). {missing_data_hint(cfg)}")
+            if not role_exists(cfg.data.root, role, storage):
+                raise UserError(f"no {role} shards at {role_dir} (data.root={cfg.data.root}). "
+                                f"{build_hint(cfg.data.root, cfg.data.image_size)}")
             streams[role] = TrainStream(   # checks the shards (damaged ones skipped with data.skip_corrupt)
                 role_dir, batch_size=per_rank, image_size=cfg.data.image_size, channels=cfg.data.channels,
                 seed=derive_seed(cfg.train.seed, tag), rank=rank, world_size=world,
@@ -308,31 +310,16 @@ def _open_streams(cfg: Config, rank: int, world: int):
     return verified_once(open_all, cfg.data.verify, rank, world)
 
 
-def missing_data_hint(cfg: Config) -> str:
-    """How to make the shards data.root names: build them, or upload a local build to the URL."""
-    from a2b_dist.data.storage import is_url
-
-    build = (f"python shards/build.py simulated --source mnist5k --size {cfg.data.image_size} --out "
-             f"{cfg.data.root}")
-    if cfg.data.root.lower().startswith(("http://", "https://")):
-        return (f"Build the shards first into a folder the server serves at {cfg.data.root}, for example: "
-                f"python shards/build.py simulated --source mnist5k --size {cfg.data.image_size} --out DATA")
-    if is_url(cfg.data.root):
-        return (f"Build the shards first and upload them, for example: {build} (it uploads when --out is a URL), "
-                f"or python shards/build.py upload DATA {cfg.data.root}")
-    return f"Build the shards first, for example: {build}"
-
-
 def _sample_batch(cfg: Config, n: int = 8) -> Optional[torch.Tensor]:
     """A fixed batch for sample grids: the first images of the val role (else the mixed role)."""
     from a2b_dist.data import eval_batches
+    from a2b_dist.data.manifest import role_exists
     from a2b_dist.data.storage import Storage, join
 
     storage = Storage.from_config(cfg.data)
     for role in ("val", "mixed"):
-        role_dir = join(cfg.data.root, role)
-        if storage.exists(join(role_dir, "manifest.json")):
-            for batch in eval_batches(role_dir, batch_size=n, image_size=cfg.data.image_size,
+        if role_exists(cfg.data.root, role, storage):
+            for batch in eval_batches(join(cfg.data.root, role), batch_size=n, image_size=cfg.data.image_size,
                                       channels=cfg.data.channels, storage=storage):
                 return batch["image"]
     return None
@@ -492,10 +479,9 @@ def _train(cfg: Config, *, resume: str, argv: Optional[list[str]], stop_requeste
 
     # Check the data and the checkpoint to resume before anything is written.
     streams = _open_streams(cfg, rank, world)
-    from a2b_dist.data.storage import is_url
-    if is_url(cfg.data.root) or cfg.data.verify == "sha256":   # these checks take real time: say what they did
-        for stream in streams.values():
-            c = stream.checked
+    for stream in streams.values():
+        c = stream.checked
+        if c["remote"] or c["verify"] == "sha256":   # these checks take real time: say what they did
             accelerator.print(f"data: {c['location']}: {c['shards']} shards, {c['bytes'] / 2**20:.1f} MiB, "
                               f"checked ({c['verify']}) in {c['seconds']:.1f} s")
     start_from = _resume_path(cfg, resume, warn=accelerator.print)

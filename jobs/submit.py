@@ -118,8 +118,8 @@ def resolve_config(args: argparse.Namespace) -> Config:
     """The config the job will run: file + overrides, paths made absolute, checked against the data."""
     from a2b_dist.config import ConfigError
     from a2b_dist.data import DataError, read_manifest
+    from a2b_dist.data.manifest import build_hint
     from a2b_dist.data.storage import Storage, absolute, join
-    from a2b_dist.train import missing_data_hint
 
     cfg = load_config(args.config, args.overrides)
     if args.run_dir:
@@ -142,7 +142,7 @@ def resolve_config(args: argparse.Namespace) -> Config:
             read_manifest(join(cfg.data.root, role), image_size=cfg.data.image_size, channels=cfg.data.channels,
                           storage=Storage.from_config(cfg.data))
         except DataError as e:
-            raise UserError(f"data.root={cfg.data.root}: {e}. {missing_data_hint(cfg)}") from None
+            raise UserError(f"data.root={cfg.data.root}: {e}. {build_hint(cfg.data.root, cfg.data.image_size)}") from None
     return cfg
 
 

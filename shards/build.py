@@ -41,7 +41,7 @@ from a2b_dist.data.medical import SliceRule, dicom_roles, listed_roles, nifti_ro
 from a2b_dist.data.simulate import ANOMALIES, SOURCES, simulated_roles  # noqa: E402
 from a2b_dist.data.sources import folder_role, npz_roles  # noqa: E402
 from a2b_dist.data.storage import Storage, check_location, is_url, join  # noqa: E402
-from a2b_dist.data.write import upload_roles, write_roles  # noqa: E402
+from a2b_dist.data.write import check_upload_target, upload_roles, write_roles  # noqa: E402
 
 
 def positive_int(text: str) -> int:
@@ -205,7 +205,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def upload(source: Path, target: str, overwrite: bool) -> int:
     try:
-        check_location(target, "URL")
         upload_roles(source, target, overwrite=overwrite, storage=Storage(), report=print)
     except DataError as exc:
         print(f"shards/build.py upload: error: {exc}", file=sys.stderr)
@@ -259,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     except DataError as exc:
         print(f"shards/build.py {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    remote = is_url(args.out)
+    remote, storage = is_url(args.out), Storage()
     out = Path(tempfile.mkdtemp(prefix="a2b-build-")) / "data" if remote else Path(args.out)
     command = shlex.join(["python", "shards/build.py", *argv])
     started = time.perf_counter()
@@ -301,10 +300,7 @@ def main(argv: list[str] | None = None) -> int:
                                             anomaly=args.anomaly, count=args.count)
             bit_depth, channels = 8, 1
         if remote:   # fail before the build when the target already holds a role
-            for role in roles:
-                if Storage().exists(join(args.out, role, "manifest.json")) and not args.overwrite:
-                    raise DataError(f"{join(args.out, role)} already holds a manifest.json; pass --overwrite "
-                                    "to replace it")
+            check_upload_target(args.out, roles, overwrite=args.overwrite, storage=storage)
         manifests = write_roles(
             out, roles, image_size=args.size, channels=channels, bit_depth=bit_depth, source=source,
             seed=args.seed, command=command, maxcount=args.maxcount, maxsize=args.maxsize, overwrite=args.overwrite,
@@ -314,12 +310,10 @@ def main(argv: list[str] | None = None) -> int:
             listed = write_skipped(out, scan)
             notes = scan.summary() + ([f"the skipped files and why: {listed}"] if listed else [])
         if remote:   # staged in $TMPDIR, then uploaded; the staging folder goes in any case
-            upload_roles(out, args.out, roles=list(manifests), overwrite=args.overwrite, storage=Storage(),
+            upload_roles(out, args.out, roles=list(manifests), overwrite=args.overwrite, storage=storage,
                          report=notes.append)
             if args.command == "dicom" and listed:
-                storage = Storage()
-                fs, path = storage.filesystem(join(args.out, listed.name))
-                storage.call(join(args.out, listed.name), "uploading", lambda: fs.put_file(str(listed), path))
+                storage.upload(listed, join(args.out, listed.name))
                 notes = [n.replace(str(listed), join(args.out, listed.name)) for n in notes]
     except DataError as exc:
         print(f"shards/build.py {args.command}: error: {exc}", file=sys.stderr)

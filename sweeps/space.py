@@ -17,6 +17,7 @@ from typing import Any, Optional
 import yaml
 
 from a2b_dist.config import Config, ConfigError, from_dict, get_field, to_dict
+from a2b_dist.data.manifest import role_exists
 from a2b_dist.data.storage import Storage, absolute, join
 from a2b_dist.errors import UserError
 from a2b_dist.sweep import LR, apply_params
@@ -174,7 +175,7 @@ def check_data(cfg: Config) -> None:
     storage = Storage.from_config(cfg.data)
     roles = ("mixed", "healthy") + (("val",) if cfg.eval.metric == "val_auc" else ())
     for role in roles:
-        if not storage.exists(join(cfg.data.root, role, "manifest.json")):
+        if not role_exists(cfg.data.root, role, storage):
             raise UserError(f"no {role} shards at {join(cfg.data.root, role)} (data.root={cfg.data.root}); build "
                             f"them with python shards/build.py ... --out {cfg.data.root}"
                             + ("; --metric val_auc needs a labelled val role" if role == "val" else ""))

@@ -256,6 +256,9 @@ def test_evaluation_over_two_processes_reads_every_sample_once(where, request, l
 def test_the_cache_serves_the_second_pass(http_data, sim_shards, tmp_path):
     url, log = http_data
     storage = Storage(cache_dir=str(tmp_path / "cache"))
+    (tmp_path / "cache").mkdir()
+    stale = tmp_path / "cache" / f"{'0' * 64}.tar.part-killed"   # left by a process that died mid-download
+    stale.write_bytes(b"half")
 
     def one_pass() -> list[str]:
         return [k for b in eval_batches(f"{url}/test", batch_size=16, storage=storage, num_workers=2) for k in b["key"]]
@@ -267,6 +270,7 @@ def test_the_cache_serves_the_second_pass(http_data, sim_shards, tmp_path):
     second = one_pass()
     assert shard_gets(log)[before + len(downloaded):] == []   # no shard fetched again
     assert first == second and len(set(first)) == 80
+    assert not stale.exists()   # no process held its lock
 
 
 def test_the_cache_keeps_to_its_size_cap(http_data, tmp_path):

@@ -5,6 +5,7 @@ A role folder (healthy/, mixed/, val/, test/) holds ``<role>-000000.tar``, ... a
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tarfile
@@ -15,7 +16,7 @@ from typing import Any, Optional
 
 from a2b_dist.files import sha256_file
 
-from .storage import DataError, Storage, TransferError, hash_and_count, is_url, join, parent
+from .storage import DataError, Storage, TransferError, is_url, join, parent
 
 FORMAT = "a2b-shards/1"
 MANIFEST = "manifest.json"
@@ -47,16 +48,49 @@ def split_member(name: str) -> tuple[str, str]:
     return key, ext if dot else ""
 
 
+def role_exists(root: str, role: str, storage: Storage) -> bool:
+    """Whether ``root/role`` holds a manifest (a local folder or a URL)."""
+    return storage.exists(join(root, role, MANIFEST))
+
+
+def build_hint(root: str, image_size: int) -> str:
+    """How to make the shards a data root names: build them, build and upload them, or serve them."""
+    example = f"python shards/build.py simulated --source mnist5k --size {image_size} --out"
+    if root.lower().startswith(("http://", "https://")):
+        return f"Build the shards first into a folder the server serves at {root}, for example: {example} DATA"
+    if is_url(root):
+        return (f"Build the shards first and upload them, for example: {example} {root} (it uploads when --out "
+                f"is a URL), or python shards/build.py upload DATA {root}")
+    return f"Build the shards first, for example: {example} {root}"
+
+
 def count_samples(path: Path) -> int:
     """Number of samples in a shard, from its tar headers only (member data is seeked over)."""
     with tarfile.open(path, mode="r:") as tar:
         return _count_keys(tar)
 
 
-def count_stream(stream) -> int:
-    """Number of samples in a shard read once, start to end, from a stream (a remote shard)."""
-    with tarfile.open(fileobj=stream, mode="r|") as tar:
-        return _count_keys(tar)
+def hash_and_count(stream) -> tuple[str, Optional[int], Optional[BaseException]]:
+    """(sha256, samples, tar error) of a shard read once, start to end, from a stream (a remote
+    shard): the tar headers are parsed from a reader that hashes what passes through it, and the
+    rest is read to the end; a damaged tar gives no count and its error, the hash still."""
+    digest = hashlib.sha256()
+
+    class Hashing:
+        def read(self, n: int = -1) -> bytes:
+            block = stream.read(n)
+            digest.update(block)
+            return block
+
+    reader = Hashing()
+    try:
+        with tarfile.open(fileobj=reader, mode="r|") as tar:
+            samples, error = _count_keys(tar), None
+    except (tarfile.TarError, EOFError) as exc:
+        samples, error = None, exc
+    while reader.read(1 << 20):
+        pass
+    return digest.hexdigest(), samples, error
 
 
 def _count_keys(tar: tarfile.TarFile) -> int:
@@ -287,15 +321,12 @@ def _remote_problems(role_dir: str, manifest: dict, path: str, verify: str, stor
                         f"{url}: {size} bytes on the server, {path} lists {shard['bytes']} (truncated or rewritten)")
     if verify == "sha256":
         def check(url: str, shard: dict) -> Optional[str]:
-            def read() -> tuple[str, int, int]:
+            def read() -> tuple[str, Optional[int], Optional[BaseException]]:
                 with storage.open_shard(url, size=shard["bytes"], sha256=shard["sha256"]) as stream:
-                    return hash_and_count(stream, count_stream)
-            try:
-                digest, found, _ = storage.call(url, "verifying", read)
-            except TransferError:
-                raise
-            except (tarfile.TarError, EOFError) as exc:
-                return f"{url}: unreadable tar ({exc})"
+                    return hash_and_count(stream)
+            digest, found, error = storage.call(url, "verifying", read)
+            if error is not None:
+                return f"{url}: unreadable tar ({error})"
             if found != shard["samples"]:
                 return f"{url}: holds {found} samples, {path} lists {shard['samples']}"
             if digest != shard["sha256"]:

@@ -15,15 +15,16 @@ import shutil
 import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Optional
 
 import numpy as np
 import webdataset as wds
 
 from .images import encode_png
-from .manifest import FORMAT, MANIFEST, ROLES, DataError, read_manifest, sha256_file, shard_name, shared_groups
+from .manifest import (FORMAT, MANIFEST, ROLES, DataError, read_manifest, role_exists, sha256_file, shard_name,
+                       shared_groups)
 from .storage import Storage, check_location, is_url, join
 
 KEY_PATTERN = re.compile(r"^[A-Za-z0-9_-]+$")  # no dots (WebDataset splits the key at the first dot)
@@ -241,6 +242,23 @@ class _RoleWriter:
 
 # Uploading a build to object storage.
 
+def check_upload_target(url: str, roles: Iterable[str], *, overwrite: bool, storage: Storage) -> dict[str, bool]:
+    """Whether each role is already at ``url`` (role -> True); an error when one is and not
+    ``overwrite``, or when ``url`` cannot take uploads. Called before a build, and by upload_roles."""
+    check_location(url, "upload target")
+    if not is_url(url):
+        raise DataError(f"{url}: not a URL; upload to s3://bucket/prefix or gs://bucket/prefix "
+                        "(a local --out is written in place)")
+    if url.lower().startswith(("http://", "https://")):
+        raise DataError(f"{url}: an HTTP server cannot take uploads through fsspec; copy the built folder to "
+                        "the folder the server serves, or upload to s3:// or gs://")
+    present = {role: role_exists(url, role, storage) for role in roles}
+    for role, there in present.items():
+        if there and not overwrite:
+            raise DataError(f"{join(url, role)} already holds a {MANIFEST}; pass --overwrite to replace it")
+    return present
+
+
 def upload_roles(local_root: str | os.PathLike, url: str, *, roles: Optional[Iterable[str]] = None,
                  overwrite: bool = False, storage: Optional[Storage] = None,
                  report: Callable[[str], None] = lambda line: None) -> dict[str, dict]:
@@ -249,40 +267,25 @@ def upload_roles(local_root: str | os.PathLike, url: str, *, roles: Optional[Ite
     whose shards are not all there. Each local role is checked against its manifest (sizes and
     sample counts) before anything is sent. Returns the manifests by role."""
     storage = storage or Storage()
-    check_location(url, "upload target")
-    if not is_url(url):
-        raise DataError(f"{url}: not a URL; upload to s3://bucket/prefix or gs://bucket/prefix "
-                        "(a local --out is written in place)")
-    if url.split("://", 1)[0].lower() in ("http", "https"):
-        raise DataError(f"{url}: an HTTP server cannot take uploads through fsspec; copy the built folder to "
-                        "the folder the server serves, or upload to s3:// or gs://")
     local_root = Path(local_root)
     names = list(roles) if roles is not None else [r for r in ROLES if (local_root / r / MANIFEST).is_file()]
     if not names:
         raise DataError(f"{local_root}: no role folder with a {MANIFEST} in it ({', '.join(ROLES)})")
     manifests = {role: read_manifest(local_root / role) for role in names}   # damaged: nothing is sent
-    for role in names:
-        if storage.exists(join(url, role, MANIFEST)) and not overwrite:
-            raise DataError(f"{join(url, role)} already holds a {MANIFEST}; pass --overwrite to replace it")
-    fs, _ = storage.filesystem(url)
+    present = check_upload_target(url, names, overwrite=overwrite, storage=storage)
     for role, manifest in manifests.items():
         target = join(url, role)
-        remote_manifest = storage.filesystem(join(target, MANIFEST))[1]
-        if storage.exists(join(target, MANIFEST)):   # readers stop seeing the old role before its shards change
-            storage.call(join(target, MANIFEST), "removing", lambda: fs.rm_file(remote_manifest))
-
-        def put(shard: dict) -> None:
-            source, dest = local_root / role / shard["name"], join(target, shard["name"])
-            storage.call(dest, "uploading", lambda: fs.put_file(str(source), storage.filesystem(dest)[1]))
+        if present[role]:   # readers stop seeing the old role before its shards change
+            storage.remove(join(target, MANIFEST))
         with ThreadPoolExecutor(max_workers=8) as pool:
-            list(pool.map(put, manifest["shards"]))
+            list(pool.map(lambda shard: storage.upload(local_root / role / shard["name"], join(target, shard["name"])),
+                          manifest["shards"]))
         urls = [join(target, s["name"]) for s in manifest["shards"]]
         for dest, shard, size in zip(urls, manifest["shards"], storage.sizes(urls)):
             if size != shard["bytes"]:
                 raise DataError(f"{dest}: {size} bytes on the server after the upload, {shard['bytes']} here; "
                                 f"the manifest was not uploaded")
-        blob = (local_root / role / MANIFEST).read_bytes()
-        storage.call(join(target, MANIFEST), "uploading", lambda: fs.pipe_file(remote_manifest, blob))
+        storage.write_bytes(join(target, MANIFEST), (local_root / role / MANIFEST).read_bytes())
         report(f"{target}: {len(manifest['shards'])} shards and {MANIFEST} uploaded "
                f"({sum(s['bytes'] for s in manifest['shards']) / 2**20:.1f} MiB)")
     return manifests
