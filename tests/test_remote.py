@@ -296,6 +296,10 @@ def test_remote_manifest_checks_sizes_and_sha256_on_demand(sim_shards, local_sco
     blob = bytearray(shard.read_bytes())
     blob[len(blob) // 2] ^= 0xFF
     shard.write_bytes(bytes(blob))
+    val = copy / "val" / "val-000000.tar"   # a tar header overwritten, the size unchanged
+    blob = bytearray(val.read_bytes())
+    blob[:512] = b"\xff" * 512
+    val.write_bytes(bytes(blob))
     port, log = free_port(), tmp_path / "requests.log"
     with server([sys.executable, "-m", "http.server", "--bind", "127.0.0.1", "--directory", str(copy.parent),
                  str(port)], port, log):
@@ -304,6 +308,8 @@ def test_remote_manifest_checks_sizes_and_sha256_on_demand(sim_shards, local_sco
         with pytest.raises(DataError, match=r"test-000001\.tar: sha256 differs"):
             read_manifest(f"{url}/test", verify="sha256")
         assert read_manifest(f"{url}/healthy", verify="sha256")["samples"] == 80
+        with pytest.raises(DataError, match=r"val-000000\.tar: unreadable tar"):
+            read_manifest(f"{url}/val", verify="sha256")
         launch = [ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                   "--main_process_port", str(free_port()), "-m", "a2b_dist.evaluate"]
         two = subprocess.run(launch + ["--checkpoint", str(local_scores[0]), "--shards", f"{url}/test", "--out",
