@@ -117,6 +117,17 @@ class LossConfig:
     focus_size: str = one_of("image", ("image", "batch"))
     # Fixed-Point GAN identity on the output: L1(B'(b), b) for healthy b (0: the paper)
     lambda_id_out: float = bounded(0.0, 0.0, None)
+    # Synthetic restoration on healthy images (0: off, the paper): this share of each generator batch's
+    # healthy images gets a soft patch of another healthy image pasted in (losses.foreign_patches); the
+    # identity terms then ask for the original back, and the mask is supervised with the pasted region
+    # (binary cross-entropy, weight lambda_mask, on every healthy image of the batch).
+    restore_prob: float = bounded(0.0, 0.0, 1.0)
+    lambda_mask: float = bounded(1.0, 0.0, None)
+    # The mixed set ranked by the model itself (0: off): from pseudo_after x train.steps on, the share
+    # pseudo_fraction of each mixed batch that the current generator scores lowest (mean |a - B'|) also
+    # takes the identity terms as healthy images do; the rest are judged adversarially only (plus Eq. 7).
+    pseudo_fraction: float = bounded(0.0, 0.0, 1.0)
+    pseudo_after: float = bounded(0.2, 0.0, 1.0)
 
 
 @dataclass

@@ -165,3 +165,72 @@ def linear_decay_lr(base_lr: float, step: int, total_steps: int, decay_steps: in
     if step < start:
         return base_lr
     return base_lr * max(0.0, (total_steps - step) / decay_steps)
+
+
+# ---------------------------------------------------------------------------------------------
+# Levers that give the mask and the mixed set a job (issue 25; benchmarks/README.md runs 14-)
+
+PATCH_SIDE = (0.1, 0.5)      # a foreign patch's side, per axis, relative to the image side
+PATCH_EDGE = (0.0, 0.5)      # its soft edge, relative to its smaller half-side (0: a hard edge)
+PATCH_ALPHA = (0.5, 1.0)     # how much of the donor replaces the original inside it (foreign-patch interpolation)
+VISIBLE_CHANGE = 4.0 / 255.0  # in [-1, 1] units: two grey levels of an 8-bit image; smaller changes are no change
+
+
+def _soft_box(centre: torch.Tensor, half: torch.Tensor, edge: torch.Tensor, n: int) -> torch.Tensor:
+    """(B, n) profile along one axis: 1 well inside the box centre +- half, falling linearly to 0 over
+    ``edge`` px (at least one pixel, so that a hard edge is anti-aliased) around its border."""
+    t = torch.arange(n, device=centre.device, dtype=torch.float32).view(1, -1)
+    inside = half.view(-1, 1) - (t - centre.view(-1, 1)).abs()                    # > 0 inside the box
+    return ((inside + 0.5) / edge.clamp_min(1.0).view(-1, 1)).clamp(0, 1)
+
+
+def foreign_patches(b: torch.Tensor, gen: torch.Generator, prob: float
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Paste into each healthy image, with probability ``prob``, a soft-edged rectangle taken from
+    *another* image of the batch at another position (foreign-patch interpolation, Tan et al. 2020;
+    the healthy-patch restoration of SAGAN, Zhang et al. 2024). No anomaly kind of any protocol is
+    used: the patch is healthy anatomy in the wrong place.
+
+    Returns ``(pasted, target, chosen)``: the images (equal to ``b`` outside each patch, and wholly
+    for images not chosen), the mask target (B, 1, H, W) in [0, 1] (the patch's blend weight where
+    the paste visibly changed the image, 0 elsewhere and on images not chosen), and the (B,) flags
+    of the chosen images. Every draw comes from ``gen`` (checkpointed with the run)."""
+    n, _, h, w = b.shape
+    dev = gen.device
+
+    def u(lo: float, hi: float, *shape: int) -> torch.Tensor:
+        return (lo + (hi - lo) * torch.rand(*shape, generator=gen, device=dev)).to(b.device)
+
+    chosen = (torch.rand(n, generator=gen, device=dev) < prob).to(b.device)
+    if n < 2:
+        chosen = torch.zeros_like(chosen)
+    # The donor: another image of the batch (offset 1..n-1), shifted by a random (dy, dx).
+    offset = torch.randint(1, max(2, n), (n,), generator=gen, device=dev).to(b.device)
+    donor_idx = (torch.arange(n, device=b.device) + offset) % n
+    shifts = torch.randint(0, max(h, w), (n, 2), generator=gen, device=dev).tolist()
+    donors = torch.stack([b[int(j)].roll(shifts=(sy % h, sx % w), dims=(-2, -1))
+                          for j, (sy, sx) in zip(donor_idx.tolist(), shifts)])
+    hy, hx = u(*PATCH_SIDE, n) * h / 2, u(*PATCH_SIDE, n) * w / 2
+    cy, cx = u(0, 1, n) * (h - 1), u(0, 1, n) * (w - 1)
+    edge = u(*PATCH_EDGE, n) * torch.minimum(hy, hx)
+    alpha = u(*PATCH_ALPHA, n)
+    shape = _soft_box(cy, hy, edge, h)[:, :, None] * _soft_box(cx, hx, edge, w)[:, None, :]   # (B, H, W)
+    weight = (shape * alpha.view(-1, 1, 1) * chosen.view(-1, 1, 1)).unsqueeze(1).to(b.dtype)  # (B, 1, H, W)
+    pasted = b * (1 - weight) + donors * weight
+    visible = ((pasted - b).abs().amax(dim=1, keepdim=True) >= VISIBLE_CHANGE).to(weight.dtype)
+    return pasted, (weight * visible).float(), chosen
+
+
+def mask_supervision(mask: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy of the mask against a soft target (B, 1, H, W), in fp32."""
+    m = mask.float().clamp(1e-6, 1 - 1e-6)
+    return torch.nn.functional.binary_cross_entropy(m, target.float())
+
+
+def lowest_scored(scores: torch.Tensor, fraction: float) -> torch.Tensor:
+    """Indices of the round(fraction * B) lowest of (B,) ``scores``: the mixed images the current
+    model finds most healthy (ties broken by position, so the choice is deterministic)."""
+    k = int(round(fraction * scores.shape[0]))
+    if k <= 0:
+        return torch.zeros(0, dtype=torch.long, device=scores.device)
+    return torch.sort(scores.detach().float(), stable=True).indices[:k]

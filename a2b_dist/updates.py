@@ -119,12 +119,18 @@ class A2BUpdates:
     def generator_loss(self, a: torch.Tensor, b: torch.Tensor, step: int) -> tuple[torch.Tensor, dict]:
         cfg = self.cfg.loss
         n = a.shape[0]
+        zero = torch.zeros((), device=a.device)
+        # Synthetic restoration: the generator sees healthy images with foreign patches, and every
+        # healthy term below asks for the original image back.
+        b_in, target = b, None
+        if cfg.restore_prob > 0:
+            b_in, target, _ = L.foreign_patches(b, self.gp_gen, cfg.restore_prob)
         with self.acc.autocast():
-            b_int, mask = self.m.G_train(torch.cat([a, b]).contiguous(memory_format=self.memory_format))
+            b_int, mask = self.m.G_train(torch.cat([a, b_in]).contiguous(memory_format=self.memory_format))
             b_int_a, b_int_b = b_int.split(n)
             m_a, m_b = mask.split(n)
             b_prime_a = L.blend_healthy(a, b_int_a, m_a)                       # Eq. 1
-            b_prime_b = L.blend_healthy(b, b_int_b, m_b)
+            b_prime_b = L.blend_healthy(b_in, b_int_b, m_b)
             a_prime = L.blend_reconstruction(a, b_int_a, m_a)                 # Eq. 2
             d_a, d_b = self.m.D(torch.cat([b_prime_a, b_prime_b])).split(n)   # unwrapped, frozen critic
         adv = L.generator_adversarial(d_a, d_b)                                # Eq. 5
@@ -138,8 +144,20 @@ class A2BUpdates:
         loss = adv + cfg.lambda_rec * rec + cfg.lambda_id * idt + cfg.lambda_f * focus  # Eq. 10
         if cfg.lambda_id_out:
             loss = loss + cfg.lambda_id_out * idt_out
+        mask_sup = zero
+        if target is not None:
+            mask_sup = L.mask_supervision(m_b, target)
+            loss = loss + cfg.lambda_mask * mask_sup
+        pseudo = zero
+        if cfg.pseudo_fraction > 0 and step >= cfg.pseudo_after * self.cfg.train.steps:
+            low = L.lowest_scored(L.anomaly_map(a, b_prime_a).flatten(1).mean(1), cfg.pseudo_fraction)
+            if len(low):
+                pseudo = (cfg.lambda_id * L.l1(b_int_a[low], a[low])
+                          + cfg.lambda_id_out * L.l1(b_prime_a[low], a[low]))
+                loss = loss + pseudo
         return loss, {"loss_g": loss.detach(), "adv_g": adv.detach(), "rec": rec.detach(),
-                      "idt": idt.detach(), "idt_out": idt_out.detach(), "focus": focus.detach()}
+                      "idt": idt.detach(), "idt_out": idt_out.detach(), "focus": focus.detach(),
+                      "mask_sup": mask_sup.detach(), "pseudo": pseudo.detach()}
 
     def generator_update(self, a: torch.Tensor, b: torch.Tensor, step: int) -> dict:
         requires_grad(self.m.D, False)

@@ -1,0 +1,124 @@
+"""The quality levers of issue 25 against hand computations: the synthetic restoration (a foreign
+healthy patch, restored to the original, the mask supervised with where it lies) and the mixed set
+ranked by the model (the lowest-scored share taking the identity terms)."""
+import pytest
+import torch
+
+from a2b_dist import losses as L
+
+
+def _batch(n=8, size=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    # distinct images with structure (so that a shifted donor differs from the original)
+    base = torch.rand(n, 1, size, size, generator=g) * 2 - 1
+    return torch.nn.functional.avg_pool2d(base, 3, 1, 1)
+
+
+def test_foreign_patch_changes_only_its_region_and_targets_it():
+    b = _batch()
+    pasted, target, chosen = L.foreign_patches(b, torch.Generator().manual_seed(3), prob=0.5)
+    assert pasted.shape == b.shape and target.shape == (8, 1, 32, 32)
+    assert 0 < int(chosen.sum()) < 8                                 # some chosen, some not
+    changed = (pasted - b).abs() > 0
+    for i in range(8):
+        if not chosen[i]:
+            assert torch.equal(pasted[i], b[i]) and target[i].max() == 0   # untouched, target empty
+            continue
+        # only pixels inside the patch change; the target covers what changed visibly
+        inside = target[i] > 0
+        assert changed[i].any()
+        assert not (changed[i] & ~inside & ((pasted[i] - b[i]).abs() >= L.VISIBLE_CHANGE)).any()
+        assert inside.float().mean() < 0.3                          # a patch, not the image
+        assert target[i].max() <= 1.0
+    # the same generator state gives the same patches (the run's seed decides them)
+    again, t2, c2 = L.foreign_patches(b, torch.Generator().manual_seed(3), prob=0.5)
+    assert torch.equal(again, pasted) and torch.equal(t2, target) and torch.equal(c2, chosen)
+
+
+def test_foreign_patch_comes_from_another_image():
+    """Two flat images, -1 and +1: each patch carries the other image's value; a batch of one
+    image, or a uniform batch, has nothing foreign to paste."""
+    b = torch.cat([torch.full((1, 1, 32, 32), -1.0), torch.full((1, 1, 32, 32), 1.0)])
+    pasted, target, chosen = L.foreign_patches(b, torch.Generator().manual_seed(0), prob=1.0)
+    assert bool(chosen.all())
+    for i, own in ((0, -1.0), (1, 1.0)):
+        inside = target[i, 0] > 0
+        assert inside.any()
+        moved = (pasted[i, 0] - own) * -own                         # towards the other image's value
+        assert (moved[inside] > 0).all() and moved.max() >= 0.99   # alpha >= 0.5 of a 2.0 step
+        assert (moved[~inside] == 0).all()
+    flat = torch.full((4, 1, 32, 32), 0.3)
+    p2, t2, _ = L.foreign_patches(flat, torch.Generator().manual_seed(0), prob=1.0)
+    assert torch.allclose(p2, flat) and t2.max() == 0
+    p1, t1, c1 = L.foreign_patches(b[:1], torch.Generator().manual_seed(0), prob=1.0)
+    assert not c1.any() and torch.equal(p1, b[:1])
+
+
+def _updates(overrides, n=4):
+    from a2b_dist.config import load_config
+    from a2b_dist.train import build_models, make_accelerator
+    from a2b_dist.updates import A2BUpdates
+
+    cfg = load_config("configs/test.yaml", [f"train.batch_size={n}", *overrides])
+    acc = make_accelerator(cfg)
+    models = build_models(cfg, acc)
+    g = torch.Generator().manual_seed(0)
+    size, c = cfg.data.image_size, cfg.data.channels
+    a, b = (torch.nn.functional.avg_pool2d(torch.rand(n, c, size, size, generator=g) * 2 - 1, 3, 1, 1)
+            for _ in range(2))
+    return cfg, models, A2BUpdates(cfg, models, acc, torch.Generator().manual_seed(5)), a, b
+
+
+def test_restoration_targets_the_original_and_supervises_the_mask():
+    cfg, models, updates, a, b = _updates(["loss.restore_prob=1.0", "loss.lambda_mask=2.0",
+                                           "loss.lambda_id_out=3.0"])
+    pasted, target, chosen = L.foreign_patches(b, torch.Generator().manual_seed(5), 1.0)
+    assert bool(chosen.all()) and not torch.equal(pasted, b)
+    with torch.no_grad():
+        loss, stats = updates.generator_loss(a, b, step=0)
+        b_int, m = models.G(pasted)                                 # G sees the pasted images ...
+        idt = (b_int - b).abs().mean()                              # ... and is asked for the originals
+        idt_out = (L.blend_healthy(pasted, b_int, m) - b).abs().mean()
+        sup = torch.nn.functional.binary_cross_entropy(m.clamp(1e-6, 1 - 1e-6), target)
+    assert stats["idt"].item() == pytest.approx(idt.item(), rel=1e-5)
+    assert stats["idt_out"].item() == pytest.approx(idt_out.item(), rel=1e-5)
+    assert stats["mask_sup"].item() == pytest.approx(sup.item(), rel=1e-5)
+    lo = cfg.loss
+    by_hand = (stats["adv_g"] + lo.lambda_rec * stats["rec"] + lo.lambda_id * idt + lo.lambda_f * stats["focus"]
+               + 3.0 * idt_out + 2.0 * sup)
+    assert loss.item() == pytest.approx(by_hand.item(), rel=1e-5)
+    # off (the default): G sees b itself and no mask term
+    _, models0, off, a0, b0 = _updates([])
+    with torch.no_grad():
+        _, stats0 = off.generator_loss(a0, b0, step=0)
+        b_int0, _ = models0.G(b0)
+    assert stats0["idt"].item() == pytest.approx((b_int0 - b0).abs().mean().item(), rel=1e-5)
+    assert stats0["mask_sup"].item() == 0
+
+
+def test_lowest_scored_honours_the_fraction():
+    scores = torch.tensor([0.5, 0.1, 0.9, 0.3, 0.7, 0.2, 0.8, 0.4])
+    for q, expected in ((0.25, {1, 5}), (0.5, {1, 5, 3, 7}), (0.0, set()), (1.0, set(range(8)))):
+        assert set(L.lowest_scored(scores, q).tolist()) == expected
+    assert len(L.lowest_scored(torch.rand(16), 0.3)) == 5          # round(0.3 * 16)
+
+
+def test_pseudo_healthy_identity_on_the_lowest_scored_share_after_warmup():
+    n = 8
+    cfg, models, updates, a, b = _updates(["loss.pseudo_fraction=0.25", "loss.pseudo_after=0.5",
+                                           "loss.lambda_id_out=2.0", "train.steps=100"], n=n)
+    with torch.no_grad():
+        _, early = updates.generator_loss(a, b, step=49)            # before pseudo_after x steps
+        loss, stats = updates.generator_loss(a, b, step=50)
+        b_int, m = models.G(a)
+        b_prime = L.blend_healthy(a, b_int, m)
+        score = (a - b_prime).abs().flatten(1).mean(1)
+        low = score.argsort()[:2]                                   # round(0.25 * 8) lowest
+        by_hand = (cfg.loss.lambda_id * (b_int[low] - a[low]).abs().mean()
+                   + 2.0 * (b_prime[low] - a[low]).abs().mean())
+    assert early["pseudo"].item() == 0
+    assert stats["pseudo"].item() == pytest.approx(by_hand.item(), rel=1e-5)
+    lo = cfg.loss
+    rest = (stats["adv_g"] + lo.lambda_rec * stats["rec"] + lo.lambda_id * stats["idt"]
+            + lo.lambda_f * stats["focus"] + 2.0 * stats["idt_out"])
+    assert loss.item() == pytest.approx((rest + by_hand).item(), rel=1e-5)
