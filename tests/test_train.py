@@ -209,3 +209,30 @@ def test_ema_and_flips_resume_exactly_and_are_what_export_holds(sim_shards, tmp_
     run([sys.executable, "-m", "a2b_dist.cli", "export", str(tmp_path / "full"), str(out)])
     exported = torch.load(out, weights_only=True)["generator"]
     assert all(torch.equal(exported[k], averaged[k]) for k in averaged)
+
+
+def test_seeds_trains_each_and_keeps_the_best_validated(sim_shards, tmp_path):
+    """a2b train --seeds 3,5: one run folder per seed, the seed with the higher validation AUROC's
+    best/ copied to RUN/best, seeds.json listing both; a second call trains nothing again."""
+    run_dir = tmp_path / "run"
+    args = ["--seeds", "3,5", f"data.root={sim_shards}", f"train.run_dir={run_dir}", "eval.every=4"]
+    out = run(train_cmd(1, *args))
+    listing = json.loads((run_dir / "seeds.json").read_text())
+    values = {r["seed"]: r["best"]["value"] for r in listing["seeds"]}
+    assert set(values) == {3, 5} and listing["metric"] == "val_auc"
+    assert listing["chosen"] == max(values, key=values.get)
+    chosen = run_dir / f"seed-{listing['chosen']}"
+    assert (run_dir / "seed-3" / "best").is_dir() and (run_dir / "seed-5" / "best").is_dir()
+    assert json.loads((chosen / "best" / "meta.json").read_text()) == json.loads((run_dir / "best" / "meta.json").read_text())
+    for f in (chosen / "best").rglob("*.safetensors"):
+        assert f.read_bytes() == (run_dir / "best" / f.relative_to(chosen / "best")).read_bytes()
+    assert f"kept seed {listing['chosen']}" in out.stdout
+    assert not list(run_dir.glob(".best.*"))                       # no staging folder left behind
+    # The seeds differ, so their runs do.
+    assert final_weights(run_dir / "seed-3")["G"]["main.0.weight"].ne(final_weights(run_dir / "seed-5")["G"]["main.0.weight"]).any()
+    again = run(train_cmd(1, *args))
+    assert again.stdout.count("nothing to do") == 2 and json.loads((run_dir / "seeds.json").read_text()) == listing
+    bad = run(train_cmd(1, "--seeds", "1,1", f"data.root={sim_shards}", f"train.run_dir={tmp_path / 'x'}",
+                        "eval.every=4"), check=False)
+    assert bad.returncode == 2 and "each seed once" in bad.stderr and "Traceback" not in bad.stderr
+    assert not (tmp_path / "x").exists()
