@@ -3,6 +3,7 @@
 
     python shards/build.py simulated --source mnist5k --size 32 --out data/demo --seed 0
     python shards/build.py simulated --source phantom --anomaly lesion --size 64 --out data/phantom --seed 0
+    python shards/build.py simulated --source cthead --anomaly hemorrhage --size 64 --out data/cthead --seed 0
     python shards/build.py folder --images xrays/normal --role healthy --out data/xray --size 256 --channels 1
     python shards/build.py folder --images xrays/test --labels xrays/test.csv --role test --out data/xray --size 256 --channels 1
     python shards/build.py npz --file pneumoniamnist.npz --images-key train_images --labels-key train_labels \
@@ -183,12 +184,19 @@ def build_parser() -> argparse.ArgumentParser:
     common(nifti)
 
     sim = commands.add_parser("simulated", help="simulated anomalies (the paper's section 4.3 squares by default) "
-                                                "on packaged digits or a procedural head phantom")
+                                                "on packaged digits, a procedural head phantom, or slices of a real "
+                                                "head CT (Debian's invesalius-examples)")
     sim.add_argument("--source", required=True, choices=SOURCES)
     sim.add_argument("--anomaly", choices=ANOMALIES,
-                     help="kind of anomaly (default: square; lesion for --source phantom; lesion needs the phantom)")
-    sim.add_argument("--count", type=positive_int, help="--source phantom: number of heads generated (default 5000)")
+                     help="kind of anomaly (default: square; lesion for --source phantom and cthead; lesion and "
+                          "hemorrhage need one of those heads)")
+    sim.add_argument("--count", type=positive_int,
+                     help="--source phantom: number of heads generated; --source cthead: number of augmented slices "
+                          "in all, divided among the roles (default 5000 each)")
     sim.add_argument("--scale", type=unit_fraction, default=1.0, help="shrink every role (small test sets)")
+    sim.add_argument("--mixed-fraction", type=float, metavar="F",
+                     help="anomalous share of the mixed role, same size (default: the paper's 0.3; 0: healthy "
+                          "images only); the healthy, val and test roles do not change")
     common(sim, channels=False)
 
     verify = commands.add_parser("verify", help="check every shard against its manifest: size, sample count, sha256")
@@ -297,7 +305,8 @@ def main(argv: list[str] | None = None) -> int:
             channels = args.channels
         else:
             roles, source = simulated_roles(args.source, args.size, args.seed, args.scale,
-                                            anomaly=args.anomaly, count=args.count)
+                                            anomaly=args.anomaly, count=args.count,
+                                            mixed_fraction=args.mixed_fraction)
             bit_depth, channels = 8, 1
         if remote:   # fail before the build when the target already holds a role
             check_upload_target(args.out, roles, overwrite=args.overwrite, storage=storage)

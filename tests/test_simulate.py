@@ -24,7 +24,7 @@ build = build_module()
 SIZE = 32
 SCALE = "0.05"  # mnist5k and phantom: healthy 80, mixed 56 + 24, val 5 + 5, test 40 + 40
 COMBOS = [(source, kind) for source in ("mnist5k", "digits", "phantom") for kind in KINDS
-          if source == "phantom" or not KINDS[kind].phantom_only]
+          if source == "phantom" or not KINDS[kind].needs_regions]
 
 
 def samples(role_dir: Path) -> list[dict]:
@@ -175,3 +175,26 @@ def test_bad_choices_give_one_line_and_exit_2(tmp_path, capsys, args, named):
     for word in named:
         assert word in err
     assert not (tmp_path / "out").exists()
+
+
+def test_mixed_fraction_rebuilds_only_the_mixed_share(tmp_path):
+    """--mixed-fraction F: the mixed role keeps its size and holds round(F x size) anomalies; the
+    healthy, val and test roles are the very same samples as the protocol's own build."""
+    own = run_build(tmp_path / "own", "--source", "mnist5k", "--scale", SCALE, "--anomaly", "noise", "--size", "32")
+    shares = {}
+    for f in ("0", "0.6"):
+        out = run_build(tmp_path / f"f{f}", "--source", "mnist5k", "--scale", SCALE, "--anomaly", "noise", "--size", "32",
+                        "--mixed-fraction", f)
+        for role in ("healthy", "val", "test"):
+            assert tar_members(out / role) == tar_members(own / role)
+        mixed = samples(out / "mixed")
+        assert len(mixed) == len(samples(own / "mixed"))
+        shares[f] = sum(s["origin"]["anomalous"] for s in mixed) / len(mixed)
+        assert read_manifest(out / "mixed", image_size=SIZE, channels=1)["source"]["mixed_fraction"] == \
+            pytest.approx(float(f), abs=0.01)
+    assert shares == {"0": 0.0, "0.6": pytest.approx(0.6, abs=0.01)}
+    for bad in ("-0.1", "1.5"):
+        proc = subprocess.run([sys.executable, str(BUILD), "simulated", "--source", "mnist5k", "--size", "32",
+                               "--mixed-fraction", bad, "--out", str(tmp_path / "bad")], capture_output=True, text=True)
+        assert proc.returncode == 2 and "--mixed-fraction" in proc.stderr and "Traceback" not in proc.stderr
+        assert not (tmp_path / "bad").exists()

