@@ -57,16 +57,42 @@ PAPER = ["loss.lambda_fs=0.001", "loss.focus_eps=0.01", "loss.focus_warmup_steps
          "loss.focus_warmup_terms=both", "loss.focus_size=image", "loss.lambda_id_out=0",
          "optim.lr_g=1e-4", "optim.lr_d=1e-4", "train.ema_decay=0", "data.hflip=false",
          "eval.select_from=0", "eval.score=mean"]
-A2B_METHODS = {"a2b": [], "a2b-paper": PAPER, "a2b-healthy": []}
+# The synthetic-anomaly peer: the restoration lever (losses.foreign_patches) with the healthy set in
+# the mixed set's place, so that the table separates "synthetic anomalies help" from "the mixed set helps".
+SYNTH = ["loss.restore_prob=0.5"]
+A2B_METHODS = {"a2b": [], "a2b-paper": PAPER, "a2b-healthy": [], "synth-healthy": SYNTH}
 OTHER_METHODS = ("ae", "ddad", "pca", "references")
+# Methods that read the mixed set, retrained at every --fractions value; the others are drawn flat.
+MIXED_READERS_PEERS = ("ddad",)
 EVALS = 15            # validation evaluations per run, for every method that selects
 
 
 # ---------------------------------------------------------------------------------------------
 # Data
 
-def protocol_dir(work: Path, protocol: str, size: int) -> Path:
-    return work / "shards" / f"{protocol}-{size}"
+def protocol_dir(work: Path, protocol: str, size: int, fraction: float | None = None) -> Path:
+    return work / "shards" / (f"{protocol}-{size}" + ("" if fraction is None else f"-f{fraction:g}"))
+
+
+def parse_protocol(spec: str, default_size: int) -> tuple[str, int]:
+    """NAME or NAME@SIZE (e.g. phantom-lesion@64) -> (NAME, SIZE)."""
+    name, sep, size = spec.partition("@")
+    if sep and not size.isdigit():
+        raise SystemExit(f"--protocols {spec!r}: expected NAME or NAME@SIZE with SIZE a number of pixels")
+    return name, int(size) if sep else default_size
+
+
+def reads_mixed(args, method: str) -> bool:
+    """Whether a method's training reads the mixed set (then it is retrained at every fraction)."""
+    if method in OTHER_METHODS:
+        return method in MIXED_READERS_PEERS
+    return not healthy_only(method)
+
+
+def healthy_only(method: str) -> bool:
+    """A2B-GAN methods trained with the healthy set in the mixed set's place: a2b-healthy, synth-healthy
+    and any --variant whose name ends in -healthy."""
+    return method.endswith("-healthy")
 
 
 def use_existing(work: Path, data: Path, size: int) -> str:
@@ -79,14 +105,18 @@ def use_existing(work: Path, data: Path, size: int) -> str:
     return name
 
 
-def ensure_shards(work: Path, protocol: str, size: int) -> Path:
-    root = protocol_dir(work, protocol, size)
+def ensure_shards(work: Path, protocol: str, size: int, fraction: float | None = None) -> Path:
+    """The protocol's shards at ``size``; ``fraction``: its mixed role rebuilt with that anomalous share
+    (the healthy, val and test roles are the same images as the protocol's own)."""
+    root = protocol_dir(work, protocol, size, fraction)
     if all((root / r / "manifest.json").is_file() for r in ("healthy", "mixed", "val", "test")):
         return root
     source, _, kind = protocol.partition("-")
     source = {"mnist": "mnist5k"}.get(source, source)
     cmd = [sys.executable, str(ROOT / "shards" / "build.py"), "simulated", "--source", source,
            "--anomaly", kind, "--size", str(size), "--seed", "0", "--out", str(root), "--overwrite"]
+    if fraction is not None:
+        cmd += ["--mixed-fraction", str(fraction)]
     print("building shards:", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     return root
@@ -100,6 +130,13 @@ def load_role(role_dir: Path, size: int) -> dict:
         for k in out:
             out[k].append(batch[k])
     return {k: torch.cat(v) for k, v in out.items()}
+
+
+def mixed_fraction(root: Path) -> float:
+    """The anomalous share of a built mixed role, from its manifest's truth counts."""
+    truth = json.loads((root / "mixed" / "manifest.json").read_text()).get("simulated", {}).get("truth", {})
+    total = sum(int(v) for v in truth.values())
+    return round(int(truth.get("1", 0)) / total, 4) if total else float("nan")
 
 
 def healthy_as_mixed(root: Path, work: Path) -> Path:
@@ -166,7 +203,7 @@ def run_a2b(args, method: str, root: Path, run_dir: Path, seed: int) -> dict:
     from a2b_dist.train import train
 
     overrides = {**A2B_METHODS, **args.variants}[method]
-    data_root = healthy_as_mixed(root, Path(args.work)) if method == "a2b-healthy" else root
+    data_root = healthy_as_mixed(root, Path(args.work)) if healthy_only(method) else root
     cfg = a2b_config(args, overrides, data_root, run_dir, seed)
     result = train(cfg, resume="none", argv=["benchmarks/quality.py", method])
     # The checkpoint `a2b train` would hand a user: best/ when validation selected one, else the last.
@@ -299,17 +336,21 @@ def run_peer(args, method: str, root: Path, seed: int, budget: int) -> dict:
 # ---------------------------------------------------------------------------------------------
 # Cells, table, plot
 
-def run_cell(args, protocol: str, method: str, seed: int) -> dict:
+def run_cell(args, spec: str, method: str, seed: int, fraction: float | None = None) -> dict:
+    """One (protocol, method, seed) cell; ``fraction``: on the protocol rebuilt with that mixed share."""
     torch.set_num_threads(args.threads)
+    protocol, size = parse_protocol(spec, args.size)
+    args = argparse.Namespace(**{**vars(args), "size": size})
     work = Path(args.work)
-    out = work / "results" / f"{protocol}-{args.size}-{args.steps}" / method / f"seed-{seed}.json"
+    tag = f"{protocol}-{args.size}" + ("" if fraction is None else f"-f{fraction:g}")
+    out = work / "results" / f"{tag}-{args.steps}" / method / f"seed-{seed}.json"
     if out.is_file():
         return json.loads(out.read_text())
-    root = protocol_dir(work, protocol, args.size)
+    root = protocol_dir(work, protocol, args.size, fraction)
     t0 = time.time()
     budget = args.steps * 2 * 2 * args.batch          # n_critic 2 x roles 2 x batch per A2B step
     if method in A2B_METHODS or method in args.variants:
-        run_dir = work / "runs" / f"{protocol}-{args.size}-{args.steps}" / method / f"seed-{seed}"
+        run_dir = work / "runs" / f"{tag}-{args.steps}" / method / f"seed-{seed}"
         if run_dir.exists():   # a cell interrupted earlier: start it again
             shutil.rmtree(run_dir)
         res = run_a2b(args, method, root, run_dir, seed)
@@ -325,10 +366,11 @@ def run_cell(args, protocol: str, method: str, seed: int) -> dict:
         res["auroc"], res["pixel_auroc"] = max(res["scores"].values()), None
     else:
         res = run_peer(args, method, root, seed, budget)
-    res.update(seconds=round(time.time() - t0, 1), protocol=protocol, method=method, seed=seed)
+    res.update(seconds=round(time.time() - t0, 1), protocol=spec, method=method, seed=seed,
+               fraction=mixed_fraction(root))
     out.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(out, json.dumps(res, indent=1))
-    print(f"{protocol:>16} {method:>14} seed {seed}: image AUROC {res['auroc']:.3f} ({res['seconds']:.0f} s)",
+    print(f"{tag:>20} {method:>14} seed {seed}: image AUROC {res['auroc']:.3f} ({res['seconds']:.0f} s)",
           flush=True)
     return res
 
@@ -394,6 +436,65 @@ def plot_curves(results: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def thesis_points(results: list[dict], protocol: str, method: str) -> dict[float, list[float]]:
+    """{mixed share: [test AUROC per seed]} of one method on one protocol."""
+    out: dict[float, list[float]] = {}
+    for r in results:
+        if r["protocol"] == protocol and r["method"] == method:
+            out.setdefault(round(r["fraction"], 2), []).append(r["auroc"])
+    return dict(sorted(out.items()))
+
+
+def thesis_table(results: list[dict], protocols, methods) -> str:
+    """Test image AUROC (mean ± sd over seeds) against the mixed set's anomalous share."""
+    fractions = sorted({round(r["fraction"], 2) for r in results})
+    lines = ["The thesis curve: test image AUROC against the mixed set's anomalous share (same size; "
+             "methods that do not read the mixed set were trained once)", "",
+             "| protocol | method | " + " | ".join(f"share {f:g}" for f in fractions) + " |",
+             "|---|---|" + "---|" * len(fractions)]
+    for p in protocols:
+        for m in methods:
+            pts = thesis_points(results, p, m)
+            if not pts:
+                continue
+            flat = len(pts) == 1 and len(fractions) > 1
+            cells = [mean_sd(next(iter(pts.values()))) + " (flat)" if flat else mean_sd(pts.get(f, []))
+                     for f in fractions]
+            lines.append(f"| {p} | {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_thesis(results: list[dict], protocols, methods, path: Path) -> None:
+    """One panel per protocol: test image AUROC (mean, bars one sd) against the mixed share; a method
+    that does not read the mixed set is a dashed flat line at its own result."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fractions = sorted({round(r["fraction"], 2) for r in results})
+    fig, axes = plt.subplots(1, len(protocols), figsize=(4 * len(protocols), 3.4), squeeze=False)
+    for ax, p in zip(axes[0], protocols):
+        for i, m in enumerate(methods):
+            pts = thesis_points(results, p, m)
+            if not pts:
+                continue
+            if len(pts) == 1 and len(fractions) > 1:
+                v = next(iter(pts.values()))
+                ax.axhline(float(np.mean(v)), color=f"C{i}", ls="--", lw=1.2, label=f"{m} (no mixed set)")
+                continue
+            xs = list(pts)
+            ax.errorbar(xs, [np.mean(v) for v in pts.values()], yerr=[np.std(v) for v in pts.values()],
+                        color=f"C{i}", marker="o", capsize=3, label=m)
+        ax.set_title(p)
+        ax.set_xlabel("anomalous share of the mixed set")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("test image AUROC")
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def parse_variant(text: str) -> tuple[str, list[str]]:
     name, sep, rest = text.partition("=")
     if not sep or not name or "=" not in rest:
@@ -404,7 +505,8 @@ def parse_variant(text: str) -> tuple[str, list[str]]:
 def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--protocols", nargs="+", default=["mnist-square", "mnist-intensity", "mnist-noise", "phantom-lesion"],
-                   help=f"SOURCE-KIND, built with shards/build.py simulated (e.g. {', '.join(PROTOCOLS)})")
+                   help=f"SOURCE-KIND[@SIZE], built with shards/build.py simulated (e.g. {', '.join(PROTOCOLS)}, "
+                        "phantom-lesion@64)")
     p.add_argument("--data", type=Path, default=None,
                    help="an existing shards root (healthy/ mixed/ val/ test/) instead of --protocols")
     p.add_argument("--override", nargs="*", default=[],
@@ -413,7 +515,11 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--variant", type=parse_variant, action="append", default=[],
                    help="NAME=section.field=value[,...]: an extra A2B-GAN method (the preset plus overrides)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--size", type=int, default=32)
+    p.add_argument("--fractions", type=float, nargs="*", default=[],
+                   help="the thesis curve: rebuild each protocol's mixed set at these anomalous shares (same "
+                        "size; e.g. 0 0.1 0.3 0.6), retrain every method that reads it at each, and plot test "
+                        "AUROC against the share (thesis-*.png; methods that ignore the mixed set are flat)")
+    p.add_argument("--size", type=int, default=32, help="image size of protocols named without @SIZE")
     p.add_argument("--config", default=str(ROOT / "configs" / "small.yaml"), help="the A2B-GAN preset")
     p.add_argument("--steps", type=int, default=None,
                    help="A2B-GAN steps; sets every method's image budget (default: the preset's train.steps)")
@@ -439,22 +545,40 @@ def main(argv=None) -> list[dict]:
     work = Path(args.work)
     if args.data is not None:
         args.protocols = [use_existing(work, args.data, args.size)]
-    for protocol in args.protocols:
-        ensure_shards(work, protocol, args.size)
-    cells = [(pr, m, s) for s in args.seeds for pr in args.protocols for m in args.methods]
+        if args.fractions:
+            p.error("--fractions rebuilds a simulated protocol's mixed set; it does not apply to --data")
+    specs = [parse_protocol(spec, args.size) for spec in args.protocols]
+    for (protocol, size) in specs:
+        root = ensure_shards(work, protocol, size)
+        for f in args.fractions:
+            if abs(f - mixed_fraction(root)) > 0.005:      # the protocol's own share is its own build
+                ensure_shards(work, protocol, size, f)
+    cells = [(pr, m, s, None) for s in args.seeds for pr in args.protocols for m in args.methods]
+    for s_ in args.seeds:
+        for spec, (protocol, size) in zip(args.protocols, specs):
+            own = mixed_fraction(protocol_dir(work, protocol, size))
+            cells += [(spec, m, s_, f) for f in args.fractions if abs(f - own) > 0.005
+                      for m in args.methods if reads_mixed(args, m)]
     if args.jobs > 1:
         os.environ["OMP_NUM_THREADS"] = str(args.threads)
         with ProcessPoolExecutor(args.jobs) as pool:
             results = list(pool.map(run_cell, *zip(*[(args, *c) for c in cells])))
     else:
         results = [run_cell(args, *c) for c in cells]
-    text = table(results, args.protocols, args.methods, args)
-    tag = f"{args.size}-{args.steps}"
-    (work / f"results-{tag}.json").write_text(json.dumps(results, indent=1))
-    (work / f"table-{tag}.md").write_text(text)
-    plot_curves(results, work / f"val_auc-{tag}.png")
+    own = [r for r, c in zip(results, cells) if c[3] is None]
+    text = table(own, args.protocols, args.methods, args)
+    sizes = "-".join(sorted({str(size) for _, size in specs}))
+    tag = f"{sizes}-{args.steps}"
+    write_atomic(work / f"results-{tag}.json", json.dumps(results, indent=1))
+    written = [f"results-{tag}.json", f"table-{tag}.md", f"val_auc-{tag}.png"]
+    if args.fractions:
+        text += "\n" + thesis_table(results, args.protocols, args.methods)
+        plot_thesis(results, args.protocols, args.methods, work / f"thesis-{tag}.png")
+        written.append(f"thesis-{tag}.png")
+    write_atomic(work / f"table-{tag}.md", text)
+    plot_curves(own, work / f"val_auc-{tag}.png")
     print("\n" + text)
-    print(f"written: {work}/results-{tag}.json, table-{tag}.md, val_auc-{tag}.png")
+    print(f"written in {work}: {', '.join(written)}")
     return results
 
 
