@@ -408,18 +408,32 @@ def table(results: list[dict], protocols, methods, args) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_curves(results: list[dict], path: Path) -> None:
+def panels(n: int, height: float):
+    """(pyplot, figure, axes) of n panels side by side."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    fig, axes = plt.subplots(1, n, figsize=(4 * n, height), squeeze=False)
+    return plt, fig, axes[0]
+
+
+def finish(plt, fig, axes, ylabel: str, path: Path) -> None:
+    axes[0].set_ylabel(ylabel)
+    axes[-1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_curves(results: list[dict], path: Path) -> None:
     curves = [r for r in results if r.get("val_curve")]
     protocols = sorted({r["protocol"] for r in curves})
     if not protocols:
         return
-    fig, axes = plt.subplots(1, len(protocols), figsize=(4 * len(protocols), 3.2), squeeze=False)
+    plt, fig, axes = panels(len(protocols), 3.2)
     colours = {}
-    for ax, p in zip(axes[0], protocols):
+    for ax, p in zip(axes, protocols):
         for r in (r for r in curves if r["protocol"] == p):
             c = colours.setdefault(r["method"], f"C{len(colours)}")
             steps, vals = zip(*r["val_curve"])
@@ -429,11 +443,7 @@ def plot_curves(results: list[dict], path: Path) -> None:
         ax.set_xlabel("step")
         ax.set_ylim(0.3, 1.0)
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("validation AUROC")
-    axes[0][-1].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    finish(plt, fig, axes, "validation AUROC", path)
 
 
 def thesis_points(results: list[dict], protocol: str, method: str) -> dict[float, list[float]]:
@@ -467,13 +477,9 @@ def thesis_table(results: list[dict], protocols, methods) -> str:
 def plot_thesis(results: list[dict], protocols, methods, path: Path) -> None:
     """One panel per protocol: test image AUROC (mean, bars one sd) against the mixed share; a method
     that does not read the mixed set is a dashed flat line at its own result."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     fractions = sorted({round(r["fraction"], 2) for r in results})
-    fig, axes = plt.subplots(1, len(protocols), figsize=(4 * len(protocols), 3.4), squeeze=False)
-    for ax, p in zip(axes[0], protocols):
+    plt, fig, axes = panels(len(protocols), 3.4)
+    for ax, p in zip(axes, protocols):
         for i, m in enumerate(methods):
             pts = thesis_points(results, p, m)
             if not pts:
@@ -488,11 +494,7 @@ def plot_thesis(results: list[dict], protocols, methods, path: Path) -> None:
         ax.set_title(p)
         ax.set_xlabel("anomalous share of the mixed set")
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("test image AUROC")
-    axes[0][-1].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    finish(plt, fig, axes, "test image AUROC", path)
 
 
 def parse_variant(text: str) -> tuple[str, list[str]]:
