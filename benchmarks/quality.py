@@ -105,7 +105,7 @@ def use_existing(work: Path, data: Path, size: int) -> str:
     return name
 
 
-def ensure_shards(work: Path, protocol: str, size: int, fraction: float | None = None) -> Path:
+def ensure_shards(work: Path, protocol: str, size: int, fraction: float | None = None, scale: float = 1.0) -> Path:
     """The protocol's shards at ``size``; ``fraction``: its mixed role rebuilt with that anomalous share
     (the healthy, val and test roles are the same images as the protocol's own)."""
     root = protocol_dir(work, protocol, size, fraction)
@@ -117,6 +117,8 @@ def ensure_shards(work: Path, protocol: str, size: int, fraction: float | None =
            "--anomaly", kind, "--size", str(size), "--seed", "0", "--out", str(root), "--overwrite"]
     if fraction is not None:
         cmd += ["--mixed-fraction", str(fraction)]
+    if scale != 1.0:
+        cmd += ["--scale", str(scale)]
     print("building shards:", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     return root
@@ -526,6 +528,9 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--steps", type=int, default=None,
                    help="A2B-GAN steps; sets every method's image budget (default: the preset's train.steps)")
     p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--data-scale", type=float, default=1.0,
+                   help="build the protocols with every role shrunk by this factor (quick checks; give such "
+                        "a run a --work of its own, since folders are named by protocol and size only)")
     p.add_argument("--work", default="runs/quality", help="shards, runs and results (reused on a rerun)")
     p.add_argument("--jobs", type=int, default=1, help="cells run at once (each with --threads threads)")
     p.add_argument("--threads", type=int, default=None, help="torch threads per cell (default: 1 when --jobs > 1)")
@@ -551,10 +556,10 @@ def main(argv=None) -> list[dict]:
             p.error("--fractions rebuilds a simulated protocol's mixed set; it does not apply to --data")
     specs = [parse_protocol(spec, args.size) for spec in args.protocols]
     for (protocol, size) in specs:
-        root = ensure_shards(work, protocol, size)
+        root = ensure_shards(work, protocol, size, scale=args.data_scale)
         for f in args.fractions:
             if abs(f - mixed_fraction(root)) > 0.005:      # the protocol's own share is its own build
-                ensure_shards(work, protocol, size, f)
+                ensure_shards(work, protocol, size, f, scale=args.data_scale)
     cells = [(pr, m, s, None) for s in args.seeds for pr in args.protocols for m in args.methods]
     for s_ in args.seeds:
         for spec, (protocol, size) in zip(args.protocols, specs):

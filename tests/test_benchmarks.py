@@ -116,6 +116,30 @@ def test_quality_prints_every_method(sim_shards, tmp_path, capsys):
     assert again == rows
 
 
+def test_quality_thesis_curve_retrains_only_what_reads_the_mixed_set(tmp_path, capsys):
+    """--fractions: the mixed role rebuilt at each share (same size, same other roles), every method
+    that reads it retrained at each, the others once (flat); NAME@SIZE sets a protocol's size."""
+    import quality
+
+    work = tmp_path / "work"
+    args = ["--protocols", "mnist-square@32", "--data-scale", "0.1", "--fractions", "0", "0.6", "--steps", "2",
+            "--batch", "4",
+            "--ae-width", "4", "--seeds", "0", "--work", str(work), "--override", "model.width=4",
+            "model.res_blocks=1", "model.critic_width=4", "--methods", "a2b", "a2b-healthy", "ae"]
+    rows = quality.main(args)
+    out = capsys.readouterr().out
+    shares = sorted((r["method"], r["fraction"]) for r in rows)
+    assert shares == [("a2b", 0.0), ("a2b", 0.3), ("a2b", 0.6), ("a2b-healthy", 0.3), ("ae", 0.3)]
+    for f, anomalous in (("0", 0), ("0.6", 0.6)):
+        root = work / "shards" / f"mnist-square-32-f{f}"
+        assert quality.mixed_fraction(root) == pytest.approx(anomalous, abs=0.01)
+        for shard in (root / "test").glob("*.tar"):               # the same test images as the protocol's own
+            assert shard.read_bytes() == (work / "shards" / "mnist-square-32" / "test" / shard.name).read_bytes()
+    assert "| mnist-square@32 | a2b |" in out and "share 0.6" in out and "(flat)" in out
+    assert (work / "thesis-32-2.png").stat().st_size > 0
+    assert json.loads((work / "results-32-2.json").read_text()) == rows
+
+
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 def test_gpu_run_script_parses_and_refuses_without_a_gpu():
     assert subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / "gpu_run.sh")]).returncode == 0
