@@ -346,9 +346,12 @@ def run_cell(args, spec: str, method: str, seed: int, fraction: float | None = N
     work = Path(args.work)
     tag = f"{protocol}-{args.size}" + ("" if fraction is None else f"-f{fraction:g}")
     out = work / "results" / f"{tag}-{args.steps}" / method / f"seed-{seed}.json"
-    if out.is_file():
-        return json.loads(out.read_text())
     root = protocol_dir(work, protocol, args.size, fraction)
+    if out.is_file():
+        res = json.loads(out.read_text())
+        if not isinstance(res.get("fraction"), float) or res["fraction"] != res["fraction"]:
+            res["fraction"] = mixed_fraction(root)     # a cell from before the share was recorded
+        return res
     t0 = time.time()
     budget = args.steps * 2 * 2 * args.batch          # n_critic 2 x roles 2 x batch per A2B step
     if method in A2B_METHODS or method in args.variants:
