@@ -161,15 +161,39 @@ def _save(target: Path, tmp: Path, global_state: Optional[dict], rank_state: dic
         written = {"skeleton": skeleton, "files": [str(p.relative_to(tmp)) for p in files],
                    "sha256": {str(p.relative_to(tmp)): sha256_file(p) for p in files}}   # checked on load
         _write_json(tmp / "meta.json", {**meta, "format": FORMAT, "world_size": world_size, **written})
-        old = target.parent / f".old-{target.name}"
-        if target.exists():  # replacing (only `best` is ever replaced): move aside, swap, delete
-            if old.exists():
-                shutil.rmtree(old)
-            os.replace(target, old)
-        os.replace(tmp, target)
+        _into_place(tmp, target)
+    barrier()
+    return target
+
+
+def _into_place(tmp: Path, target: Path) -> None:
+    """Rename a finished folder to ``target``; an existing one (only `best` is ever replaced) is moved
+    aside, swapped, then deleted."""
+    old = target.parent / f".old-{target.name}"
+    if target.exists():
         if old.exists():
             shutil.rmtree(old)
-    barrier()
+        os.replace(target, old)
+    os.replace(tmp, target)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def copy_checkpoint(source: str | Path, target: str | Path) -> Path:
+    """Copy a complete checkpoint folder to ``target`` (replacing one there) through a temporary
+    folder, so that ``target`` is never half-written (a2b train --seeds keeps the best seed's)."""
+    source, target = Path(source), Path(target)
+    problem = checkpoint_problem(source)
+    if problem is not None:
+        raise CheckpointError(f"checkpoint {source} cannot be copied: {problem}")
+    tmp = target.parent / f".tmp-{target.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        shutil.copytree(source, tmp)
+        _into_place(tmp, target)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"could not copy checkpoint {source} to {target}: {e.strerror or e}") from None
     return target
 
 

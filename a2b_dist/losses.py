@@ -206,10 +206,11 @@ def foreign_patches(b: torch.Tensor, gen: torch.Generator, prob: float
         chosen = torch.zeros_like(chosen)
     # The donor: another image of the batch (offset 1..n-1), shifted by a random (dy, dx).
     offset = torch.randint(1, max(2, n), (n,), generator=gen, device=dev).to(b.device)
-    donor_idx = (torch.arange(n, device=b.device) + offset) % n
-    shifts = torch.randint(0, max(h, w), (n, 2), generator=gen, device=dev).tolist()
-    donors = torch.stack([b[int(j)].roll(shifts=(sy % h, sx % w), dims=(-2, -1))
-                          for j, (sy, sx) in zip(donor_idx.tolist(), shifts)])
+    donor = ((torch.arange(n, device=b.device) + offset) % n).view(n, 1, 1)
+    shift = torch.randint(0, max(h, w), (n, 2), generator=gen, device=dev).to(b.device)
+    rows = (torch.arange(h, device=b.device).view(1, h) - shift[:, :1]) % h                  # a cyclic shift
+    cols = (torch.arange(w, device=b.device).view(1, w) - shift[:, 1:]) % w
+    donors = b[donor, :, rows.view(n, h, 1), cols.view(n, 1, w)].permute(0, 3, 1, 2)       # (B, C, H, W)
     hy, hx = u(*PATCH_SIDE, n) * h / 2, u(*PATCH_SIDE, n) * w / 2
     cy, cx = u(0, 1, n) * (h - 1), u(0, 1, n) * (w - 1)
     edge = u(*PATCH_EDGE, n) * torch.minimum(hy, hx)

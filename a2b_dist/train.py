@@ -19,7 +19,6 @@ import json
 import math
 import os
 import platform
-import shutil
 import signal
 import socket
 import sys
@@ -658,18 +657,7 @@ def train_seeds(config: str, overrides: list[str], seeds: list[int], *, resume: 
         raise UserError(f"no seed selected a checkpoint (eval.select_from={base.eval.select_from} >= "
                         f"train.steps={base.train.steps}?)")
     if PartialState().is_main_process:
-        target = run_dir / ckpt.BEST
-        staging = run_dir / f".{ckpt.BEST}.incoming"
-        shutil.rmtree(staging, ignore_errors=True)
-        shutil.copytree(Path(chosen["run_dir"]) / ckpt.BEST, staging)
-        if target.exists():
-            old = run_dir / f".{ckpt.BEST}.old"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(target, old)
-            os.replace(staging, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(staging, target)
+        target = ckpt.copy_checkpoint(Path(chosen["run_dir"]) / ckpt.BEST, run_dir / ckpt.BEST)
         write_atomic(run_dir / "seeds.json", json.dumps(
             {"metric": base.eval.metric, "chosen": chosen["seed"], "best": str(target), "seeds": results}, indent=1))
         lines = [f"  seed {r['seed']}: {base.eval.metric} {r['best']['value']:.4f} at step {r['best']['step']}"

@@ -82,7 +82,7 @@ def parse_protocol(spec: str, default_size: int) -> tuple[str, int]:
     return name, int(size) if sep else default_size
 
 
-def reads_mixed(args, method: str) -> bool:
+def reads_mixed(method: str) -> bool:
     """Whether a method's training reads the mixed set (then it is retrained at every fraction)."""
     if method in OTHER_METHODS:
         return method in MIXED_READERS_PEERS
@@ -348,10 +348,7 @@ def run_cell(args, spec: str, method: str, seed: int, fraction: float | None = N
     out = work / "results" / f"{tag}-{args.steps}" / method / f"seed-{seed}.json"
     root = protocol_dir(work, protocol, args.size, fraction)
     if out.is_file():
-        res = json.loads(out.read_text())
-        if not isinstance(res.get("fraction"), float) or res["fraction"] != res["fraction"]:
-            res["fraction"] = mixed_fraction(root)     # a cell from before the share was recorded
-        return res
+        return {**json.loads(out.read_text()), "fraction": mixed_fraction(root)}
     t0 = time.time()
     budget = args.steps * 2 * 2 * args.batch          # n_critic 2 x roles 2 x batch per A2B step
     if method in A2B_METHODS or method in args.variants:
@@ -371,10 +368,10 @@ def run_cell(args, spec: str, method: str, seed: int, fraction: float | None = N
         res["auroc"], res["pixel_auroc"] = max(res["scores"].values()), None
     else:
         res = run_peer(args, method, root, seed, budget)
-    res.update(seconds=round(time.time() - t0, 1), protocol=spec, method=method, seed=seed,
-               fraction=mixed_fraction(root))
+    res.update(seconds=round(time.time() - t0, 1), protocol=spec, method=method, seed=seed)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(out, json.dumps(res, indent=1))
+    res["fraction"] = mixed_fraction(root)        # read from the data, never stored with the cell
     print(f"{tag:>20} {method:>14} seed {seed}: image AUROC {res['auroc']:.3f} ({res['seconds']:.0f} s)",
           flush=True)
     return res
@@ -472,9 +469,10 @@ def thesis_table(results: list[dict], protocols, methods) -> str:
             pts = thesis_points(results, p, m)
             if not pts:
                 continue
-            flat = len(pts) == 1 and len(fractions) > 1
-            cells = [mean_sd(next(iter(pts.values()))) + " (flat)" if flat else mean_sd(pts.get(f, []))
-                     for f in fractions]
+            if len(pts) == 1 and len(fractions) > 1:     # trained once: one figure, flat across shares
+                cells = [mean_sd(next(iter(pts.values()))) + " (does not read the mixed set)"] + [""] * (len(fractions) - 1)
+            else:
+                cells = [mean_sd(pts.get(f, [])) for f in fractions]
             lines.append(f"| {p} | {m} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -568,7 +566,7 @@ def main(argv=None) -> list[dict]:
         for spec, (protocol, size) in zip(args.protocols, specs):
             own = mixed_fraction(protocol_dir(work, protocol, size))
             cells += [(spec, m, s_, f) for f in args.fractions if abs(f - own) > 0.005
-                      for m in args.methods if reads_mixed(args, m)]
+                      for m in args.methods if reads_mixed(m)]
     if args.jobs > 1:
         os.environ["OMP_NUM_THREADS"] = str(args.threads)
         with ProcessPoolExecutor(args.jobs) as pool:

@@ -135,7 +135,7 @@ def test_quality_thesis_curve_retrains_only_what_reads_the_mixed_set(tmp_path, c
         assert quality.mixed_fraction(root) == pytest.approx(anomalous, abs=0.01)
         for shard in (root / "test").glob("*.tar"):               # the same test images as the protocol's own
             assert shard.read_bytes() == (work / "shards" / "mnist-square-32" / "test" / shard.name).read_bytes()
-    assert "| mnist-square@32 | a2b |" in out and "share 0.6" in out and "(flat)" in out
+    assert "| mnist-square@32 | a2b |" in out and "share 0.6" in out and "(does not read the mixed set)" in out
     assert (work / "thesis-32-2.png").stat().st_size > 0
     assert json.loads((work / "results-32-2.json").read_text()) == rows
 

@@ -190,8 +190,8 @@ def test_mixed_fraction_rebuilds_only_the_mixed_share(tmp_path):
         mixed = samples(out / "mixed")
         assert len(mixed) == len(samples(own / "mixed"))
         shares[f] = sum(s["origin"]["anomalous"] for s in mixed) / len(mixed)
-        assert read_manifest(out / "mixed", image_size=SIZE, channels=1)["source"]["mixed_fraction"] == \
-            pytest.approx(float(f), abs=0.01)
+        recorded = read_manifest(out / "mixed", image_size=SIZE, channels=1)["source"]["role_counts"]["mixed"]
+        assert recorded["anomalous"] / (recorded["normal"] + recorded["anomalous"]) == pytest.approx(float(f), abs=0.01)
     assert shares == {"0": 0.0, "0.6": pytest.approx(0.6, abs=0.01)}
     for bad in ("-0.1", "1.5"):
         proc = subprocess.run([sys.executable, str(BUILD), "simulated", "--source", "mnist5k", "--size", "32",

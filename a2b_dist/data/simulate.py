@@ -192,7 +192,6 @@ def simulated_roles(source: str, size: int, seed: int, scale: float = 1.0, anoma
                       + ("square" if anomaly == "square" else "anomaly"),
         }
     protocol["anomaly"] = anomaly
-    protocol["mixed_fraction"] = round(counts["mixed"][1] / max(1, sum(counts["mixed"])), 4)
     if anomaly == "square":
         protocol.update({
             "square_side": side,
