@@ -128,6 +128,17 @@ class LossConfig:
     # takes the identity terms as healthy images do; the rest are judged adversarially only (plus Eq. 7).
     pseudo_fraction: float = bounded(0.0, 0.0, 1.0)
     pseudo_after: float = bounded(0.2, 0.0, 1.0)
+    # The critic told what the mixed set looks like (0: off, the paper): this share of each critic
+    # batch's fakes are the mixed images as they are instead of their translations B', so the critic
+    # keeps rating what sets the mixed set apart from the healthy one (its anomalies: learning from
+    # positive and unlabelled data) and the generator is pushed to remove exactly that.
+    critic_mixed: float = bounded(0.0, 0.0, 1.0)
+    # StarGAN's domain classification (0: off, the paper): the critic gets a second head that tells,
+    # patch by patch, a mixed image from a healthy one (binary cross-entropy on real images of both
+    # sets, weight lambda_cls in the critic's loss); the generator is asked, with the same weight, to
+    # make the translations B' of mixed images classed healthy. The patches only the mixed set has
+    # (its anomalies) are the ones the head learns to find, so the mixed set tells G what to remove.
+    lambda_cls: float = bounded(0.0, 0.0, None)
 
 
 @dataclass
