@@ -17,6 +17,9 @@ trained at the same image budget (A2B-GAN's steps x n_critic x 2 roles x batch i
 - ae: a convolutional autoencoder trained on healthy images only, scored by mean |x - AE(x)|;
 - ddad: DDAD (Cai et al., MICCAI 2022): one ensemble of K autoencoders on healthy images, one on
   healthy + mixed; map = |mean_A - mean_B| (inter-discrepancy) + std_A (intra-discrepancy);
+- pu: learning from positive and unlabelled data, the mixed set's own signal without a translation: a
+  small patch classifier trained to tell mixed images (1) from healthy ones (0), scored by the mean
+  of its top 5% patch logits (what any method could take from the mixed set at this budget);
 - pca: PCA on healthy images, scored by mean |x - reconstruction|;
 - references: the training-free greyness and healthy-distance scores.
 ae and ddad are selected on validation AUROC at the cadence A2B-GAN is; the budget of ddad is
@@ -61,9 +64,9 @@ PAPER = ["loss.lambda_fs=0.001", "loss.focus_eps=0.01", "loss.focus_warmup_steps
 # the mixed set's place, so that the table separates "synthetic anomalies help" from "the mixed set helps".
 SYNTH = ["loss.restore_prob=0.5"]
 A2B_METHODS = {"a2b": [], "a2b-paper": PAPER, "a2b-healthy": [], "synth-healthy": SYNTH}
-OTHER_METHODS = ("ae", "ddad", "pca", "references")
+OTHER_METHODS = ("ae", "ddad", "pu", "pca", "references")
 # Methods that read the mixed set, retrained at every --fractions value; the others are drawn flat.
-MIXED_READERS_PEERS = ("ddad",)
+MIXED_READERS_PEERS = ("ddad", "pu")
 EVALS = 15            # validation evaluations per run, for every method that selects
 
 
@@ -184,17 +187,23 @@ def a2b_config(args, overrides: list[str], root: Path, run_dir: Path, seed: int)
         "data.num_workers=0", *args.override, *overrides])
 
 
-def critic_scores(run_dir: Path, cfg, x: torch.Tensor) -> np.ndarray:
-    """The final critic's patch scores on the inputs, negated (the critic rates healthy images high)."""
+def critic_scores(run_dir: Path, cfg, x: torch.Tensor) -> dict[str, np.ndarray]:
+    """The final critic's patch scores on the inputs, negated (the critic rates healthy images high),
+    and with loss.lambda_cls its domain head's: the mean of the top 5% patch logits for "mixed"."""
     from a2b_dist import checkpoint as ckpt
     from a2b_dist.nets import build_critic
 
     state, _, _, _ = ckpt.load_checkpoint(ckpt.latest_checkpoint(run_dir), 0, prefixes=("/D/",))
-    D = build_critic(cfg.model, cfg.data.channels, cfg.data.image_size)
+    D = build_critic(cfg.model, cfg.data.channels, cfg.data.image_size, domain_head=cfg.loss.lambda_cls > 0)
     D.load_state_dict(state["D"])
     D.eval()
     with torch.no_grad():
-        return torch.cat([-D(x[i:i + 256]).flatten(1).mean(1) for i in range(0, len(x), 256)]).numpy()
+        out = torch.cat([D(x[i:i + 256]) for i in range(0, len(x), 256)])
+    scores = {"critic": (-out[:, 0].flatten(1).mean(1)).numpy()}
+    if out.shape[1] > 1:
+        flat = out[:, 1].flatten(1)
+        scores["domain"] = flat.topk(max(1, round(0.05 * flat.shape[1])), dim=1).values.mean(1).numpy()
+    return scores
 
 
 def run_a2b(args, method: str, root: Path, run_dir: Path, seed: int) -> dict:
@@ -218,7 +227,8 @@ def run_a2b(args, method: str, root: Path, run_dir: Path, seed: int) -> dict:
     summary = summarise_result(scored, score=cfg.eval.score)
     test = load_role(root / "test", args.size)
     scores = {k: v["auroc"] for k, v in summary["scores"].items()}
-    scores["critic"] = image_and_pixel(test["label"], critic_scores(run_dir, cfg, test["image"]))["auroc"]
+    for name, s in critic_scores(run_dir, cfg, test["image"]).items():
+        scores[name] = image_and_pixel(test["label"], s)["auroc"]
     curve = [[r["step"], r["eval/val_auc"]] for r in map(json.loads, open(run_dir / "metrics.jsonl"))
              if "eval/val_auc" in r]
     mask = summary["mask"]
@@ -308,6 +318,64 @@ def ddad_maps(k: int):
     return fn
 
 
+class PatchClassifier(nn.Module):
+    """x (B, C, H, W) -> (B, 1, H/4, W/4) logits, one per patch (receptive field about 22 px)."""
+
+    def __init__(self, channels: int = 1, width: int = 16):
+        super().__init__()
+        w = width
+        self.net = nn.Sequential(
+            nn.Conv2d(channels, w, 4, 2, 1), nn.LeakyReLU(0.2),
+            nn.Conv2d(w, 2 * w, 4, 2, 1), nn.BatchNorm2d(2 * w), nn.LeakyReLU(0.2),
+            nn.Conv2d(2 * w, 4 * w, 3, 1, 1), nn.BatchNorm2d(4 * w), nn.LeakyReLU(0.2),
+            nn.Conv2d(4 * w, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def pu_maps(model, x, size: int):
+    """Patch logits upsampled to the image (the map) and the mean of the top 5% of patches (the score)."""
+    with torch.no_grad():
+        logits = torch.cat([model(x[i:i + 256]) for i in range(0, len(x), 256)])
+    flat = logits.flatten(1)
+    k = max(1, round(0.05 * flat.shape[1]))
+    scores = flat.topk(k, dim=1).values.mean(1).numpy()
+    maps = nn.functional.interpolate(torch.sigmoid(logits), size=(size, size), mode="nearest")
+    return maps, scores
+
+
+def train_pu(args, healthy: torch.Tensor, mixed: torch.Tensor, budget: int, seed: int, val: dict):
+    """Learning from positive and unlabelled data: every patch of a mixed image labelled 1, every
+    patch of a healthy image 0 (binary cross-entropy, balanced batches). Where the mixed set holds
+    anomalies, the patches that only it has are the ones rated high; with none, nothing is learnt."""
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = PatchClassifier(healthy.shape[1], args.ae_width)
+    opt = torch.optim.Adam(model.parameters(), lr=args.ae_lr)
+    iters = max(1, budget // (2 * args.batch))
+    every = max(1, iters // EVALS)
+    best, best_state = -1.0, None
+    for it in range(1, iters + 1):
+        model.train()
+        x = torch.cat([mixed[torch.randint(len(mixed), (args.batch,), generator=g)],
+                       healthy[torch.randint(len(healthy), (args.batch,), generator=g)]])
+        logits = model(x)
+        target = torch.cat([torch.ones(args.batch), torch.zeros(args.batch)]).view(-1, 1, 1, 1).expand_as(logits)
+        loss = nn.functional.binary_cross_entropy_with_logits(logits, target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if it % every == 0 or it == iters:
+            model.eval()
+            auc = image_and_pixel(val["label"], pu_maps(model, val["image"], args.size)[1])["auroc"]
+            if auc > best:
+                best, best_state = auc, {k: v.clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(best_state)
+    model.eval()
+    return model, best
+
+
 def run_peer(args, method: str, root: Path, seed: int, budget: int) -> dict:
     healthy = load_role(root / "healthy", args.size)["image"]
     test, val = load_role(root / "test", args.size), load_role(root / "val", args.size)
@@ -320,6 +388,9 @@ def run_peer(args, method: str, root: Path, seed: int, budget: int) -> dict:
         fn = ddad_maps(k)
         models, best = train_autoencoders(args, [healthy] * k + [union] * k, budget // (2 * k), seed, fn, val)
         maps, scores = fn(models, test["image"])
+    elif method == "pu":
+        model, best = train_pu(args, healthy, load_role(root / "mixed", args.size)["image"], budget, seed, val)
+        maps, scores = pu_maps(model, test["image"], args.size)
     elif method == "pca":
         from sklearn.decomposition import PCA
 

@@ -95,12 +95,12 @@ def test_quality_prints_every_method(sim_shards, tmp_path, capsys):
     args = ["--data", str(sim_shards), "--steps", "2", "--batch", "4", "--ae-width", "4", "--seeds", "0", "1",
             "--pca-components", "4", "--ddad-k", "2", "--work", str(work), "--override", "model.width=4",
             "model.res_blocks=1", "model.critic_width=4", "--variant", "ema=train.ema_decay=0.9",
-            "--methods", "a2b", "a2b-paper", "a2b-healthy", "ema", "ae", "ddad", "pca", "references"]
+            "--methods", "a2b", "a2b-paper", "a2b-healthy", "ema", "ae", "ddad", "pu", "pca", "references"]
     rows = quality.main(args)
     out = capsys.readouterr().out
-    for name in ("a2b", "a2b-paper", "a2b-healthy", "ema", "ae", "ddad", "pca", "references"):
+    for name in ("a2b", "a2b-paper", "a2b-healthy", "ema", "ae", "ddad", "pu", "pca", "references"):
         assert f"| {name} |" in out
-    assert len(rows) == 16 and all(0.0 <= r["auroc"] <= 1.0 for r in rows)
+    assert len(rows) == 18 and all(0.0 <= r["auroc"] <= 1.0 for r in rows)
     a2b = [r for r in rows if r["method"].startswith("a2b") or r["method"] == "ema"]
     assert all({"mean", "topk", "mask", "smooth_topk", "intermediate", "critic"} <= set(r["scores"]) for r in a2b)
     assert all(r["images"] == 2 * 2 * 2 * 4 for r in a2b)        # steps x n_critic x roles x batch
