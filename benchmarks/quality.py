@@ -25,6 +25,9 @@ trained at the same image budget (A2B-GAN's steps x n_critic x 2 roles x batch i
 ae and ddad are selected on validation AUROC at the cadence A2B-GAN is; the budget of ddad is
 split evenly over its 2K autoencoders. Every A2B score kind (mean, topk, mask, smooth_topk, and the
 critic's patch score on the input) is reported beside the preset's eval.score.
+--fuse-pu adds, for every A2B-GAN method and the autoencoder, their score fused with the pu peer's
+(each standardised on the healthy validation images, summed; the pu budget on top of theirs):
+whether what the mixed set teaches a classifier adds to what the method finds by itself.
 --variant NAME=key=value[,key=value...] adds an A2B-GAN method: the preset plus those overrides
 (a screening run); the name may then be listed in --methods.
 
@@ -229,6 +232,8 @@ def run_a2b(args, method: str, root: Path, run_dir: Path, seed: int) -> dict:
     scores = {k: v["auroc"] for k, v in summary["scores"].items()}
     for name, s in critic_scores(run_dir, cfg, test["image"]).items():
         scores[name] = image_and_pixel(test["label"], s)["auroc"]
+    if args.fuse_pu:
+        scores.update(a2b_fused(args, G, cfg, data_root, seed, test))
     curve = [[r["step"], r["eval/val_auc"]] for r in map(json.loads, open(run_dir / "metrics.jsonl"))
              if "eval/val_auc" in r]
     mask = summary["mask"]
@@ -239,6 +244,32 @@ def run_a2b(args, method: str, root: Path, run_dir: Path, seed: int) -> dict:
             "selected_step": ckpt.read_meta(chosen)["step"], "val_curve": curve,
             "best_val_auc": (result["best"] or {}).get("value"),
             "images": args.steps * cfg.optim.n_critic * 2 * args.batch}
+
+
+def a2b_fused(args, G, cfg, root: Path, seed: int, test: dict) -> dict:
+    """pu_fused for an A2B-GAN generator, scored by the preset's eval.score."""
+    from a2b_dist import losses as L
+
+    def own_score(x):
+        out = []
+        with torch.no_grad():
+            for i in range(0, len(x), 256):
+                xb = x[i:i + 256]
+                b_int, m = G(xb)
+                diff = L.anomaly_map(xb, L.blend_healthy(xb, b_int, m))
+                out.append(L.anomaly_score(diff, cfg.eval.score, cfg.eval.topk_percent, m, L.anomaly_map(xb, b_int)))
+        return torch.cat(out).numpy()
+
+    budget = args.steps * cfg.optim.n_critic * 2 * args.batch
+    return pu_fused(args, root, seed, budget, own_score, test, load_role(root / "val", args.size))
+
+
+def chosen_checkpoint(run_dir: Path):
+    """The checkpoint `a2b train` hands a user: best/ when validation selected one, else the last."""
+    from a2b_dist import checkpoint as ckpt
+
+    best = run_dir / ckpt.BEST
+    return ckpt.resolve_checkpoint(best) if best.exists() else ckpt.latest_checkpoint(run_dir)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -376,12 +407,35 @@ def train_pu(args, healthy: torch.Tensor, mixed: torch.Tensor, budget: int, seed
     return model, best
 
 
+def pu_fused(args, root: Path, seed: int, budget: int, score_fn, test: dict, val: dict) -> dict:
+    """A method's score fused with the pu peer's: the pu classifier trained with this seed at its own
+    budget (on top of the method's), each score standardised by its mean and sd on the healthy
+    validation images, the two summed. {"fused_pu": test AUROC, "fused_pu_val": val AUROC}: whether
+    what the mixed set teaches a classifier adds to what the method finds by itself."""
+    healthy = load_role(root / "healthy", args.size)["image"]
+    model, _ = train_pu(args, healthy, load_role(root / "mixed", args.size)["image"], budget, seed, val)
+    calib = val["image"][val["label"] == 0]
+
+    def pu(x):
+        return pu_maps(model, x, args.size)[1]
+
+    def z(fn, x):
+        ref = fn(calib)
+        return (fn(x) - ref.mean()) / (ref.std() + 1e-12)
+
+    return {name: image_and_pixel(role["label"], z(score_fn, role["image"]) + z(pu, role["image"]))["auroc"]
+            for name, role in (("fused_pu", test), ("fused_pu_val", val))}
+
+
 def run_peer(args, method: str, root: Path, seed: int, budget: int) -> dict:
     healthy = load_role(root / "healthy", args.size)["image"]
     test, val = load_role(root / "test", args.size), load_role(root / "val", args.size)
+    extra = None
     if method == "ae":
         models, best = train_autoencoders(args, [healthy], budget, seed, ae_maps, val)
         maps, scores = ae_maps(models, test["image"])
+        if args.fuse_pu:
+            extra = pu_fused(args, root, seed, budget, lambda x: ae_maps(models, x)[1], test, val)
     elif method == "ddad":
         k = args.ddad_k
         union = torch.cat([healthy, load_role(root / "mixed", args.size)["image"]])
@@ -403,7 +457,10 @@ def run_peer(args, method: str, root: Path, seed: int, budget: int) -> dict:
         scores, best = maps.flatten(1).mean(1).numpy(), None
     else:
         raise ValueError(method)
-    return {**image_and_pixel(test["label"], scores, maps, test["mask"], test["has_mask"]), "best_val_auc": best}
+    out = {**image_and_pixel(test["label"], scores, maps, test["mask"], test["has_mask"]), "best_val_auc": best}
+    if extra:
+        out["scores"] = extra
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -419,7 +476,22 @@ def run_cell(args, spec: str, method: str, seed: int, fraction: float | None = N
     out = work / "results" / f"{tag}-{args.steps}" / method / f"seed-{seed}.json"
     root = protocol_dir(work, protocol, args.size, fraction)
     if out.is_file():
-        return {**json.loads(out.read_text()), "fraction": mixed_fraction(root)}
+        cached = json.loads(out.read_text())
+        run_dir = work / "runs" / f"{tag}-{args.steps}" / method / f"seed-{seed}"
+        is_a2b = method in A2B_METHODS or method in args.variants
+        if not (args.fuse_pu and "fused_pu" not in cached.get("scores", {}) and (method == "ae" or is_a2b)):
+            return {**cached, "fraction": mixed_fraction(root)}
+        if is_a2b:        # the fusion added to a finished cell from its kept run folder
+            from a2b_dist import checkpoint as ckpt
+
+            torch.set_num_threads(args.threads)
+            G, _ = ckpt.load_generator(chosen_checkpoint(run_dir))
+            data_root = healthy_as_mixed(root, work) if healthy_only(method) else root
+            cfg = a2b_config(args, {**A2B_METHODS, **args.variants}[method], data_root, run_dir, seed)
+            cached.setdefault("scores", {}).update(
+                a2b_fused(args, G, cfg, data_root, seed, load_role(root / "test", args.size)))
+            write_atomic(out, json.dumps(cached, indent=1))
+            return {**cached, "fraction": mixed_fraction(root)}
     t0 = time.time()
     budget = args.steps * 2 * 2 * args.batch          # n_critic 2 x roles 2 x batch per A2B step
     if method in A2B_METHODS or method in args.variants:
@@ -600,6 +672,10 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--steps", type=int, default=None,
                    help="A2B-GAN steps; sets every method's image budget (default: the preset's train.steps)")
     p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--fuse-pu", action="store_true",
+                   help="also report each A2B-GAN method's and the autoencoder's score fused with the pu "
+                        "peer's (both standardised on healthy validation images, summed): fused_pu (test) and "
+                        "fused_pu_val; finished cells get it added from their kept run folders")
     p.add_argument("--data-scale", type=float, default=1.0,
                    help="build the protocols with every role shrunk by this factor (quick checks; give such "
                         "a run a --work of its own, since folders are named by protocol and size only)")

@@ -140,6 +140,27 @@ def test_quality_thesis_curve_retrains_only_what_reads_the_mixed_set(tmp_path, c
     assert json.loads((work / "results-32-2.json").read_text()) == rows
 
 
+def test_quality_fuses_with_the_pu_peer_and_adds_it_to_finished_cells(sim_shards, tmp_path, capsys):
+    """--fuse-pu: the A2B-GAN and autoencoder scores standardised on healthy validation images and
+    summed with the pu classifier's; a cell finished without it gets it from its kept run folder."""
+    import quality
+
+    work = tmp_path / "work"
+    base = ["--data", str(sim_shards), "--steps", "2", "--batch", "4", "--ae-width", "4", "--seeds", "0",
+            "--work", str(work), "--override", "model.width=4", "model.res_blocks=1", "model.critic_width=4",
+            "--methods", "a2b", "ae"]
+    plain = quality.main(base)
+    assert all("fused_pu" not in r.get("scores", {}) for r in plain)
+    fused = quality.main(base + ["--fuse-pu"])
+    capsys.readouterr()
+    for before, after in zip(plain, fused):
+        assert after["auroc"] == before["auroc"]                   # the cell itself is not retrained
+        assert 0.0 <= after["scores"]["fused_pu"] <= 1.0 and 0.0 <= after["scores"]["fused_pu_val"] <= 1.0
+    cell = next((work / "results").rglob("a2b/seed-0.json"))
+    assert "fused_pu" in json.loads(cell.read_text())["scores"]   # written back: a rerun reuses it
+    assert quality.main(base + ["--fuse-pu"]) == fused
+
+
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 def test_gpu_run_script_parses_and_refuses_without_a_gpu():
     assert subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / "gpu_run.sh")]).returncode == 0
