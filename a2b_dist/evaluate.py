@@ -245,7 +245,7 @@ def _report(metrics: dict, out: Path, expected: Optional[int]) -> None:
           + (f"; manifest lists {expected}" if expected is not None and expected != c["samples"] else "")
           + f") on {metrics['processes']} process(es)")
     print(f"image AUROC ({metrics['score']}): {_fmt(metrics['auroc'])}   AUPR {_fmt(metrics['aupr'])}   "
-          f"pixel AUROC {_fmt(metrics['pixel_auroc'])}")
+          f"pixel AUROC {_fmt(metrics['pixel_auroc'])}   AUPRO (FPR <= 0.3) {_fmt(metrics.get('pixel_aupro'))}")
     for name, m in metrics.get("references", {}).items():
         print(f"reference {name}: AUROC {_fmt(m['auroc'])}")
     mask = metrics["mask"]
