@@ -237,15 +237,15 @@ def validate(cfg: Config) -> Config:
             value = getattr(getattr(cfg, section.name), f.name)
             if isinstance(value, float) and not math.isfinite(value):
                 raise ConfigError(f"{section.name}.{f.name}={value!r} is not a finite number")
-    from a2b_dist.data.storage import DataError, check_location, is_url
+    from a2b_dist.data.storage import DataError, check_location
 
-    try:
+    try:   # the one location check (credentials, protocols) for every location a config names
         check_location(cfg.data.root, "data.root")
+        check_location(cfg.data.cache_dir, "data.cache_dir", local="the cache is a folder on this node's local disk")
+        check_location(cfg.train.run_dir, "train.run_dir",
+                       local="the run folder is on a file system every rank can write")
     except DataError as e:
         raise ConfigError(str(e)) from None
-    if is_url(cfg.data.cache_dir):
-        raise ConfigError(f"data.cache_dir={cfg.data.cache_dir!r}: the cache is a folder on this node's local "
-                          "disk, not a URL")
     if cfg.data.image_size % 4:
         raise ConfigError(f"data.image_size={cfg.data.image_size} must be a multiple of 4 "
                           "(the generator downsamples twice by 2)")

@@ -117,6 +117,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     from a2b_dist.checkpoint import load_generator
 
     args = build_parser().parse_intermixed_args(argv)
+    from a2b_dist.data.storage import check_location   # the one location check: no credentials echoed
+
+    check_location(args.images, "--images", local="detect reads a local folder of images")
+    check_location(args.checkpoint, "--checkpoint", local="checkpoints are read from local files")
+    check_location(args.out, "--out", local="the outputs are written to a local folder")
     paths = find_images(args.images)
     if not Path(args.checkpoint).exists():
         raise UserError(f"--checkpoint {args.checkpoint} does not exist")

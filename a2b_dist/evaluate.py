@@ -126,6 +126,8 @@ def _check_args(args) -> None:
     from a2b_dist.data.storage import check_location, is_url, join, parent
 
     shards = check_location(args.shards, "--shards")
+    check_location(args.checkpoint, "--checkpoint", local="checkpoints are read from local files")
+    check_location(args.out, "--out", local="the outputs are written to a local folder")
     if not is_url(shards) and not (Path(shards) / "manifest.json").is_file():
         raise UserError(f"--shards {shards}: no manifest.json there; pass one role folder written by "
                         "`python shards/build.py`, e.g. DATA/test")
