@@ -69,17 +69,16 @@ def pixel_auroc(maps: Any, gt_masks: Any) -> Optional[float]:
 # ranks. Up to EXACT_PIXELS annotated pixels the values are also kept, and AUROC/AUPR are exact.
 HIST_SHIFT = 13
 HIST_BINS = 1 << (31 - HIST_SHIFT)
-EXACT_PIXELS = 1 << 22
+EXACT_PIXELS = 1 << 20
 PRO_FPR_LIMIT = 0.3                 # AUPRO integrates the per-region overlap up to this FPR (MVTec AD)
 _HIST_ROWS = ("neg", "pos", "pro")  # per quantity (M, the difference map): counts, counts, region weights
 
 
-def value_bins(values: Any) -> torch.Tensor:
-    """Histogram bin of each value (flattened); NaN and values <= 0 fall in bin 0."""
-    v = values if isinstance(values, torch.Tensor) else torch.from_numpy(np.asarray(values))
-    v = v.detach().float().cpu().reshape(-1)
-    v = torch.where(v > 0, v, torch.zeros((), dtype=v.dtype))
-    return (v.view(torch.int32) >> HIST_SHIFT).long()
+def value_bins(values: Any) -> np.ndarray:
+    """Histogram bin of each value (flattened, int32); NaN and values <= 0 fall in bin 0."""
+    v = _as_numpy(values, np.float32).reshape(-1)
+    v = np.where(v > 0, v, np.float32(0))
+    return v.view(np.int32) >> HIST_SHIFT
 
 
 def bin_value(index: int | np.ndarray) -> np.ndarray:
@@ -87,31 +86,30 @@ def bin_value(index: int | np.ndarray) -> np.ndarray:
     return (np.asarray(index, np.int64).astype(np.int32) << HIST_SHIFT).view(np.float32).astype(np.float64)
 
 
-def _regions(gt: np.ndarray) -> tuple[np.ndarray, int]:
-    """Per pixel of (N, H, W) ground truth: 1 / the size of its 8-connected region (0 outside), and
-    the number of regions."""
+def _region_weights(gt: np.ndarray) -> tuple[np.ndarray, int]:
+    """For each ground-truth pixel of (N, H, W), in row-major order: 1 / the size of its 8-connected
+    region within its image; and the number of regions."""
     from scipy import ndimage
 
     structure = np.zeros((3, 3, 3), bool)
     structure[1] = True                                    # connected within an image, never across
     labels, count = ndimage.label(gt, structure=structure)
-    if not count:
-        return np.zeros(gt.shape, np.float64), 0
-    sizes = np.bincount(labels.ravel()).astype(np.float64)
-    weight = np.zeros_like(sizes)
-    weight[1:] = 1.0 / sizes[1:]
-    return weight[labels], int(count)
+    inside = labels[gt]
+    sizes = np.bincount(inside, minlength=count + 1).astype(np.float64)
+    sizes[0] = 1.0
+    return 1.0 / sizes[inside], int(count)
 
 
-def _histograms(values: np.ndarray, gt: np.ndarray, pro_weight: np.ndarray) -> np.ndarray:
-    """(3, HIST_BINS): counts of negative and positive pixels, region weights, per bin."""
+def _histograms(values: np.ndarray, truth: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """(3, HIST_BINS): counts of negative and positive pixels and the region weights, per bin."""
     idx = value_bins(values)
-    truth = torch.from_numpy(gt.reshape(-1))
-    out = torch.zeros(len(_HIST_ROWS), HIST_BINS, dtype=torch.float64)
-    out[0] = torch.bincount(idx[~truth], minlength=HIST_BINS).double()
-    out[1] = torch.bincount(idx[truth], minlength=HIST_BINS).double()
-    out[2] = torch.bincount(idx, weights=torch.from_numpy(pro_weight.reshape(-1)), minlength=HIST_BINS)
-    return out.numpy()
+    truth = truth.reshape(-1)
+    inside = idx[truth]
+    out = np.empty((len(_HIST_ROWS), HIST_BINS))
+    out[1] = np.bincount(inside, minlength=HIST_BINS)
+    out[0] = np.bincount(idx, minlength=HIST_BINS) - out[1]
+    out[2] = np.bincount(inside, weights=weights, minlength=HIST_BINS)
+    return out
 
 
 def summarise_masks(masks: Any, labels: Any, gt_masks: Any = None, has_mask: Any = None,
@@ -121,16 +119,16 @@ def summarise_masks(masks: Any, labels: Any, gt_masks: Any = None, has_mask: Any
     ``gt_masks`` (same shape, {0, 1}) with ``has_mask`` (N,) bool select the images whose ground truth
     is known (all of them when has_mask is None); ``diff_maps`` (same shape) add the difference map's
     pixel metrics. Its size does not grow with the pixels (the histograms are fixed; the values
-    themselves are kept only up to EXACT_PIXELS). Add summaries with ``merge_mask_summaries``,
-    finish with ``finish_mask_diagnostics``.
+    themselves are kept only up to EXACT_PIXELS). Add summaries with ``add_mask_summary`` or
+    ``merge_mask_summaries``, finish with ``finish_mask_diagnostics``.
     """
-    m = _as_numpy(masks)
+    m = _as_numpy(masks, np.float32)
     m = m.reshape(m.shape[0], -1)                                     # (N, H*W)
     y = _as_numpy(labels, np.int64).ravel()
-    image_mean = m.mean(axis=1)                                       # (N,)
+    image_mean = m.mean(axis=1, dtype=np.float64)                    # (N,)
     summary: dict[str, Any] = {
         "n": m.shape[0], "n_known": 0,
-        "pix_sum": m.sum(axis=0), "pix_sqsum": (m * m).sum(axis=0),  # (H*W,) float64
+        "pix_sum": m.sum(axis=0, dtype=np.float64), "pix_sqsum": np.square(m, dtype=np.float64).sum(axis=0),
         "label_sum": np.array([image_mean[y == 0].sum(), image_mean[y > 0].sum()]),
         "label_count": np.array([(y == 0).sum(), (y > 0).sum()], dtype=np.int64),
         "in_sum": 0.0, "in_count": 0.0, "out_sum": 0.0, "out_count": 0.0,
@@ -139,51 +137,70 @@ def summarise_masks(masks: Any, labels: Any, gt_masks: Any = None, has_mask: Any
     }
     if gt_masks is None:
         return summary
-    gt = _as_numpy(gt_masks).reshape(m.shape[0], -1) > 0.5
+    gt = _as_numpy(gt_masks, np.float32).reshape(m.shape[0], -1) > 0.5
     known = np.ones(m.shape[0], bool) if has_mask is None else _as_numpy(has_mask, bool).ravel()
-    mk, gk = m[known], gt[known]
-    summary.update(n_known=int(known.sum()), in_sum=float(mk[gk].sum()), in_count=float(gk.sum()),
-                   out_sum=float(mk[~gk].sum()), out_count=float((~gk).sum()), pixels=int(gk.size))
+    every = bool(known.all())
+    mk, gk = (m, gt) if every else (m[known], gt[known])
+    inside = float(mk[gk].sum(dtype=np.float64))
+    summary.update(n_known=int(known.sum()), in_sum=inside, in_count=float(gk.sum()),
+                   out_sum=float(mk.sum(dtype=np.float64)) - inside, out_count=float((~gk).sum()),
+                   pixels=int(gk.size))
     if not gk.size:
         return summary
-    side = _as_numpy(gt_masks).shape[-2:]
-    pro_weight, summary["regions"] = _regions(gk.reshape(-1, *side))
-    d = _as_numpy(diff_maps).reshape(m.shape[0], -1)[known] if diff_maps is not None else None
+    side = tuple(gt_masks.shape[-2:])
+    weights, summary["regions"] = _region_weights(gk.reshape(-1, *side))
+    d = None
+    if diff_maps is not None:
+        d = _as_numpy(diff_maps, np.float32).reshape(m.shape[0], -1)
+        d = d if every else d[known]
     hist = np.zeros((2, len(_HIST_ROWS), HIST_BINS))
-    hist[0] = _histograms(mk, gk, pro_weight)
+    hist[0] = _histograms(mk, gk, weights)
     if d is not None:
-        hist[1] = _histograms(d, gk, pro_weight)
+        hist[1] = _histograms(d, gk, weights)
     summary["hist"] = hist
     if gk.size <= EXACT_PIXELS:
-        summary["exact"] = {"m": [mk.ravel().astype(np.float32)], "gt": [gk.ravel()],
-                            "d": [d.ravel().astype(np.float32)] if d is not None else []}
+        summary["exact"] = {"m": [mk.ravel().copy()], "gt": [gk.ravel().copy()],
+                            "d": [d.ravel().copy()] if d is not None else []}
     else:
         summary["exact"] = None
     return summary
 
 
+_SUMS = ("n", "n_known", "pix_sum", "pix_sqsum", "label_sum", "label_count", "in_sum", "in_count", "out_sum",
+         "out_count", "regions", "pixels")
+
+
+def add_mask_summary(total: dict, part: dict) -> dict:
+    """Add ``part`` into ``total`` in place (its histograms too, without a copy) and return it; the
+    kept pixel values are dropped once more than EXACT_PIXELS are annotated in all."""
+    if part is None or part["n"] == 0:
+        return total
+    for k in _SUMS:
+        total[k] = total[k] + part[k]
+    total["has_diff"] = total["has_diff"] and part["has_diff"]
+    if part["hist"] is not None:
+        if total["hist"] is None:
+            total["hist"] = part["hist"].copy()
+        else:
+            total["hist"] += part["hist"]
+    if total["exact"] is not None and part["exact"] is not None and total["pixels"] <= EXACT_PIXELS:
+        for k in total["exact"]:
+            total["exact"][k] = total["exact"][k] + part["exact"][k]
+    else:
+        total["exact"] = None
+    return total
+
+
 def merge_mask_summaries(summaries: Iterable[dict]) -> dict:
-    """Add up summaries from batches or ranks (sums and histograms add; the kept pixel values are
-    dropped once more than EXACT_PIXELS are annotated in all)."""
+    """Add up summaries from batches or ranks into a new one (the inputs are left as they are)."""
     summaries = [s for s in summaries if s is not None and s["n"] > 0]
     if not summaries:
         raise ValueError("no mask summaries to merge")
-    out = dict(summaries[0])
-    out["exact"] = None if out["exact"] is None else {k: list(v) for k, v in out["exact"].items()}
+    first = summaries[0]
+    out = {**first, "hist": None if first["hist"] is None else first["hist"].copy(),
+           "exact": None if first["exact"] is None else {k: list(v) for k, v in first["exact"].items()}}
     for s in summaries[1:]:
-        for k in ("n", "n_known", "pix_sum", "pix_sqsum", "label_sum", "label_count",
-                  "in_sum", "in_count", "out_sum", "out_count", "regions", "pixels"):
-            out[k] = out[k] + s[k]
-        out["has_diff"] = out["has_diff"] and s["has_diff"]
-        if s["hist"] is not None:
-            out["hist"] = s["hist"].copy() if out["hist"] is None else out["hist"] + s["hist"]
-        if out["exact"] is not None and s["exact"] is not None:
-            for k in out["exact"]:
-                out["exact"][k] += s["exact"][k]
-        else:
-            out["exact"] = None
-    if out["pixels"] > EXACT_PIXELS:
-        out["exact"] = None
+        add_mask_summary(out, s)
     return out
 
 

@@ -14,8 +14,8 @@ from a2b_dist import losses
 from a2b_dist.data import EvalReader
 from a2b_dist.distributed import all_reduce_sum, gather_objects, sample_priority
 from a2b_dist.errors import UserError
-from a2b_dist.metrics import (HIST_BINS, finish_mask_diagnostics, image_metrics, merge_mask_summaries,
-                             summarise_masks)
+from a2b_dist.metrics import (HIST_BINS, add_mask_summary, finish_mask_diagnostics, image_metrics,
+                              merge_mask_summaries, summarise_masks)
 from a2b_dist.references import greyness, healthy_distance
 
 SCORE_KINDS = losses.SCORE_KINDS
@@ -59,7 +59,7 @@ def score_role(generator: torch.nn.Module, role_dir: str | os.PathLike, reader: 
         if healthy_mean is not None:
             refs["healthy_distance"].append(healthy_distance(x, healthy_mean).cpu().numpy())
         part = summarise_masks(m, y, batch["mask"], batch["has_mask"], diff)
-        summary = part if summary is None else merge_mask_summaries([summary, part])
+        summary = part if summary is None else add_mask_summary(summary, part)
         if num_panels:
             _keep_panels(panels, num_panels, seed, batch, x, b_prime, m, diff)
         if extremes:
