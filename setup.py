@@ -8,6 +8,7 @@
     pip install '.[http]'             # data.root=https://... (shards on a web server)
     pip install '.[s3]'               # data.root=s3://... (and S3-compatible stores: MinIO, Ceph)
     pip install '.[gcs]'              # data.root=gs://...
+    pip install '.[onnx]'             # a2b export --format onnx; a .onnx as --checkpoint (ONNX Runtime)
     pip install '.[dev]'              # all of them and pytest (make test installs requirements.txt)
 
 Versions come from requirements.txt, the one pinned list.
@@ -19,6 +20,7 @@ from setuptools import find_packages, setup
 HERE = Path(__file__).parent
 EXTRAS = {"deepspeed": ["deepspeed"], "sweeps": ["ray"], "medical": ["pydicom", "nibabel"],
           "mlflow": ["mlflow-skinny"], "http": ["aiohttp"], "s3": ["s3fs"], "gcs": ["gcsfs"],
+          "onnx": ["onnx", "onnxscript", "onnxruntime"],
           "dev": ["pytest", "moto"]}
 
 

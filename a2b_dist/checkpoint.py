@@ -383,10 +383,16 @@ def load_rank_state(path: Path, rank: int, meta: dict) -> tuple[Optional[dict], 
 # Generator for evaluation, detection and export
 
 def load_generator(path: str | Path, *, device: str | torch.device = "cpu"):
-    """(Generator in eval mode, Config) from an export file, a checkpoint folder or a run folder."""
+    """(Generator in eval mode, Config) from an export file (.pt, or .onnx run by ONNX Runtime), a
+    checkpoint folder or a run folder."""
     from a2b_dist.nets import build_generator
 
     p = Path(path)
+    if p.is_file() and p.suffix.lower() == ".onnx":     # `a2b export --format onnx`, run by ONNX Runtime
+        from a2b_dist.onnx_model import OnnxGenerator
+
+        onnx_generator = OnnxGenerator(p)
+        return onnx_generator, onnx_generator.config
     if p.is_file():
         try:
             blob = torch.load(p, map_location="cpu", weights_only=True)

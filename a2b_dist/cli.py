@@ -1,7 +1,7 @@
 """`a2b` command: train, export, evaluate, detect.
 
     a2b train --config configs/demo.yaml [section.field=value ...] [--resume auto|none|PATH]
-    a2b export CKPT OUT.pt
+    a2b export CKPT OUT.pt  |  a2b export CKPT OUT.onnx --format onnx
     a2b evaluate --checkpoint CKPT --shards DIR --out DIR
     a2b detect --checkpoint CKPT --images DIR --out DIR
 
@@ -13,11 +13,11 @@ import importlib
 import sys
 from typing import Optional
 
-from a2b_dist.errors import run_guarded
+from a2b_dist.errors import UserError, run_guarded
 
 COMMANDS = {
     "train": ("a2b_dist.train", "train A2B-GAN from shards"),
-    "export": ("a2b_dist.cli", "write a checkpoint's generator and config to one .pt file"),
+    "export": ("a2b_dist.cli", "write a checkpoint's generator and config to one .pt (or .onnx) file"),
     "evaluate": ("a2b_dist.evaluate", "AUROC, scores, ROC and difference maps on a labelled role"),
     "detect": ("a2b_dist.detect", "scores and maps for a folder of new images"),
 }
@@ -30,13 +30,24 @@ def export_main(argv: list[str]) -> int:
 
     parser = argparse.ArgumentParser(prog="a2b export", description=COMMANDS["export"][1])
     parser.add_argument("checkpoint", help="checkpoint folder or run folder (newest complete checkpoint)")
-    parser.add_argument("out", help="output file, e.g. generator.pt")
+    parser.add_argument("out", help="output file, e.g. generator.pt (or generator.onnx with --format onnx)")
+    parser.add_argument("--format", choices=("pt", "onnx"), default="pt",
+                        help="pt: weights and config for torch.load(weights_only=True) (default); onnx: the "
+                             "generator as an ONNX graph (opset 18, any batch size; outputs b_prime, b_int, mask, "
+                             "anomaly_map) for ONNX Runtime and other deployment stacks (pip install '.[onnx]')")
     args = parser.parse_args(argv)
     from a2b_dist.data.storage import check_location   # the one location check: no credentials echoed
 
     check_location(args.checkpoint, "checkpoint", local="checkpoints are read from local files")
     check_location(args.out, "out", local="the export is written to a local file")
-    out = export_generator(args.checkpoint, args.out)
+    if args.format == "onnx":
+        from a2b_dist.onnx_model import export_onnx
+
+        out = export_onnx(args.checkpoint, args.out)
+    elif args.out.lower().endswith(".onnx"):
+        raise UserError(f"export target {args.out} ends in .onnx; add --format onnx, or name the .pt file otherwise")
+    else:
+        out = export_generator(args.checkpoint, args.out)
     print(f"wrote {out}")
     return 0
 
