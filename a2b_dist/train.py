@@ -15,6 +15,7 @@ the global batch, split evenly over the processes. The learning rate is a pure f
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -36,7 +37,7 @@ from a2b_dist import checkpoint as ckpt
 from a2b_dist import losses as L
 from a2b_dist.config import Config, ConfigError, from_dict, get_field, save_config, to_dict, trackers
 from a2b_dist.errors import UserError
-from a2b_dist.files import atomic_path, write_atomic
+from a2b_dist.files import atomic_path, hold_folder, write_atomic
 from a2b_dist.updates import A2BUpdates, Models
 
 # Under fp16 a loss-scale overflow makes a step's losses inf (GradScaler skips it); more than this
@@ -452,19 +453,19 @@ def train(cfg: Config, *, resume: str = "auto", argv: Optional[list[str]] = None
     after each model-selection evaluation and its checkpoint, if any (the sweep reports through it;
     it gets the newest complete checkpoint).
     """
-    with StopOnTerminate() as term:
+    with StopOnTerminate() as term, contextlib.ExitStack() as held:
         def stop() -> bool:
             return term.received or (stop_requested is not None and stop_requested())
 
         result = _train(cfg, resume=resume, argv=argv, stop_requested=stop, until_step=until_step,
-                        on_evaluation=on_evaluation)
+                        on_evaluation=on_evaluation, held=held)
     result["stop_signal"] = "SIGTERM" if term.received and result["stopped"] else None
     return result
 
 
 def _train(cfg: Config, *, resume: str, argv: Optional[list[str]], stop_requested: Callable[[], bool],
-           until_step: Optional[int], on_evaluation: Optional[Callable[[int, dict, Optional[Path]], None]]
-           ) -> dict:
+           until_step: Optional[int], on_evaluation: Optional[Callable[[int, dict, Optional[Path]], None]],
+           held: contextlib.ExitStack) -> dict:
     # Set up processes, folders and logging.
     backend = backends.get(cfg.train.backend)
     backend.prepare(cfg)
@@ -489,6 +490,20 @@ def _train(cfg: Config, *, resume: str, argv: Optional[list[str]], stop_requeste
     meta = ckpt.read_meta(start_from) if start_from is not None else None
     if start_from is not None:
         check_resumable(cfg, start_from, meta, world)
+    # One writer per run folder: the main process holds its lock until train() returns (the other
+    # ranks write only their checkpoint shares, at the main process's pace); every rank stops alike.
+    refused = None
+    if main:
+        try:
+            held.enter_context(hold_folder(run_dir))
+        except UserError as e:
+            refused = str(e)
+    if world > 1:
+        from a2b_dist.distributed import gather_objects
+
+        refused = gather_objects(refused, world)[0]
+    if refused is not None:
+        raise UserError(refused)
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "samples").mkdir(exist_ok=True)

@@ -10,6 +10,7 @@ import os
 import resource
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -273,3 +274,77 @@ def test_detect_names_an_image_whose_header_claims_too_many_pixels(run_copy, tmp
                     capsys)
     one_line_error(code, err, str(images / "bomb.png"), "400,000,000 pixels", "decompression bomb")
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# One writer per run folder (issue 26)
+
+def files_of(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_second_training_into_a_held_run_folder_names_the_holder(sim_shards, tmp_path):
+    """Two real trainings into one train.run_dir: the second stops with one line naming the first
+    (host, pid) and writes nothing; the first trains on alone, every step once in metrics.jsonl."""
+    run_dir = tmp_path / "run"
+    common = [f"data.root={sim_shards}", f"train.run_dir={run_dir}", "train.log_every=1", "train.sample_every=0"]
+    log = open(tmp_path / "first.log", "w")
+    first = subprocess.Popen(train_cmd(1, *common, "train.steps=400", "train.checkpoint_every=1000"), cwd=ROOT,
+                             env=ENV, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        metrics = run_dir / "metrics.jsonl"
+        deadline = time.time() + 300
+        while time.time() < deadline and first.poll() is None:
+            if metrics.is_file() and len(metrics.read_text().splitlines()) >= 2:
+                break
+            time.sleep(0.05)
+        assert first.poll() is None, "the first run ended too soon; raise train.steps"
+        before = files_of(run_dir)
+        second = run(train_cmd(1, *common, "train.steps=400"), check=False)
+        one_line_error(second.returncode, second.stderr, f"train.run_dir {run_dir} is in use",
+                       f"pid {first.pid}", f"host {socket.gethostname()}")
+        after = files_of(run_dir)
+        # No second event file or checkpoint; config, launch record and lock as the first wrote them
+        # (metrics.jsonl and the first run's event file grow meanwhile: the first run is training).
+        assert after.keys() == before.keys()
+        for name in ("config.yaml", "launches.jsonl", ".a2b-run.lock"):
+            assert after[name] == before[name], name
+        os.killpg(first.pid, signal.SIGTERM)
+        first.wait(timeout=300)
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+        log.close()
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, len(steps) + 1))
+    assert len((run_dir / "launches.jsonl").read_text().splitlines()) == 1
+
+
+HOLD = """
+import sys, time
+from a2b_dist.files import hold_folder
+with hold_folder(sys.argv[1]):
+    print("held", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_a_lock_left_by_a_killed_holder_is_not_in_the_way(run_copy, sim_shards):
+    """A process holding the run folder (the library's lock, as train() takes it) refuses a resume;
+    once it is SIGKILLed (a crash, a SLURM node failure) the kernel drops its lock and a restart
+    resumes in the same folder, as a requeued job does."""
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(run_copy)], cwd=ROOT, env=ENV,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        before = files_of(run_copy)
+        args = [f"data.root={sim_shards}", f"train.run_dir={run_copy}", "train.steps=10", "optim.decay_steps=2"]
+        proc = run(train_cmd(1, *args), check=False)
+        one_line_error(proc.returncode, proc.stderr, f"pid {holder.pid}", "is in use")
+        assert files_of(run_copy) == before
+    finally:
+        holder.kill()
+        holder.wait()
+    out = run(train_cmd(1, *args))
+    assert f"resumed from {ckpt.step_dir(run_copy, 8)} at step 8" in out.stdout + out.stderr
+    assert ckpt.read_meta(ckpt.latest_checkpoint(run_copy))["step"] == 10
