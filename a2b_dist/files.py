@@ -7,6 +7,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Iterator
 
@@ -122,3 +123,107 @@ def hold_folder(folder: str | os.PathLike, name: str = "train.run_dir") -> Itera
     finally:
         _HELD.pop(key, None)
         os.close(fd)   # releases the flock
+
+
+# ---------------------------------------------------------------------------------------------
+# Output folders that hold one generation
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return pid != os.getpid()   # our own pid on a leftover: a dead process whose pid came round again
+
+
+class StagedFolder:
+    """A command's output folder (``--out``) that always holds the files of one run.
+
+    ``prepare()``, before any work: checks the folder (a folder or nothing; an existing one holds
+    only this command's own outputs, ``ours``, so a mistyped --out never swaps away a foreign folder)
+    and creates the staging folder ``.<out>.staging-<pid>`` beside it, which proves that the place is
+    writable. The command writes into ``folder``; ``commit()`` swaps it in (the old folder renamed to
+    ``.<out>.old-<pid>``, the new one renamed to ``out``, the old removed). ``discard()`` (on any
+    failure; a no-op after commit) removes the staging folder. A process killed midway leaves its
+    staging folder beside ``out``, never inside it; the next prepare() removes the leftovers of dead
+    processes (and renames an ``.old-<pid>`` back when a kill fell between the two renames).
+    Every OSError on the way is a UserError naming the path."""
+
+    def __init__(self, out: str | os.PathLike, name: str, command: str, ours: tuple[str, ...]):
+        self.given = str(out)
+        self.name, self.command, self.ours = name, command, set(ours)
+        out = Path(out)
+        self.out = Path(os.path.realpath(out)) if out.is_symlink() else out
+        self.folder = self.out.parent / f".{self.out.name}.staging-{os.getpid()}"
+        self._old = self.out.parent / f".{self.out.name}.old-{os.getpid()}"
+        self.committed = False
+
+    def _error(self, e: OSError, what: str) -> UserError:
+        return UserError(f"{self.name} {self.given}: {what} {e.filename or self.out}: {e.strerror or e}")
+
+    def _leftovers(self) -> None:
+        parent = self.out.parent
+        if not parent.is_dir():
+            return
+        for kind in ("old", "staging"):   # an old generation back first, then stale staging folders
+            for path in parent.glob(f".{self.out.name}.{kind}-*"):
+                pid = path.name.rsplit("-", 1)[-1]
+                if not pid.isdigit() or _pid_alive(int(pid)):
+                    continue
+                if kind == "old" and not self.out.exists():
+                    os.rename(path, self.out)
+                else:
+                    shutil.rmtree(path, ignore_errors=True)
+
+    def prepare(self) -> Path:
+        out = self.out
+        if out.exists():
+            if not out.is_dir():
+                raise UserError(f"{self.name} {self.given} is a file, not a folder; pass a folder")
+            foreign = sorted(p.name for p in out.iterdir()   # (.NAME.tmp-PID: a write an older version left)
+                             if p.name not in self.ours and not (p.name.startswith(".") and ".tmp-" in p.name))
+            if foreign:
+                raise UserError(f"{self.name} {self.given} holds {foreign[0]!r}"
+                                + (f" and {len(foreign) - 1} more" if len(foreign) > 1 else "")
+                                + f", which {self.command} does not write; its outputs replace the whole folder: "
+                                "pass a new or empty folder, or the --out of an earlier run")
+            if not os.access(out, os.W_OK | os.X_OK):
+                raise UserError(f"{self.name} {self.given} is not writable (its outputs replace it); "
+                                "pass a folder you can write")
+        try:
+            self._leftovers()
+            out.parent.mkdir(parents=True, exist_ok=True)
+            self.folder.mkdir()
+        except OSError as e:
+            raise self._error(e, "cannot write there:") from None
+        return self.folder
+
+    @contextlib.contextmanager
+    def writing(self) -> Iterator[Path]:
+        """Write into the yielded staging folder; on success it replaces ``out``."""
+        try:
+            yield self.folder
+            if os.environ.get("A2B_FAULT_KILL_BEFORE_SWAP"):   # tests: a kill with every new file written
+                os.kill(os.getpid(), 9)
+            self.commit()
+        except OSError as e:
+            raise self._error(e, "could not write") from None
+
+    def commit(self) -> Path:
+        try:
+            if self.out.exists():
+                os.rename(self.out, self._old)
+            os.rename(self.folder, self.out)
+        except OSError as e:
+            if self._old.exists() and not self.out.exists():
+                os.rename(self._old, self.out)   # put the previous generation back
+            raise self._error(e, "could not put the new outputs in place:") from None
+        self.committed = True
+        shutil.rmtree(self._old, ignore_errors=True)
+        return self.out
+
+    def discard(self) -> None:
+        if not self.committed:
+            shutil.rmtree(self.folder, ignore_errors=True)
