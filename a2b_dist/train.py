@@ -94,8 +94,21 @@ class TrainBatches:
         self.hflip, self.aug_gen, self.device = cfg.data.hflip, aug_gen, device
         self.fmt = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
         self.wait = 0.0
+        self.fetched: list[tuple[str, torch.Tensor]] = []
+
+    def fetch_step(self, n_critic: int) -> None:
+        """Read one step's batches (mixed, healthy per critic update, train_step's order) before any
+        update, so a data error stops training between steps, never inside one."""
+        self.fetched = [(role, self._read(role)) for _ in range(n_critic) for role in ("mixed", "healthy")]
 
     def __call__(self, role: str) -> torch.Tensor:
+        if self.fetched:
+            fetched_role, x = self.fetched.pop(0)
+            assert fetched_role == role, (fetched_role, role)
+            return x
+        return self._read(role)
+
+    def _read(self, role: str) -> torch.Tensor:
         t = time.perf_counter()
         x = next(self.iters[role])
         if self.hflip:
@@ -546,10 +559,15 @@ def _train(cfg: Config, *, resume: str, argv: Optional[list[str]], stop_requeste
         digest = ckpt.state_digest({"G": models.G.state_dict(), "D": models.D.state_dict()})
         return {"step": step, "stopped": False, "run_dir": str(run_dir), "best": best, "weights_digest": digest}
 
-    def save(target: Path, **extra) -> Path:
-        rank_state = {"streams": {role: s.state_dict() for role, s in streams.items()}, "step": step}
+    def position() -> dict:
+        """Where this rank's data and augmentation stand (saved with a checkpoint)."""
+        return {"streams": {role: s.state_dict() for role, s in streams.items()}, "aug_rng": aug_gen.get_state()}
+
+    def save(target: Path, at: Optional[dict] = None, **extra) -> Path:
+        at = at or position()
+        rank_state = {"streams": at["streams"], "step": step}
         return ckpt.save_checkpoint(
-            target, **backend.checkpoint_parts(models, accelerator), rank_state=rank_state, rank_tensors={"gp_rng": gp_gen.get_state(), "aug_rng": aug_gen.get_state()},
+            target, **backend.checkpoint_parts(models, accelerator), rank_state=rank_state, rank_tensors={"gp_rng": gp_gen.get_state(), "aug_rng": at["aug_rng"]},
             meta=ckpt.meta_for(cfg, step, best=best, **extra), rank=rank, world_size=world,
             barrier=accelerator.wait_for_everyone)
 
@@ -564,10 +582,27 @@ def _train(cfg: Config, *, resume: str, argv: Optional[list[str]], stop_requeste
     stopped = False
 
     from tqdm.auto import tqdm
+
+    from a2b_dist.data import DataError
     bar = tqdm(total=cfg.train.steps, initial=step, disable=not main, dynamic_ncols=True, desc="train")
     models.G_train.train(), models.D_train.train()
     try:
         while step < cfg.train.steps:
+            # The step's batches first: a data error (a shard that turned corrupt, a server that
+            # stopped answering) then ends training between steps, with a checkpoint of the last one.
+            at_step = position()
+            failed = _read_step(next_batch, cfg.optim.n_critic, world, device)
+            if failed is not None:
+                saved = last_good
+                if step > 0 and (saved is None or int(ckpt.read_meta(saved)["step"]) != step):
+                    saved = save(ckpt.step_dir(run_dir, step), at=at_step)
+                    if main:
+                        ckpt.prune(run_dir, cfg.train.keep_last)
+                    accelerator.wait_for_everyone()
+                raise DataError(f"{failed}. " + (
+                    f"Saved {saved} at step {step}, the last completed step; fix the data (or set "
+                    "data.skip_corrupt=true) and continue with --resume auto" if saved is not None
+                    else "No step was completed, so nothing was saved"))
             # One step: learning rates, n_critic critic updates, one generator update.
             stats, (lr_g, lr_d) = train_step(cfg, models, updates, next_batch, step)
             step += 1
@@ -622,6 +657,25 @@ def _train(cfg: Config, *, resume: str, argv: Optional[list[str]], stop_requeste
     accelerator.wait_for_everyone()
     digest = ckpt.state_digest({"G": models.G.state_dict(), "D": models.D.state_dict()})
     return {"step": step, "stopped": stopped, "run_dir": str(run_dir), "best": best, "weights_digest": digest}
+
+
+def _read_step(next_batch: TrainBatches, n_critic: int, world: int, device: torch.device) -> Optional[str]:
+    """Read the next step's batches on every rank; the first rank's data error, if any rank had
+    one (every rank learns it, so all stop at the same step boundary), else None."""
+    from a2b_dist.data import DataError
+    from a2b_dist.distributed import gather_objects
+
+    message = None
+    try:
+        next_batch.fetch_step(n_critic)
+    except DataError as e:
+        message = str(e)
+    if world > 1:
+        flag = torch.tensor(float(message is not None), device=device)
+        dist.all_reduce(flag)
+        if flag.item() > 0:
+            message = next(m for m in gather_objects(message, world) if m is not None)
+    return message
 
 
 def _better(metric: str, value: float, best: Optional[dict]) -> bool:
