@@ -274,8 +274,13 @@ def _report(metrics: dict, out: Path, expected: Optional[int]) -> None:
     print(f"scored {c['samples']} images ({c['healthy']} healthy, {c['anomalous']} anomalous"
           + (f"; manifest lists {expected}" if expected is not None and expected != c["samples"] else "")
           + f") on {metrics['processes']} process(es)")
-    print(f"image AUROC ({metrics['score']}): {_fmt(metrics['auroc'])}   AUPR {_fmt(metrics['aupr'])}   "
-          f"pixel AUROC {_fmt(metrics['pixel_auroc'])}")
+    if c["healthy"] == 0 or c["anomalous"] == 0:
+        print(f"image AUROC, AUPR and threshold are undefined: the role holds only "
+              f"{'anomalous' if c['anomalous'] else 'healthy'} images (both classes are needed); "
+              f"pixel AUROC {_fmt(metrics['pixel_auroc'])}")
+    else:
+        print(f"image AUROC ({metrics['score']}): {_fmt(metrics['auroc'])}   AUPR {_fmt(metrics['aupr'])}   "
+              f"pixel AUROC {_fmt(metrics['pixel_auroc'])}")
     for name, m in metrics.get("references", {}).items():
         print(f"reference {name}: AUROC {_fmt(m['auroc'])}")
     mask = metrics["mask"]
