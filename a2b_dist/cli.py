@@ -32,6 +32,10 @@ def export_main(argv: list[str]) -> int:
     parser.add_argument("checkpoint", help="checkpoint folder or run folder (newest complete checkpoint)")
     parser.add_argument("out", help="output file, e.g. generator.pt")
     args = parser.parse_args(argv)
+    from a2b_dist.data.storage import check_location   # the one location check: no credentials echoed
+
+    check_location(args.checkpoint, "checkpoint", local="checkpoints are read from local files")
+    check_location(args.out, "out", local="the export is written to a local file")
     out = export_generator(args.checkpoint, args.out)
     print(f"wrote {out}")
     return 0

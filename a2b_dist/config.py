@@ -167,6 +167,17 @@ class LossConfig:
     # takes the identity terms as healthy images do; the rest are judged adversarially only (plus Eq. 7).
     pseudo_fraction: float = bounded(0.0, 0.0, 1.0)
     pseudo_after: float = bounded(0.2, 0.0, 1.0)
+    # The critic told what the mixed set looks like (0: off, the paper): this share of each critic
+    # batch's fakes are the mixed images as they are instead of their translations B', so the critic
+    # keeps rating what sets the mixed set apart from the healthy one (its anomalies: learning from
+    # positive and unlabelled data) and the generator is pushed to remove exactly that.
+    critic_mixed: float = bounded(0.0, 0.0, 1.0)
+    # StarGAN's domain classification (0: off, the paper): the critic gets a second head that tells,
+    # patch by patch, a mixed image from a healthy one (binary cross-entropy on real images of both
+    # sets, weight lambda_cls in the critic's loss); the generator is asked, with the same weight, to
+    # make the translations B' of mixed images classed healthy. The patches only the mixed set has
+    # (its anomalies) are the ones the head learns to find, so the mixed set tells G what to remove.
+    lambda_cls: float = bounded(0.0, 0.0, None)
 
 
 @dataclass
@@ -265,15 +276,15 @@ def validate(cfg: Config) -> Config:
             value = getattr(getattr(cfg, section.name), f.name)
             if isinstance(value, float) and not math.isfinite(value):
                 raise ConfigError(f"{section.name}.{f.name}={value!r} is not a finite number")
-    from a2b_dist.data.storage import DataError, check_location, is_url
+    from a2b_dist.data.storage import DataError, check_location
 
-    try:
+    try:   # the one location check (credentials, protocols) for every location a config names
         check_location(cfg.data.root, "data.root")
+        check_location(cfg.data.cache_dir, "data.cache_dir", local="the cache is a folder on this node's local disk")
+        check_location(cfg.train.run_dir, "train.run_dir",
+                       local="the run folder is on a file system every rank can write")
     except DataError as e:
         raise ConfigError(str(e)) from None
-    if is_url(cfg.data.cache_dir):
-        raise ConfigError(f"data.cache_dir={cfg.data.cache_dir!r}: the cache is a folder on this node's local "
-                          "disk, not a URL")
     if cfg.data.image_size % 4:
         raise ConfigError(f"data.image_size={cfg.data.image_size} must be a multiple of 4 "
                           "(the generator downsamples twice by 2)")

@@ -128,6 +128,11 @@ OUTPUTS = ("report.html", "scores.csv", "maps")
 @torch.no_grad()
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_intermixed_args(argv)
+    from a2b_dist.data.storage import check_location   # the one location check: no credentials echoed
+
+    check_location(args.images, "--images", local="detect reads a local folder of images")
+    check_location(args.checkpoint, "--checkpoint", local="checkpoints are read from local files")
+    check_location(args.out, "--out", local="the outputs are written to a local folder")
     check_out_outside_images(args.out, args.images)
     paths = find_images(args.images)
     if not Path(args.checkpoint).exists():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 from typing import Any, Callable, TypeVar
 
+import numpy as np
 import torch
 
 from a2b_dist.errors import UserError
@@ -19,6 +20,16 @@ def gather_objects(obj: Any, world_size: int) -> list[Any]:
         torch.distributed.all_gather_object(out, obj)
         return out
     return [obj]
+
+
+def all_reduce_sum(array: np.ndarray, world_size: int, device: str | torch.device = "cpu") -> np.ndarray:
+    """The element-wise sum of a fixed-size float64 array over the ranks, in one all-reduce (the
+    array itself without a process group). ``device``: where the backend wants tensors (CUDA for NCCL)."""
+    if world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        t = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float64)).to(device)
+        torch.distributed.all_reduce(t)
+        return t.cpu().numpy()
+    return array
 
 
 def verified_once(open_with: Callable[[str], T], verify: str, rank: int, world_size: int) -> T:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -158,12 +158,13 @@ class DeepSpeedUpdates(A2BUpdates):
     generator update runs the critic bare and frozen: no critic gradient, no critic reduction.
     """
 
-    def critic_outputs(self, b: torch.Tensor, fake: torch.Tensor, x_hat: torch.Tensor
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        d_real, d_fake = self.m.D_train(torch.cat([b, fake]).contiguous(memory_format=self.memory_format)
-                                        ).split(b.shape[0])
+    def critic_outputs(self, b: torch.Tensor, fake: torch.Tensor, x_hat: torch.Tensor,
+                       a: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, ...]:
+        parts = [b, fake] + ([a.float()] if a is not None else [])
+        d_real, d_fake, *d_mixed = self.m.D_train(torch.cat(parts).contiguous(memory_format=self.memory_format)
+                                                  ).split(b.shape[0])
         d_hat = self.m.D(x_hat.contiguous(memory_format=self.memory_format))
-        return d_real, d_fake, d_hat
+        return (d_real, d_fake, d_hat, *d_mixed)
 
     def apply(self, loss: torch.Tensor, trained, opt) -> None:
         trained.backward(loss)   # the engine reduces gradients; its step also clears them

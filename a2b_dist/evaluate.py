@@ -130,6 +130,8 @@ def _check_args(args) -> None:
     from a2b_dist.data.storage import check_location, is_url, join, parent
 
     shards = check_location(args.shards, "--shards")
+    check_location(args.checkpoint, "--checkpoint", local="checkpoints are read from local files")
+    check_location(args.out, "--out", local="the outputs are written to a local folder")
     if not is_url(shards) and not (Path(shards) / "manifest.json").is_file():
         raise UserError(f"--shards {shards}: no manifest.json there; pass one role folder written by "
                         "`python shards/build.py`, e.g. DATA/test")
@@ -277,10 +279,10 @@ def _report(metrics: dict, out: Path, expected: Optional[int]) -> None:
     if c["healthy"] == 0 or c["anomalous"] == 0:
         print(f"image AUROC, AUPR and threshold are undefined: the role holds only "
               f"{'anomalous' if c['anomalous'] else 'healthy'} images (both classes are needed); "
-              f"pixel AUROC {_fmt(metrics['pixel_auroc'])}")
+              f"pixel AUROC {_fmt(metrics['pixel_auroc'])}   AUPRO (FPR <= 0.3) {_fmt(metrics.get('pixel_aupro'))}")
     else:
         print(f"image AUROC ({metrics['score']}): {_fmt(metrics['auroc'])}   AUPR {_fmt(metrics['aupr'])}   "
-              f"pixel AUROC {_fmt(metrics['pixel_auroc'])}")
+              f"pixel AUROC {_fmt(metrics['pixel_auroc'])}   AUPRO (FPR <= 0.3) {_fmt(metrics.get('pixel_aupro'))}")
     for name, m in metrics.get("references", {}).items():
         print(f"reference {name}: AUROC {_fmt(m['auroc'])}")
     mask = metrics["mask"]

@@ -49,6 +49,14 @@ def gradient_penalty(d_hat: torch.Tensor, x_hat: torch.Tensor, loss_scale: Optio
     return ((norm - 1) ** 2).mean()
 
 
+def domain_loss(logits: torch.Tensor, mixed: bool) -> torch.Tensor:
+    """Binary cross-entropy of a critic's domain logits (B, 1, h, w) against one domain for every
+    patch: mixed (1) or healthy (0)."""
+    logits = logits.float()
+    target = torch.ones_like(logits) if mixed else torch.zeros_like(logits)
+    return torch.nn.functional.binary_cross_entropy_with_logits(logits, target)
+
+
 def generator_adversarial(d_fake_a: torch.Tensor, d_fake_b: torch.Tensor) -> torch.Tensor:
     """Eq. 5: -sum over x in {A, B} of E[D(G(x))]."""
     return -(d_fake_a.float().mean() + d_fake_b.float().mean())

@@ -77,10 +77,14 @@ def critic_depth(image_size: int, layers: int = 0) -> int:
 
 
 class Critic(nn.Module):
-    """PatchGAN critic without normalisation (WGAN-GP): x (B, C, H, W) -> scores (B, 1, H/2^L, W/2^L)."""
+    """PatchGAN critic without normalisation (WGAN-GP): x (B, C, H, W) -> scores (B, 1, H/2^L, W/2^L).
+
+    With ``domain_head`` it also classifies each patch's domain (StarGAN's auxiliary classifier, with
+    the mixed set and the healthy set as the two domains): the output is then (B, 2, h, w), channel 0
+    the critic's score, channel 1 the logit that the patch comes from the mixed set."""
 
     def __init__(self, channels: int = 1, image_size: int = 128, width: int = 64, layers: int = 0,
-                 max_channels: int = 2048):
+                 max_channels: int = 2048, domain_head: bool = False):
         super().__init__()
         depth = critic_depth(image_size, layers)
         mods: list[nn.Module] = [nn.Conv2d(channels, width, 4, 2, 1), nn.LeakyReLU(0.01)]
@@ -91,9 +95,13 @@ class Critic(nn.Module):
             ch = nxt
         self.main = nn.Sequential(*mods)
         self.head = nn.Conv2d(ch, 1, 3, 1, 1, bias=False)
+        self.domain = nn.Conv2d(ch, 1, 3, 1, 1) if domain_head else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.main(x))
+        h = self.main(x)
+        if self.domain is None:
+            return self.head(h)
+        return torch.cat([self.head(h), self.domain(h)], 1)
 
 
 def build_generator(model_cfg, channels: int) -> Generator:
@@ -101,8 +109,9 @@ def build_generator(model_cfg, channels: int) -> Generator:
                      model_cfg.mask_activation)
 
 
-def build_critic(model_cfg, channels: int, image_size: int) -> Critic:
-    return Critic(channels, image_size, model_cfg.critic_width, model_cfg.critic_layers)
+def build_critic(model_cfg, channels: int, image_size: int, domain_head: bool = False) -> Critic:
+    return Critic(channels, image_size, model_cfg.critic_width, model_cfg.critic_layers,
+                  domain_head=domain_head)
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -103,7 +103,8 @@ def write_evaluation_report(path: Path, *, metrics: dict, result: dict, config_y
     c = metrics["counts"]
     cards = [("image AUROC", metrics["auroc"]), ("AUPR", metrics["aupr"]),
              ("sensitivity", metrics["sensitivity"]), ("specificity", metrics["specificity"]),
-             ("pixel AUROC", metrics["pixel_auroc"]), ("threshold (Youden)", threshold)]
+             ("pixel AUROC", metrics["pixel_auroc"]), ("AUPRO (pixel, FPR <= 0.3)", metrics.get("pixel_aupro")),
+             ("threshold (Youden)", threshold)]
     headline = "".join(f'<div class="metric"><div class="v" id="{html.escape(k.split()[0])}">{_fmt(v)}</div>'
                        f'<div class="k">{html.escape(k)}</div></div>' for k, v in cards)
     parts = ["<h1>Anomaly detection report</h1>",

@@ -12,9 +12,10 @@ import torch
 
 from a2b_dist import losses
 from a2b_dist.data import EvalReader
-from a2b_dist.distributed import gather_objects, sample_priority
+from a2b_dist.distributed import all_reduce_sum, gather_objects, sample_priority
 from a2b_dist.errors import UserError
-from a2b_dist.metrics import finish_mask_diagnostics, image_metrics, merge_mask_summaries, summarise_masks
+from a2b_dist.metrics import (HIST_BINS, finish_mask_diagnostics, image_metrics, merge_mask_summaries,
+                             summarise_masks)
 from a2b_dist.references import greyness, healthy_distance
 
 SCORE_KINDS = losses.SCORE_KINDS
@@ -40,7 +41,7 @@ def score_role(generator: torch.nn.Module, role_dir: str | os.PathLike, reader: 
     refs: dict[str, list[np.ndarray]] = {"greyness": []}
     if healthy_mean is not None:
         refs["healthy_distance"] = []
-    summaries: list[dict] = []
+    summary: Optional[dict] = None          # the mask and pixel summary, added up batch by batch
     panels: dict[int, list[tuple]] = {0: [], 1: []}
     tails: dict[str, list[tuple]] = {name: [] for name in EXTREMES}
     for batch in reader.batches(role_dir):
@@ -57,7 +58,8 @@ def score_role(generator: torch.nn.Module, role_dir: str | os.PathLike, reader: 
         refs["greyness"].append(greyness(x).cpu().numpy())
         if healthy_mean is not None:
             refs["healthy_distance"].append(healthy_distance(x, healthy_mean).cpu().numpy())
-        summaries.append(summarise_masks(m, y, batch["mask"], batch["has_mask"], diff))
+        part = summarise_masks(m, y, batch["mask"], batch["has_mask"], diff)
+        summary = part if summary is None else merge_mask_summaries([summary, part])
         if num_panels:
             _keep_panels(panels, num_panels, seed, batch, x, b_prime, m, diff)
         if extremes:
@@ -68,11 +70,22 @@ def score_role(generator: torch.nn.Module, role_dir: str | os.PathLike, reader: 
         "label": np.concatenate(labels) if labels else np.zeros(0, np.int64),
         "scores": {k: np.concatenate(v) if v else np.zeros(0) for k, v in scores.items()},
         "references": {k: np.concatenate(v) if v else np.zeros(0) for k, v in refs.items()},
-        "mask_summary": merge_mask_summaries(summaries) if summaries else None,
+        "mask_summary": summary,
         "panels": panels,
         "extremes": tails,
     }
-    return _merge_ranks(gather_objects(local, reader.world_size), num_panels, extremes)
+    # The pixel histograms (fixed size) are summed over the ranks by one all-reduce; the rest is gathered.
+    hist = np.zeros(2 * 3 * HIST_BINS + 1)
+    if summary is not None and summary["hist"] is not None:
+        hist[:-1], hist[-1] = summary["hist"].ravel(), summary["regions"]
+    if summary is not None:
+        summary["hist"], summary["regions"] = None, 0
+    hist = all_reduce_sum(hist, reader.world_size, device)
+    merged = _merge_ranks(gather_objects(local, reader.world_size), num_panels, extremes)
+    if merged["mask_summary"] is not None and hist[-1] + hist[:-1].sum() > 0:
+        merged["mask_summary"]["hist"] = hist[:-1].reshape(2, 3, HIST_BINS)
+        merged["mask_summary"]["regions"] = int(hist[-1])
+    return merged
 
 
 def _arrays(i: int, batch: dict, x, b_prime, m, diff) -> dict:
@@ -154,6 +167,7 @@ def summarise_result(result: dict, *, score: str) -> dict:
         "auroc": main["auroc"], "aupr": main["aupr"], "threshold": main["threshold"],
         "sensitivity": main["sensitivity"], "specificity": main["specificity"],
         "pixel_auroc": mask.get("diff_pixel_auroc"),
+        "pixel_aupro": mask.get("diff_pixel_aupro"),
         "counts": {"samples": len(result["key"]), "healthy": int((labels == 0).sum()),
                    "anomalous": int((labels > 0).sum()), "unlabelled": int((labels < 0).sum()),
                    "with_ground_truth_masks": mask.get("images_with_ground_truth", 0)},

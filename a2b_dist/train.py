@@ -43,8 +43,8 @@ from a2b_dist.updates import A2BUpdates, Models
 # Under fp16 a loss-scale overflow makes a step's losses inf (GradScaler skips it); more than this
 # many in a row is a real divergence.
 MAX_FP16_OVERFLOWS = 20
-LOSS_TERMS = ("loss_d", "wasserstein", "gp", "loss_g", "adv_g", "rec", "idt", "idt_out", "focus", "mask_sup",
-              "pseudo")
+LOSS_TERMS = ("loss_d", "wasserstein", "gp", "cls_d", "loss_g", "adv_g", "rec", "idt", "idt_out", "focus",
+              "mask_sup", "pseudo", "cls")
 
 
 class NonFiniteLoss(UserError):

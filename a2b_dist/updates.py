@@ -17,7 +17,7 @@ def build_networks(cfg: Config) -> tuple[torch.nn.Module, torch.nn.Module]:
     """Generator and critic with identical initial weights on every rank (seeded by train.seed)."""
     torch.manual_seed(cfg.train.seed)
     G = build_generator(cfg.model, cfg.data.channels)
-    D = build_critic(cfg.model, cfg.data.channels, cfg.data.image_size)
+    D = build_critic(cfg.model, cfg.data.channels, cfg.data.image_size, domain_head=cfg.loss.lambda_cls > 0)
     # The DDP set-up (no broadcast of buffers) assumes buffer-free networks: InstanceNorm keeps no
     # running statistics.
     assert not list(G.buffers()) and not list(D.buffers()), "DDP set-up assumes buffer-free networks"
@@ -87,21 +87,32 @@ class A2BUpdates:
         with torch.no_grad(), self.acc.autocast():
             b_int, mask = self.m.G(a)                        # unwrapped: no DDP forward
             fake = L.blend_healthy(a, b_int, mask).float()  # Eq. 1: B' of the mixed images
+        k = round(self.cfg.loss.critic_mixed * a.shape[0])
+        if k:                                               # the mixed images themselves as fakes
+            fake = torch.cat([a[:k].float(), fake[k:]])
         if alpha is None:
             alpha = torch.rand(a.shape[0], 1, 1, 1, generator=self.gp_gen, device=self.gp_gen.device)
         alpha = alpha.to(a.device)
         x_hat = L.interpolate(b, fake, alpha).detach().requires_grad_(True)
+        lambda_cls = self.cfg.loss.lambda_cls
         with self.acc.autocast():
-            d_real, d_fake, d_hat = self.critic_outputs(b, fake, x_hat)
-        wasserstein = L.critic_wasserstein(d_fake, d_real)                  # Eq. 3
-        gp = L.gradient_penalty(d_hat, x_hat, self._scale())                 # Eq. 4's penalty
+            d_real, d_fake, d_hat, *d_mixed = self.critic_outputs(b, fake, x_hat, a if lambda_cls else None)
+        wasserstein = L.critic_wasserstein(d_fake[:, :1], d_real[:, :1])    # Eq. 3
+        gp = L.gradient_penalty(d_hat[:, :1], x_hat, self._scale())          # Eq. 4's penalty
         loss = wasserstein + self.cfg.loss.lambda_gp * gp                    # Eq. 4 = Eq. 9
-        return loss, {"loss_d": loss.detach(), "wasserstein": wasserstein.detach(), "gp": gp.detach()}
+        cls = torch.zeros((), device=a.device)
+        if lambda_cls:       # StarGAN's classification of real images: mixed 1, healthy 0, per patch
+            cls = (L.domain_loss(d_mixed[0][:, 1:], True) + L.domain_loss(d_real[:, 1:], False)) / 2
+            loss = loss + lambda_cls * cls
+        return loss, {"loss_d": loss.detach(), "wasserstein": wasserstein.detach(), "gp": gp.detach(),
+                      "cls_d": cls.detach()}
 
-    def critic_outputs(self, b: torch.Tensor, fake: torch.Tensor, x_hat: torch.Tensor
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """D(b), D(fake), D(x_hat) from one forward of the wrapped critic."""
-        out = self.m.D_train(torch.cat([b, fake, x_hat]).contiguous(memory_format=self.memory_format))
+    def critic_outputs(self, b: torch.Tensor, fake: torch.Tensor, x_hat: torch.Tensor,
+                       a: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, ...]:
+        """D(b), D(fake), D(x_hat) (and D(a) when the mixed images are given) from one forward of the
+        wrapped critic."""
+        parts = [b, fake, x_hat] + ([a.float()] if a is not None else [])
+        out = self.m.D_train(torch.cat(parts).contiguous(memory_format=self.memory_format))
         return out.split(b.shape[0])
 
     def apply(self, loss: torch.Tensor, trained: torch.nn.Module, opt: torch.optim.Optimizer) -> None:
@@ -133,7 +144,7 @@ class A2BUpdates:
             b_prime_b = L.blend_healthy(b_in, b_int_b, m_b)
             a_prime = L.blend_reconstruction(a, b_int_a, m_a)                 # Eq. 2
             d_a, d_b = self.m.D(torch.cat([b_prime_a, b_prime_b])).split(n)   # unwrapped, frozen critic
-        adv = L.generator_adversarial(d_a, d_b)                                # Eq. 5
+        adv = L.generator_adversarial(d_a[:, :1], d_b[:, :1])                  # Eq. 5
         rec = L.reconstruction_loss(a, a_prime)                                # Eq. 7
         idt = L.identity_loss(b_int_b, b)                                      # Eq. 6
         idt_out = L.l1(b_prime_b, b)          # Fixed-Point GAN: a healthy image translates to itself
@@ -148,6 +159,10 @@ class A2BUpdates:
         if target is not None:
             mask_sup = L.mask_supervision(m_b, target)
             loss = loss + cfg.lambda_mask * mask_sup
+        cls = zero
+        if cfg.lambda_cls:              # StarGAN's classification of fakes: B' of a mixed image is healthy
+            cls = L.domain_loss(d_a[:, 1:], False)
+            loss = loss + cfg.lambda_cls * cls
         pseudo = zero
         if cfg.pseudo_fraction > 0 and step >= cfg.pseudo_after * self.cfg.train.steps:
             low = L.lowest_scored(L.anomaly_map(a, b_prime_a).flatten(1).mean(1), cfg.pseudo_fraction)
@@ -157,7 +172,7 @@ class A2BUpdates:
                 loss = loss + pseudo
         return loss, {"loss_g": loss.detach(), "adv_g": adv.detach(), "rec": rec.detach(),
                       "idt": idt.detach(), "idt_out": idt_out.detach(), "focus": focus.detach(),
-                      "mask_sup": mask_sup.detach(), "pseudo": pseudo.detach()}
+                      "mask_sup": mask_sup.detach(), "pseudo": pseudo.detach(), "cls": cls.detach()}
 
     def generator_update(self, a: torch.Tensor, b: torch.Tensor, step: int) -> dict:
         requires_grad(self.m.D, False)

@@ -17,11 +17,17 @@ trained at the same image budget (A2B-GAN's steps x n_critic x 2 roles x batch i
 - ae: a convolutional autoencoder trained on healthy images only, scored by mean |x - AE(x)|;
 - ddad: DDAD (Cai et al., MICCAI 2022): one ensemble of K autoencoders on healthy images, one on
   healthy + mixed; map = |mean_A - mean_B| (inter-discrepancy) + std_A (intra-discrepancy);
+- pu: learning from positive and unlabelled data, the mixed set's own signal without a translation: a
+  small patch classifier trained to tell mixed images (1) from healthy ones (0), scored by the mean
+  of its top 5% patch logits (what any method could take from the mixed set at this budget);
 - pca: PCA on healthy images, scored by mean |x - reconstruction|;
 - references: the training-free greyness and healthy-distance scores.
 ae and ddad are selected on validation AUROC at the cadence A2B-GAN is; the budget of ddad is
 split evenly over its 2K autoencoders. Every A2B score kind (mean, topk, mask, smooth_topk, and the
 critic's patch score on the input) is reported beside the preset's eval.score.
+--fuse-pu adds, for every A2B-GAN method and the autoencoder, their score fused with the pu peer's
+(each standardised on the healthy validation images, summed; the pu budget on top of theirs):
+whether what the mixed set teaches a classifier adds to what the method finds by itself.
 --variant NAME=key=value[,key=value...] adds an A2B-GAN method: the preset plus those overrides
 (a screening run); the name may then be listed in --methods.
 
@@ -61,9 +67,9 @@ PAPER = ["loss.lambda_fs=0.001", "loss.focus_eps=0.01", "loss.focus_warmup_steps
 # the mixed set's place, so that the table separates "synthetic anomalies help" from "the mixed set helps".
 SYNTH = ["loss.restore_prob=0.5"]
 A2B_METHODS = {"a2b": [], "a2b-paper": PAPER, "a2b-healthy": [], "synth-healthy": SYNTH}
-OTHER_METHODS = ("ae", "ddad", "pca", "references")
+OTHER_METHODS = ("ae", "ddad", "pu", "pca", "references")
 # Methods that read the mixed set, retrained at every --fractions value; the others are drawn flat.
-MIXED_READERS_PEERS = ("ddad",)
+MIXED_READERS_PEERS = ("ddad", "pu")
 EVALS = 15            # validation evaluations per run, for every method that selects
 
 
@@ -184,17 +190,23 @@ def a2b_config(args, overrides: list[str], root: Path, run_dir: Path, seed: int)
         "data.num_workers=0", *args.override, *overrides])
 
 
-def critic_scores(run_dir: Path, cfg, x: torch.Tensor) -> np.ndarray:
-    """The final critic's patch scores on the inputs, negated (the critic rates healthy images high)."""
+def critic_scores(run_dir: Path, cfg, x: torch.Tensor) -> dict[str, np.ndarray]:
+    """The final critic's patch scores on the inputs, negated (the critic rates healthy images high),
+    and with loss.lambda_cls its domain head's: the mean of the top 5% patch logits for "mixed"."""
     from a2b_dist import checkpoint as ckpt
     from a2b_dist.nets import build_critic
 
     state, _, _, _ = ckpt.load_checkpoint(ckpt.latest_checkpoint(run_dir), 0, prefixes=("/D/",))
-    D = build_critic(cfg.model, cfg.data.channels, cfg.data.image_size)
+    D = build_critic(cfg.model, cfg.data.channels, cfg.data.image_size, domain_head=cfg.loss.lambda_cls > 0)
     D.load_state_dict(state["D"])
     D.eval()
     with torch.no_grad():
-        return torch.cat([-D(x[i:i + 256]).flatten(1).mean(1) for i in range(0, len(x), 256)]).numpy()
+        out = torch.cat([D(x[i:i + 256]) for i in range(0, len(x), 256)])
+    scores = {"critic": (-out[:, 0].flatten(1).mean(1)).numpy()}
+    if out.shape[1] > 1:
+        flat = out[:, 1].flatten(1)
+        scores["domain"] = flat.topk(max(1, round(0.05 * flat.shape[1])), dim=1).values.mean(1).numpy()
+    return scores
 
 
 def run_a2b(args, method: str, root: Path, run_dir: Path, seed: int) -> dict:
@@ -218,7 +230,10 @@ def run_a2b(args, method: str, root: Path, run_dir: Path, seed: int) -> dict:
     summary = summarise_result(scored, score=cfg.eval.score)
     test = load_role(root / "test", args.size)
     scores = {k: v["auroc"] for k, v in summary["scores"].items()}
-    scores["critic"] = image_and_pixel(test["label"], critic_scores(run_dir, cfg, test["image"]))["auroc"]
+    for name, s in critic_scores(run_dir, cfg, test["image"]).items():
+        scores[name] = image_and_pixel(test["label"], s)["auroc"]
+    if args.fuse_pu:
+        scores.update(a2b_fused(args, G, cfg, data_root, seed, test))
     curve = [[r["step"], r["eval/val_auc"]] for r in map(json.loads, open(run_dir / "metrics.jsonl"))
              if "eval/val_auc" in r]
     mask = summary["mask"]
@@ -229,6 +244,32 @@ def run_a2b(args, method: str, root: Path, run_dir: Path, seed: int) -> dict:
             "selected_step": ckpt.read_meta(chosen)["step"], "val_curve": curve,
             "best_val_auc": (result["best"] or {}).get("value"),
             "images": args.steps * cfg.optim.n_critic * 2 * args.batch}
+
+
+def a2b_fused(args, G, cfg, root: Path, seed: int, test: dict) -> dict:
+    """pu_fused for an A2B-GAN generator, scored by the preset's eval.score."""
+    from a2b_dist import losses as L
+
+    def own_score(x):
+        out = []
+        with torch.no_grad():
+            for i in range(0, len(x), 256):
+                xb = x[i:i + 256]
+                b_int, m = G(xb)
+                diff = L.anomaly_map(xb, L.blend_healthy(xb, b_int, m))
+                out.append(L.anomaly_score(diff, cfg.eval.score, cfg.eval.topk_percent, m, L.anomaly_map(xb, b_int)))
+        return torch.cat(out).numpy()
+
+    budget = args.steps * cfg.optim.n_critic * 2 * args.batch
+    return pu_fused(args, root, seed, budget, own_score, test, load_role(root / "val", args.size))
+
+
+def chosen_checkpoint(run_dir: Path):
+    """The checkpoint `a2b train` hands a user: best/ when validation selected one, else the last."""
+    from a2b_dist import checkpoint as ckpt
+
+    best = run_dir / ckpt.BEST
+    return ckpt.resolve_checkpoint(best) if best.exists() else ckpt.latest_checkpoint(run_dir)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -308,18 +349,102 @@ def ddad_maps(k: int):
     return fn
 
 
+class PatchClassifier(nn.Module):
+    """x (B, C, H, W) -> (B, 1, H/4, W/4) logits, one per patch (receptive field about 22 px)."""
+
+    def __init__(self, channels: int = 1, width: int = 16):
+        super().__init__()
+        w = width
+        self.net = nn.Sequential(
+            nn.Conv2d(channels, w, 4, 2, 1), nn.LeakyReLU(0.2),
+            nn.Conv2d(w, 2 * w, 4, 2, 1), nn.BatchNorm2d(2 * w), nn.LeakyReLU(0.2),
+            nn.Conv2d(2 * w, 4 * w, 3, 1, 1), nn.BatchNorm2d(4 * w), nn.LeakyReLU(0.2),
+            nn.Conv2d(4 * w, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def pu_maps(model, x, size: int):
+    """Patch logits upsampled to the image (the map) and the mean of the top 5% of patches (the score)."""
+    with torch.no_grad():
+        logits = torch.cat([model(x[i:i + 256]) for i in range(0, len(x), 256)])
+    flat = logits.flatten(1)
+    k = max(1, round(0.05 * flat.shape[1]))
+    scores = flat.topk(k, dim=1).values.mean(1).numpy()
+    maps = nn.functional.interpolate(torch.sigmoid(logits), size=(size, size), mode="nearest")
+    return maps, scores
+
+
+def train_pu(args, healthy: torch.Tensor, mixed: torch.Tensor, budget: int, seed: int, val: dict):
+    """Learning from positive and unlabelled data: every patch of a mixed image labelled 1, every
+    patch of a healthy image 0 (binary cross-entropy, balanced batches). Where the mixed set holds
+    anomalies, the patches that only it has are the ones rated high; with none, nothing is learnt."""
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = PatchClassifier(healthy.shape[1], args.ae_width)
+    opt = torch.optim.Adam(model.parameters(), lr=args.ae_lr)
+    iters = max(1, budget // (2 * args.batch))
+    every = max(1, iters // EVALS)
+    best, best_state = -1.0, None
+    for it in range(1, iters + 1):
+        model.train()
+        x = torch.cat([mixed[torch.randint(len(mixed), (args.batch,), generator=g)],
+                       healthy[torch.randint(len(healthy), (args.batch,), generator=g)]])
+        logits = model(x)
+        target = torch.cat([torch.ones(args.batch), torch.zeros(args.batch)]).view(-1, 1, 1, 1).expand_as(logits)
+        loss = nn.functional.binary_cross_entropy_with_logits(logits, target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if it % every == 0 or it == iters:
+            model.eval()
+            auc = image_and_pixel(val["label"], pu_maps(model, val["image"], args.size)[1])["auroc"]
+            if auc > best:
+                best, best_state = auc, {k: v.clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(best_state)
+    model.eval()
+    return model, best
+
+
+def pu_fused(args, root: Path, seed: int, budget: int, score_fn, test: dict, val: dict) -> dict:
+    """A method's score fused with the pu peer's: the pu classifier trained with this seed at its own
+    budget (on top of the method's), each score standardised by its mean and sd on the healthy
+    validation images, the two summed. {"fused_pu": test AUROC, "fused_pu_val": val AUROC}: whether
+    what the mixed set teaches a classifier adds to what the method finds by itself."""
+    healthy = load_role(root / "healthy", args.size)["image"]
+    model, _ = train_pu(args, healthy, load_role(root / "mixed", args.size)["image"], budget, seed, val)
+    calib = val["image"][val["label"] == 0]
+
+    def pu(x):
+        return pu_maps(model, x, args.size)[1]
+
+    def z(fn, x):
+        ref = fn(calib)
+        return (fn(x) - ref.mean()) / (ref.std() + 1e-12)
+
+    return {name: image_and_pixel(role["label"], z(score_fn, role["image"]) + z(pu, role["image"]))["auroc"]
+            for name, role in (("fused_pu", test), ("fused_pu_val", val))}
+
+
 def run_peer(args, method: str, root: Path, seed: int, budget: int) -> dict:
     healthy = load_role(root / "healthy", args.size)["image"]
     test, val = load_role(root / "test", args.size), load_role(root / "val", args.size)
+    extra = None
     if method == "ae":
         models, best = train_autoencoders(args, [healthy], budget, seed, ae_maps, val)
         maps, scores = ae_maps(models, test["image"])
+        if args.fuse_pu:
+            extra = pu_fused(args, root, seed, budget, lambda x: ae_maps(models, x)[1], test, val)
     elif method == "ddad":
         k = args.ddad_k
         union = torch.cat([healthy, load_role(root / "mixed", args.size)["image"]])
         fn = ddad_maps(k)
         models, best = train_autoencoders(args, [healthy] * k + [union] * k, budget // (2 * k), seed, fn, val)
         maps, scores = fn(models, test["image"])
+    elif method == "pu":
+        model, best = train_pu(args, healthy, load_role(root / "mixed", args.size)["image"], budget, seed, val)
+        maps, scores = pu_maps(model, test["image"], args.size)
     elif method == "pca":
         from sklearn.decomposition import PCA
 
@@ -332,7 +457,10 @@ def run_peer(args, method: str, root: Path, seed: int, budget: int) -> dict:
         scores, best = maps.flatten(1).mean(1).numpy(), None
     else:
         raise ValueError(method)
-    return {**image_and_pixel(test["label"], scores, maps, test["mask"], test["has_mask"]), "best_val_auc": best}
+    out = {**image_and_pixel(test["label"], scores, maps, test["mask"], test["has_mask"]), "best_val_auc": best}
+    if extra:
+        out["scores"] = extra
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -348,7 +476,22 @@ def run_cell(args, spec: str, method: str, seed: int, fraction: float | None = N
     out = work / "results" / f"{tag}-{args.steps}" / method / f"seed-{seed}.json"
     root = protocol_dir(work, protocol, args.size, fraction)
     if out.is_file():
-        return {**json.loads(out.read_text()), "fraction": mixed_fraction(root)}
+        cached = json.loads(out.read_text())
+        run_dir = work / "runs" / f"{tag}-{args.steps}" / method / f"seed-{seed}"
+        is_a2b = method in A2B_METHODS or method in args.variants
+        if not (args.fuse_pu and "fused_pu" not in cached.get("scores", {}) and (method == "ae" or is_a2b)):
+            return {**cached, "fraction": mixed_fraction(root)}
+        if is_a2b:        # the fusion added to a finished cell from its kept run folder
+            from a2b_dist import checkpoint as ckpt
+
+            torch.set_num_threads(args.threads)
+            G, _ = ckpt.load_generator(chosen_checkpoint(run_dir))
+            data_root = healthy_as_mixed(root, work) if healthy_only(method) else root
+            cfg = a2b_config(args, {**A2B_METHODS, **args.variants}[method], data_root, run_dir, seed)
+            cached.setdefault("scores", {}).update(
+                a2b_fused(args, G, cfg, data_root, seed, load_role(root / "test", args.size)))
+            write_atomic(out, json.dumps(cached, indent=1))
+            return {**cached, "fraction": mixed_fraction(root)}
     t0 = time.time()
     budget = args.steps * 2 * 2 * args.batch          # n_critic 2 x roles 2 x batch per A2B step
     if method in A2B_METHODS or method in args.variants:
@@ -529,6 +672,10 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--steps", type=int, default=None,
                    help="A2B-GAN steps; sets every method's image budget (default: the preset's train.steps)")
     p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--fuse-pu", action="store_true",
+                   help="also report each A2B-GAN method's and the autoencoder's score fused with the pu "
+                        "peer's (both standardised on healthy validation images, summed): fused_pu (test) and "
+                        "fused_pu_val; finished cells get it added from their kept run folders")
     p.add_argument("--data-scale", type=float, default=1.0,
                    help="build the protocols with every role shrunk by this factor (quick checks; give such "
                         "a run a --work of its own, since folders are named by protocol and size only)")

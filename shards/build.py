@@ -45,6 +45,15 @@ from a2b_dist.data.storage import Storage, check_location, is_url, join  # noqa:
 from a2b_dist.data.write import check_upload_target, upload_roles, write_roles  # noqa: E402
 
 
+def local_path(text: str) -> Path:
+    """An input file or folder: a local path (a URL is refused by the one location check, its
+    credentials never echoed)."""
+    try:
+        return Path(check_location(text, "", local="this command reads local files; build from a local copy"))
+    except DataError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -131,13 +140,13 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--overwrite", action="store_true", help="replace existing role folders")
 
     folder = commands.add_parser("folder", help="image files (PNG, JPEG, TIFF) found recursively")
-    folder.add_argument("--images", required=True, type=Path)
-    folder.add_argument("--labels", type=Path, help="CSV with columns path,label[,mask]; required for val/test")
+    folder.add_argument("--images", required=True, type=local_path)
+    folder.add_argument("--labels", type=local_path, help="CSV with columns path,label[,mask]; required for val/test")
     folder.add_argument("--role", required=True, choices=ROLES)
     common(folder)
 
     npz = commands.add_parser("npz", help="arrays in an .npz (MedMNIST layout)")
-    npz.add_argument("--file", required=True, type=Path)
+    npz.add_argument("--file", required=True, type=local_path)
     npz.add_argument("--images-key", required=True)
     npz.add_argument("--labels-key", required=True)
     npz.add_argument("--split", default="healthy=0.4,mixed=0.4,val=0.05,test=0.15",
@@ -147,8 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     group_split = ("whole groups per role: role=count or role=fraction (of all groups), comma-separated; "
                    "no group (patient, volume) lands in two roles")
     dicom = commands.add_parser("dicom", help="DICOM files (pydicom), split into roles by patient")
-    dicom.add_argument("--images", required=True, type=Path, help="folder searched recursively for .dcm/.dicom")
-    dicom.add_argument("--labels", type=Path,
+    dicom.add_argument("--images", required=True, type=local_path, help="folder searched recursively for .dcm/.dicom")
+    dicom.add_argument("--labels", type=local_path,
                        help="CSV with columns path,label[,mask][,GROUP]; required for val/test; its rows are the samples")
     dicom.add_argument("--group-column", help="CSV column holding the patient (default: the header's PatientID)")
     dicom.add_argument("--window", help="CENTRE,WIDTH on the rescaled values (default: the file's window, "
@@ -161,15 +170,15 @@ def build_parser() -> argparse.ArgumentParser:
     common(dicom)
 
     listed = commands.add_parser("split", help="image files listed in a CSV with a group column, split by group")
-    listed.add_argument("--images", required=True, type=Path, help="folder the CSV's paths are relative to")
-    listed.add_argument("--labels", required=True, type=Path, help="CSV with columns path,label,GROUP[,mask]")
+    listed.add_argument("--images", required=True, type=local_path, help="folder the CSV's paths are relative to")
+    listed.add_argument("--labels", required=True, type=local_path, help="CSV with columns path,label,GROUP[,mask]")
     listed.add_argument("--group-column", required=True, help="CSV column holding the group (e.g. patient)")
     listed.add_argument("--split", default="healthy=0.4,mixed=0.4,val=0.05,test=0.15", help=group_split)
     common(listed)
 
     nifti = commands.add_parser("nifti", help="NIfTI volumes (nibabel) cut into 2-D slices, split by volume")
-    nifti.add_argument("--volumes", required=True, type=Path, help="folder searched recursively for .nii/.nii.gz")
-    nifti.add_argument("--labels", type=Path, help="CSV with columns path,label[,mask] per volume; "
+    nifti.add_argument("--volumes", required=True, type=local_path, help="folder searched recursively for .nii/.nii.gz")
+    nifti.add_argument("--labels", type=local_path, help="CSV with columns path,label[,mask] per volume; "
                                                    "a mask volume labels each slice")
     nifti.add_argument("--axis", type=int, choices=(0, 1, 2), default=2,
                        help="slice axis after reorientation to RAS: 0 sagittal, 1 coronal, 2 axial (default)")
@@ -205,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "a URL is read once")
 
     upload = commands.add_parser("upload", help="copy a built data root to object storage, manifests last")
-    upload.add_argument("source", type=Path, metavar="DIR", help="a data root written by this script")
+    upload.add_argument("source", type=local_path, metavar="DIR", help="a data root written by this script")
     upload.add_argument("target", metavar="URL", help="s3://bucket/prefix or gs://bucket/prefix")
     upload.add_argument("--overwrite", action="store_true", help="replace roles already there")
     return parser
@@ -213,6 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def upload(source: Path, target: str, overwrite: bool) -> int:
     try:
+        check_location(target, "upload URL")   # credentials refused before anything is read
         upload_roles(source, target, overwrite=overwrite, storage=Storage(), report=print)
     except DataError as exc:
         print(f"shards/build.py upload: error: {exc}", file=sys.stderr)
@@ -220,11 +230,12 @@ def upload(source: Path, target: str, overwrite: bool) -> int:
     return 0
 
 
-def verify(folders: list[Path]) -> int:
+def verify(folders: list[str]) -> int:
     """Print one line per role (and one per damaged shard); 0 when every shard matches, else 1."""
     bad = 0
     for folder in folders:
         try:
+            check_location(folder, "verify DIR")   # credentials in a URL refused, never echoed
             results = verify_roles(folder)
         except DataError as exc:
             print(f"shards/build.py verify: error: {exc}", file=sys.stderr)

@@ -95,12 +95,12 @@ def test_quality_prints_every_method(sim_shards, tmp_path, capsys):
     args = ["--data", str(sim_shards), "--steps", "2", "--batch", "4", "--ae-width", "4", "--seeds", "0", "1",
             "--pca-components", "4", "--ddad-k", "2", "--work", str(work), "--override", "model.width=4",
             "model.res_blocks=1", "model.critic_width=4", "--variant", "ema=train.ema_decay=0.9",
-            "--methods", "a2b", "a2b-paper", "a2b-healthy", "ema", "ae", "ddad", "pca", "references"]
+            "--methods", "a2b", "a2b-paper", "a2b-healthy", "ema", "ae", "ddad", "pu", "pca", "references"]
     rows = quality.main(args)
     out = capsys.readouterr().out
-    for name in ("a2b", "a2b-paper", "a2b-healthy", "ema", "ae", "ddad", "pca", "references"):
+    for name in ("a2b", "a2b-paper", "a2b-healthy", "ema", "ae", "ddad", "pu", "pca", "references"):
         assert f"| {name} |" in out
-    assert len(rows) == 16 and all(0.0 <= r["auroc"] <= 1.0 for r in rows)
+    assert len(rows) == 18 and all(0.0 <= r["auroc"] <= 1.0 for r in rows)
     a2b = [r for r in rows if r["method"].startswith("a2b") or r["method"] == "ema"]
     assert all({"mean", "topk", "mask", "smooth_topk", "intermediate", "critic"} <= set(r["scores"]) for r in a2b)
     assert all(r["images"] == 2 * 2 * 2 * 4 for r in a2b)        # steps x n_critic x roles x batch
@@ -138,6 +138,27 @@ def test_quality_thesis_curve_retrains_only_what_reads_the_mixed_set(tmp_path, c
     assert "| mnist-square@32 | a2b |" in out and "share 0.6" in out and "(does not read the mixed set)" in out
     assert (work / "thesis-32-2.png").stat().st_size > 0
     assert json.loads((work / "results-32-2.json").read_text()) == rows
+
+
+def test_quality_fuses_with_the_pu_peer_and_adds_it_to_finished_cells(sim_shards, tmp_path, capsys):
+    """--fuse-pu: the A2B-GAN and autoencoder scores standardised on healthy validation images and
+    summed with the pu classifier's; a cell finished without it gets it from its kept run folder."""
+    import quality
+
+    work = tmp_path / "work"
+    base = ["--data", str(sim_shards), "--steps", "2", "--batch", "4", "--ae-width", "4", "--seeds", "0",
+            "--work", str(work), "--override", "model.width=4", "model.res_blocks=1", "model.critic_width=4",
+            "--methods", "a2b", "ae"]
+    plain = quality.main(base)
+    assert all("fused_pu" not in r.get("scores", {}) for r in plain)
+    fused = quality.main(base + ["--fuse-pu"])
+    capsys.readouterr()
+    for before, after in zip(plain, fused):
+        assert after["auroc"] == before["auroc"]                   # the cell itself is not retrained
+        assert 0.0 <= after["scores"]["fused_pu"] <= 1.0 and 0.0 <= after["scores"]["fused_pu_val"] <= 1.0
+    cell = next((work / "results").rglob("a2b/seed-0.json"))
+    assert "fused_pu" in json.loads(cell.read_text())["scores"]   # written back: a rerun reuses it
+    assert quality.main(base + ["--fuse-pu"]) == fused
 
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")

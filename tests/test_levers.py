@@ -122,3 +122,74 @@ def test_pseudo_healthy_identity_on_the_lowest_scored_share_after_warmup():
     rest = (stats["adv_g"] + lo.lambda_rec * stats["rec"] + lo.lambda_id * stats["idt"]
             + lo.lambda_f * stats["focus"] + 2.0 * stats["idt_out"])
     assert loss.item() == pytest.approx((rest + by_hand).item(), rel=1e-5)
+
+
+def test_critic_mixed_shows_the_critic_the_mixed_images_as_fakes():
+    """loss.critic_mixed: that share of the critic batch's fakes are the mixed images as they are
+    (so the critic rates what sets the mixed set apart), the rest their translations B'."""
+    n = 4
+    cfg, models, updates, a, b = _updates(["loss.critic_mixed=0.5"], n=n)
+    seen = {}
+    original = updates.critic_outputs
+
+    def spy(real, fake, x_hat, *rest):
+        seen["fake"] = fake.detach().clone()
+        return original(real, fake, x_hat, *rest)
+
+    updates.critic_outputs = spy
+    alpha = torch.full((n, 1, 1, 1), 0.25)
+    loss, stats = updates.critic_loss(a, b, alpha)
+    with torch.no_grad():
+        b_int, m = models.G(a)
+        b_prime = L.blend_healthy(a, b_int, m)
+        d = models.D(torch.cat([b, seen["fake"]]))
+    assert torch.equal(seen["fake"][:2], a[:2])                      # round(0.5 * 4) raw mixed images
+    assert torch.allclose(seen["fake"][2:], b_prime[2:])
+    assert not torch.allclose(b_prime[:2], a[:2])                   # the swap is visible
+    d_real, d_fake = d.split(n)
+    assert stats["wasserstein"].item() == pytest.approx((d_fake.mean() - d_real.mean()).item(), rel=1e-5)
+    # off (the default): every fake is a translation
+    _, models0, off, a0, b0 = _updates([], n=n)
+    seen.clear()
+    orig0 = off.critic_outputs
+    off.critic_outputs = lambda r, f, x, *rest: (seen.__setitem__("fake", f.detach().clone()), orig0(r, f, x, *rest))[1]
+    off.critic_loss(a0, b0, alpha)
+    with torch.no_grad():
+        b_int0, m0 = models0.G(a0)
+    assert torch.allclose(seen["fake"], L.blend_healthy(a0, b_int0, m0))
+
+
+def test_domain_head_classifies_real_images_and_asks_translations_to_look_healthy():
+    """loss.lambda_cls (StarGAN's auxiliary classifier, domains mixed / healthy): the critic's second
+    channel is trained on real images, mixed 1 and healthy 0 per patch; the generator is asked to
+    make B' of mixed images classed healthy. The Wasserstein terms read channel 0 only."""
+    n = 4
+    cfg, models, updates, a, b = _updates(["loss.lambda_cls=2.0"], n=n)
+    assert models.D.domain is not None
+    alpha = torch.full((n, 1, 1, 1), 0.25)
+    loss, stats = updates.critic_loss(a, b, alpha)
+    bce = torch.nn.functional.binary_cross_entropy_with_logits
+    with torch.no_grad():
+        b_int, m = models.G(a)
+        b_prime = L.blend_healthy(a, b_int, m)
+        d_real, d_fake, d_mixed = models.D(torch.cat([b, b_prime, a])).split(n)
+    assert d_real.shape[1] == 2
+    cls_d = (bce(d_mixed[:, 1:], torch.ones_like(d_mixed[:, 1:]))
+             + bce(d_real[:, 1:], torch.zeros_like(d_real[:, 1:]))) / 2
+    assert stats["cls_d"].item() == pytest.approx(cls_d.item(), rel=1e-5)
+    assert stats["wasserstein"].item() == pytest.approx((d_fake[:, 0].mean() - d_real[:, 0].mean()).item(), rel=1e-5)
+    assert loss.item() == pytest.approx((stats["wasserstein"] + cfg.loss.lambda_gp * stats["gp"] + 2.0 * cls_d).item(),
+                                        rel=1e-5)
+    with torch.no_grad():
+        g_loss, g_stats = updates.generator_loss(a, b, step=0)
+    cls_g = bce(models.D(b_prime)[:, 1:], torch.zeros_like(d_real[:, 1:]))
+    assert g_stats["cls"].item() == pytest.approx(cls_g.item(), rel=1e-5)
+    lo = cfg.loss
+    rest = (g_stats["adv_g"] + lo.lambda_rec * g_stats["rec"] + lo.lambda_id * g_stats["idt"]
+            + lo.lambda_f * g_stats["focus"] + lo.lambda_id_out * g_stats["idt_out"])
+    assert g_loss.item() == pytest.approx((rest + 2.0 * cls_g).item(), rel=1e-5)
+    # off (the default): a one-channel critic, no domain terms
+    _, models0, off, a0, b0 = _updates([], n=n)
+    assert models0.D.domain is None
+    _, s0 = off.critic_loss(a0, b0, alpha)
+    assert s0["cls_d"].item() == 0

@@ -4,6 +4,7 @@ holding a bucket (its request recorder shows the upload order), and small http.s
 stop answering or refuse. Nothing is mocked: the readers go through fsspec, aiohttp and s3fs."""
 from __future__ import annotations
 
+import hashlib
 import http.server
 import json
 import os
@@ -21,7 +22,7 @@ import pytest
 
 from a2b_dist.data import eval_batches, read_manifest
 from a2b_dist.data.manifest import DataError
-from a2b_dist.data.storage import Storage, TransferError
+from a2b_dist.data.storage import CacheError, Storage, TransferError
 from tests.conftest import build_shards, export_generator, make_eval_config
 from tests.test_train import ACCELERATE, ENV, assert_same_weights, final_weights, free_port, run, train_cmd
 
@@ -248,7 +249,7 @@ def test_evaluation_over_two_processes_reads_every_sample_once(where, request, l
     assert (tmp_path / "two" / "scores.csv").read_text() == scores
     if where == "s3":
         manifest = read_manifest(sim_shards / "test")
-        assert sorted(p.name for p in (tmp_path / "cache").glob("*.tar")) == sorted(
+        assert sorted(p.name for p in (tmp_path / "cache" / "verified").glob("*.tar")) == sorted(
             f"{s['sha256']}.tar" for s in manifest["shards"])
         assert not list((tmp_path / "cache").glob("*.part-*"))
 
@@ -280,7 +281,7 @@ def test_the_cache_keeps_to_its_size_cap(http_data, tmp_path):
     storage = Storage(cache_dir=str(tmp_path / "cache"), cache_bytes=cap)
     keys = [k for b in eval_batches(f"{url}/test", batch_size=16, storage=storage) for k in b["key"]]
     assert len(keys) == 80
-    held = list((tmp_path / "cache").glob("*.tar"))
+    held = list((tmp_path / "cache" / "verified").glob("*.tar"))
     assert sum(p.stat().st_size for p in held) <= cap and held
 
 
@@ -358,10 +359,13 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
     stalled: set = set()
     release = threading.Event()
 
+    gets: list = []   # every GET's path, in order
+
     def log_message(self, *args):
         pass
 
     def do_GET(self):
+        self.gets.append(self.path)
         name = self.path.rsplit("/", 1)[-1]
         if name in self.deny:
             self.send_error(403)
@@ -379,9 +383,11 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
 
 
 @contextmanager
-def faulty_server(folder: Path, stall=(), deny=(), once=False):
+def faulty_server(folder: Path, stall=(), deny=(), once=False, gets: list | None = None):
+    """The URL of an in-process http.server over ``folder``; ``gets`` receives every GET's path."""
     handler = type("Handler", (_Handler,), {"stall": tuple(stall), "deny": tuple(deny), "once": once,
-                                            "stalled": set(), "release": threading.Event()})
+                                            "stalled": set(), "release": threading.Event(),
+                                            "gets": [] if gets is None else gets})
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), lambda *a: handler(*a, directory=str(folder)))
     httpd.daemon_threads = True
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
@@ -418,7 +424,7 @@ def test_a_server_that_stops_answering_fails_within_the_timeout(sim_shards, tmp_
         cache = tmp_path / "cache"
         message = bounded(lambda: expect_timeout(Storage(timeout_s=1.0, retries=1, backoff_s=0.1, cache_dir=str(cache))))
         assert "downloading failed after 2 attempts" in message
-        assert not list(cache.glob("*.tar")) and not list(cache.glob("*.part-*"))
+        assert not list(cache.rglob("*.tar")) and not list(cache.glob("*.part-*"))
 
 
 def test_a_stream_that_stalls_once_is_reopened_and_each_sample_read_once(sim_shards):
@@ -492,3 +498,241 @@ def test_a_missing_filesystem_package_names_its_extra(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "pip install 'a2b_dist[s3]'" in proc.stderr, proc.stderr[-2000:]
     assert proc.stderr.strip().count("\n") == 0
+
+
+# The node cache trusts only bytes it has hashed.
+
+def sha256_of(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
+    """A command's answer to bad input: exit 2, no traceback, one `error:` line naming things."""
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1, proc.stderr[-3000:]
+    for needle in needles:
+        assert needle in errors[0], (needle, errors[0])
+    return errors[0]
+
+
+def test_a_server_that_sends_other_bytes_cannot_poison_the_cache(sim_shards, local_scores, tmp_path):
+    """A server that sends other bytes of the same size (one byte flipped) gets a one-line error
+    naming the URL and both hashes, downloaded once (not retried), and nothing of it stays in the
+    cache; a poisoned file that an older cache kept under the bare `<sha256>.tar` (size-checked
+    only) is never read; a later good server fills the cache, and the second pass reads it."""
+    good, bad = tmp_path / "good" / "sim", tmp_path / "bad" / "sim"
+    for served in (good, bad):
+        shutil.copytree(sim_shards / "test", served / "test")
+    shards = read_manifest(sim_shards / "test")["shards"]
+    target = shards[1]
+    blob = bytearray((bad / "test" / target["name"]).read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    (bad / "test" / target["name"]).write_bytes(bytes(blob))
+    received = sha256_of(bad / "test" / target["name"])
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    legacy = cache / f"{target['sha256']}.tar"   # an older cache's copy: right size, poisoned bytes
+    shutil.copy(bad / "test" / target["name"], legacy)
+    storage = Storage(timeout_s=5.0, retries=2, backoff_s=0.1, cache_dir=str(cache))
+    local = [k for b in eval_batches(sim_shards / "test", batch_size=16) for k in b["key"]]
+
+    def keys(base: str) -> list[str]:
+        return [k for b in eval_batches(f"{base}/sim/test", batch_size=16, storage=storage) for k in b["key"]]
+
+    def verified() -> dict[str, str]:
+        """name -> sha256 of the bytes, of every file the cache would read."""
+        return {p.name: sha256_of(p) for p in (cache / "verified").glob("*")}
+
+    bad_gets: list[str] = []
+    with faulty_server(bad.parent, gets=bad_gets) as base:
+        url = f"{base}/sim/test/{target['name']}"
+        with pytest.raises(DataError) as caught:
+            bounded(lambda: keys(base))
+        message = str(caught.value)
+        assert url in message and target["sha256"] in message and received in message and "\n" not in message
+        assert "nothing was cached" in message
+        assert bad_gets.count(f"/sim/test/{target['name']}") == 1   # a wrong hash is not retried
+        # data.verify=sha256 through the cache names the server's bytes, and caches nothing of them
+        with pytest.raises(DataError, match=rf"{target['name']}: the server sent bytes with sha256 {received}"):
+            bounded(lambda: read_manifest(f"{base}/sim/test", verify="sha256", storage=storage))
+        # the CLI: one line, no output
+        proc = subprocess.run([sys.executable, "-m", "a2b_dist.cli", "evaluate", "--checkpoint", str(local_scores[0]),
+                               "--shards", f"{base}/sim/test", "--out", str(tmp_path / "eval"),
+                               f"data.cache_dir={cache}"], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                              timeout=300)
+        one_line_error(proc, url, target["sha256"], received)
+        assert not (tmp_path / "eval" / "metrics.json").exists()
+    assert f"{target['sha256']}.tar" not in verified()
+    assert all(name == f"{digest}.tar" for name, digest in verified().items())
+    assert not list(cache.glob("*.part-*"))
+
+    good_gets: list[str] = []
+    with faulty_server(good.parent, gets=good_gets) as base:
+        assert bounded(lambda: keys(base)) == local
+        downloaded = [g for g in good_gets if g.endswith(".tar")]
+        assert f"/sim/test/{target['name']}" in downloaded   # the legacy copy was not trusted
+        assert bounded(lambda: keys(base)) == local
+        assert [g for g in good_gets if g.endswith(".tar")] == downloaded   # the second pass: from the cache
+    assert verified() == {f"{s['sha256']}.tar": s["sha256"] for s in shards}
+    assert not legacy.exists()
+
+
+# Shard names from a served manifest.
+
+@pytest.mark.parametrize("name, ok", [
+    ("healthy-000000.tar", True), ("a_b.c-1.tar", True),
+    ("../x.tar", False), ("..%2Fx.tar", False), ("..%252Fx.tar", False), ("%2e%2e%2fx.tar", False),
+    ("..%5Cx.tar", False), ("a/b.tar", False), ("a\\b.tar", False), (".hidden.tar", False), ("..", False),
+    ("", False), ("x%00.tar", False), ("a b.tar", False), ("x" * 300, False),
+])
+def test_shard_names_are_checked_after_decoding_against_an_allow_list(name, ok):
+    from a2b_dist.data.manifest import check_shard_name
+
+    if ok:
+        assert check_shard_name("m.json", 0, name) == name
+    else:
+        with pytest.raises(DataError, match=r"m\.json: shards\[0\]\.name .* must be a file name"):
+            check_shard_name("m.json", 0, name)
+
+
+@pytest.mark.parametrize("name", ["..%2Ftest%2Ftest-000000.tar", "..%252Ftest%252Ftest-000000.tar"])
+def test_a_served_manifest_cannot_point_a_role_at_another_roles_shard(name, sim_shards, tmp_path):
+    """The healthy role's manifest names the test role's shard, percent-encoded (once and twice),
+    with that shard's true size, count and hash: training and verify refuse it in one line, and
+    the server is never asked for it."""
+    served = tmp_path / "served" / "sim"
+    shutil.copytree(sim_shards, served)
+    manifest = json.loads((served / "healthy" / "manifest.json").read_text())
+    manifest["shards"][0] = dict(read_manifest(sim_shards / "test")["shards"][0], name=name)
+    manifest["samples"] = sum(s["samples"] for s in manifest["shards"])
+    (served / "healthy" / "manifest.json").write_text(json.dumps(manifest))
+    gets: list[str] = []
+    with faulty_server(served.parent, gets=gets) as base:
+        url = f"{base}/sim"
+        with pytest.raises(DataError, match=r"shards\[0\]\.name .* must be a file name"):
+            read_manifest(f"{url}/healthy")
+        proc = run(train_cmd(1, f"data.root={url}", f"train.run_dir={tmp_path / 'run'}"), check=False)
+        one_line_error(proc, f"{url}/healthy/manifest.json", f"shards[0].name {name!r}", "must be a file name")
+        assert not (tmp_path / "run").exists()
+        check = subprocess.run([sys.executable, "shards/build.py", "verify", url], cwd=ROOT, env=ENV,
+                               capture_output=True, text=True, timeout=300)
+    assert check.returncode == 1, check.stdout + check.stderr
+    lines = check.stdout.splitlines()
+    assert f"{url}/healthy: DAMAGED (1 problem)" in lines, lines
+    assert any("shards[0].name" in line and "must be a file name" in line for line in lines), lines
+    assert check.stdout.count(": ok,") == 3   # the other roles
+    assert not [g for g in gets if g.endswith(".tar") and "test" in g.split("/")[-1] and "/test/" not in g], gets
+    assert not [g for g in gets if "%" in g], gets
+
+
+# Every location a command takes goes through one check.
+
+def test_every_command_refuses_credentials_in_a_location_without_echoing_them(http_data, sim_shards, tmp_path):
+    """A live server behind the URL: each command refuses the user:password@ URL in one line, the
+    password never printed, and the server is never asked."""
+    url, log = http_data
+    secret = "pa55word-must-not-leak"
+    bad = url.replace("http://", f"http://user:{secret}@")
+    cli = [sys.executable, "-m", "a2b_dist.cli"]
+    commands = [
+        ([sys.executable, "shards/build.py", "verify", bad], "verify DIR"),
+        ([sys.executable, "shards/build.py", "upload", str(sim_shards), bad], "upload URL"),
+        ([sys.executable, "shards/build.py", "folder", "--images", bad, "--role", "healthy", "--out",
+          str(tmp_path / "built"), "--size", "32", "--channels", "1"], "--images"),
+        ([sys.executable, "shards/build.py", "simulated", "--source", "mnist5k", "--size", "32", "--out", bad], "--out"),
+        (cli + ["evaluate", "--checkpoint", str(tmp_path / "gen.pt"), "--shards", f"{bad}/test", "--out",
+                str(tmp_path / "eval")], "--shards"),
+        (cli + ["evaluate", "--checkpoint", f"{bad}/gen.pt", "--shards", str(sim_shards / "test"), "--out",
+                str(tmp_path / "eval")], "--checkpoint"),
+        (cli + ["detect", "--checkpoint", str(tmp_path / "gen.pt"), "--images", bad, "--out", str(tmp_path / "det")],
+         "--images"),
+        (cli + ["export", f"{bad}/run", str(tmp_path / "gen.pt")], "checkpoint"),
+        (cli + ["train", "--config", "configs/test.yaml", f"data.root={bad}", f"train.run_dir={tmp_path / 'run'}"],
+         "data.root"),
+        ([sys.executable, "jobs/submit.py", "--config", "configs/test.yaml", "--partition", "gpu", "--dry-run",
+          "--run-dir", str(tmp_path / "run"), f"data.root={bad}"], "data.root"),
+    ]
+    before = len(log.read_text().splitlines())
+    for cmd, names in commands:
+        proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+        assert secret not in proc.stdout + proc.stderr, (cmd, proc.stdout, proc.stderr)
+        one_line_error(proc, names, "user:password@")
+    assert log.read_text().splitlines()[before:] == []   # not one request reached the server
+    assert not [p for p in tmp_path.iterdir()]
+
+
+# Faults of the node's cache folder (not the server's).
+
+def unusable_cache(kind: str, tmp_path: Path) -> Path:
+    """A data.cache_dir that cannot hold the cache."""
+    if kind == "a file":
+        (tmp_path / "cache").write_text("not a folder")
+        return tmp_path / "cache"
+    if kind == "under a file":
+        (tmp_path / "file").write_text("not a folder")
+        return tmp_path / "file" / "cache"
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    cache.chmod(0o555)
+    if os.access(cache, os.W_OK):
+        pytest.skip("this user (root) may write a read-only folder; 'a file' and 'under a file' cover the same path")
+    return cache
+
+
+@pytest.mark.parametrize("kind", ["a file", "under a file", "read-only"])
+def test_a_cache_folder_that_cannot_be_written_is_named_at_once(kind, http_data, tmp_path):
+    """Named as data.cache_dir, not retried, not blamed on credentials, before any download."""
+    url, log = http_data
+    cache = unusable_cache(kind, tmp_path)
+    before = len(shard_gets(log))
+    storage = Storage(timeout_s=5.0, retries=3, backoff_s=0.1, cache_dir=str(cache))
+    with pytest.raises(CacheError) as caught:
+        bounded(lambda: list(eval_batches(f"{url}/test", batch_size=16, storage=storage)))
+    message = str(caught.value)
+    assert message.startswith(f"data.cache_dir={cache}: the node's shard cache cannot be written"), message
+    assert "credentials" not in message and "attempts" not in message and "\n" not in message
+    assert shard_gets(log)[before:] == []
+
+
+def test_training_with_an_unusable_cache_stops_before_the_run_folder(http_data, tmp_path):
+    url, _ = http_data
+    cache = unusable_cache("under a file", tmp_path)
+    proc = run(train_cmd(1, f"data.root={url}", f"train.run_dir={tmp_path / 'run'}", f"data.cache_dir={cache}"),
+               check=False)
+    one_line_error(proc, f"data.cache_dir={cache}", "Not a directory")
+    assert "credentials" not in proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_full_cache_disk_is_one_line_not_retried(http_data, sim_shards, tmp_path):
+    """A real file-size limit (RLIMIT_FSIZE, SIGXFSZ ignored: EFBIG where a full disk gives ENOSPC)
+    below the smallest shard: the first download fails writing the cache, once, in one line naming
+    data.cache_dir; nothing stays in the cache."""
+    import resource
+    import signal
+
+    url, log = http_data
+    limit = min(s["bytes"] for s in read_manifest(sim_shards / "test")["shards"]) // 2
+
+    def small_files():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+
+    cache = tmp_path / "cache"
+    code = ("import sys\nfrom a2b_dist.data import eval_batches\nfrom a2b_dist.data.storage import Storage\n"
+            "from a2b_dist.errors import run_guarded\n"
+            "def main(argv):\n"
+            "    storage = Storage(timeout_s=5.0, retries=3, backoff_s=0.1, cache_dir=argv[1])\n"
+            "    for _ in eval_batches(argv[0], batch_size=16, storage=storage):\n"
+            "        pass\n"
+            "sys.exit(run_guarded(main, sys.argv[1:]))\n")
+    before = len(shard_gets(log))
+    proc = subprocess.run([sys.executable, "-c", code, f"{url}/test", str(cache)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, preexec_fn=small_files, env={**ENV, "PYTHONDONTWRITEBYTECODE": "1"})
+    one_line_error(proc, f"data.cache_dir={cache}", "File too large")
+    assert "credentials" not in proc.stderr and "attempts" not in proc.stderr
+    gets = shard_gets(log)[before:]
+    assert len(gets) == 1, gets   # one download, not retried
+    assert not list(cache.rglob("*.tar")) and not list(cache.glob("*.part-*"))

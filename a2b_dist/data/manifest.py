@@ -8,15 +8,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tarfile
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Optional
+from urllib.parse import unquote
 
 from a2b_dist.files import sha256_file
 
-from .storage import DataError, Storage, TransferError, is_url, join, parent
+from .storage import DataError, HashMismatch, Storage, TransferError, is_url, join, parent
 
 FORMAT = "a2b-shards/1"
 MANIFEST = "manifest.json"
@@ -35,6 +37,27 @@ _REQUIRED = {
     "shards": list,
 }
 _SHARD_REQUIRED = {"name": str, "samples": int, "bytes": int, "sha256": str}
+# A shard name: a plain file name in its role folder (the builder writes <role>-000000.tar).
+_SHARD_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,254}")
+
+
+def check_shard_name(path: str | os.PathLike, index: int, name: str) -> str:
+    """The one check of a shard name read from a manifest (every reader and ``verify`` go through
+    it; a served manifest is untrusted input): after percent-decoding, repeated until nothing
+    changes (a server decodes ``..%2F``, some twice), the name and its decoded form must be made
+    of letters, digits, ``.``, ``_`` and ``-``, not start with a dot and hold no ``..``, so that no
+    reader opens anything outside the role folder. Raises DataError naming the manifest."""
+    decoded = name
+    for _ in range(16):
+        once = unquote(decoded)
+        if once == decoded:
+            break
+        decoded = once
+    if all(_SHARD_NAME.fullmatch(n) and ".." not in n for n in (name, decoded)):
+        return name
+    shown = repr(name) if decoded == name else f"{name!r} (decoded {decoded!r})"
+    raise DataError(f"{path}: shards[{index}].name {shown} must be a file name in the role folder: letters, "
+                    "digits, '.', '_' and '-', not starting with a dot, no '..'")
 
 
 def shard_name(role: str, index: int) -> str:
@@ -142,7 +165,8 @@ def sample_origins(role_dir: str | os.PathLike, storage: Optional[Storage] = Non
     """key -> the sample's json field (its origin, with ``group`` where the builder gave one)."""
     storage = storage or Storage()
     role_dir = str(role_dir)
-    manifest = json.loads(storage.read_bytes(join(role_dir, MANIFEST)))
+    path = join(role_dir, MANIFEST)
+    manifest = _parse_manifest(path, storage.read_bytes(path).decode("utf-8", "replace"))
     out: dict[str, dict] = {}
     for shard in manifest["shards"]:
         location = join(role_dir, shard["name"])
@@ -250,21 +274,7 @@ def _open_role(role_dir, *, image_size, channels, verify, storage: Optional[Stor
             text = Path(path).read_text()
         except (OSError, UnicodeDecodeError) as exc:
             raise DataError(f"{path} is not readable JSON: {exc}") from None
-    try:
-        manifest = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path} is not readable JSON: {exc}") from None
-    if not isinstance(manifest, dict):
-        raise DataError(f"{path}: expected a JSON object, found {type(manifest).__name__}")
-    _check_fields(path, manifest, _REQUIRED)
-    if manifest["format"] != FORMAT:
-        raise DataError(f"{path}: format is {manifest['format']!r}, this reader understands {FORMAT!r}")
-    for i, shard in enumerate(manifest["shards"]):
-        if not isinstance(shard, dict):
-            raise DataError(f"{path}: shards[{i}] is not an object")
-        _check_fields(path, shard, _SHARD_REQUIRED, prefix=f"shards[{i}].")
-        if "/" in shard["name"] or "\\" in shard["name"] or shard["name"] in ("", ".", ".."):
-            raise DataError(f"{path}: shards[{i}].name {shard['name']!r} must be a file name in the role folder")
+    manifest = _parse_manifest(path, text)
     listed = sum(s["samples"] for s in manifest["shards"])
     if listed != manifest["samples"]:
         raise DataError(f"{path}: samples is {manifest['samples']} but the shards list {listed}")
@@ -282,6 +292,7 @@ def _open_role(role_dir, *, image_size, channels, verify, storage: Optional[Stor
 
     _warn_shared_groups(str(role_dir), manifest, storage)
     if remote:
+        storage.prepare_cache()   # a cache folder that cannot be written fails here, before any download
         return manifest, _remote_problems(role_dir, manifest, path, verify, storage)
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:   # hashing releases the GIL
         problems = list(pool.map(lambda shard: _shard_problem(role_dir / shard["name"], shard, path, verify),
@@ -324,7 +335,10 @@ def _remote_problems(role_dir: str, manifest: dict, path: str, verify: str, stor
             def read() -> tuple[str, Optional[int], Optional[BaseException]]:
                 with storage.open_shard(url, size=shard["bytes"], sha256=shard["sha256"]) as stream:
                     return hash_and_count(stream)
-            digest, found, error = storage.call(url, "verifying", read)
+            try:
+                digest, found, error = storage.call(url, "verifying", read)
+            except HashMismatch as exc:   # the node's cache refused the download: the same finding
+                return str(exc)
             if error is not None:
                 return f"{url}: unreadable tar ({error})"
             if found != shard["samples"]:
@@ -337,6 +351,25 @@ def _remote_problems(role_dir: str, manifest: dict, path: str, verify: str, stor
             found = dict(zip([u for u, _ in todo], pool.map(lambda item: check(*item), todo)))
         problems = [p if p is not None else found.get(u) for u, p in zip(urls, problems)]
     return [p for p in problems if p is not None]
+
+
+def _parse_manifest(path, text: str) -> dict:
+    """A manifest's JSON with its fields, types, format and shard names checked (every reader's first step)."""
+    try:
+        manifest = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path} is not readable JSON: {exc}") from None
+    if not isinstance(manifest, dict):
+        raise DataError(f"{path}: expected a JSON object, found {type(manifest).__name__}")
+    _check_fields(path, manifest, _REQUIRED)
+    if manifest["format"] != FORMAT:
+        raise DataError(f"{path}: format is {manifest['format']!r}, this reader understands {FORMAT!r}")
+    for i, shard in enumerate(manifest["shards"]):
+        if not isinstance(shard, dict):
+            raise DataError(f"{path}: shards[{i}] is not an object")
+        _check_fields(path, shard, _SHARD_REQUIRED, prefix=f"shards[{i}].")
+        check_shard_name(path, i, shard["name"])
+    return manifest
 
 
 def _check_fields(path: Path, obj: dict, required: dict[str, Any], prefix: str = "") -> None:

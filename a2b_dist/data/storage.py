@@ -15,10 +15,16 @@ AWS_ENDPOINT_URL, GOOGLE_APPLICATION_CREDENTIALS), the provider's config files (
 instance roles, ~/.netrc for HTTP. A URL that carries them (``user:password@host``, a signed
 query string) is refused, so they never reach a config, a run folder, a checkpoint or a log.
 
-With ``cache_dir`` (one per node, on local disk) streamed shards are kept: a shard is downloaded
-to a temporary name, its size checked against the manifest, then renamed to ``<sha256>.tar``;
-the least recently used shards are evicted to stay under ``cache_bytes``. A half-downloaded shard
-never enters the cache, and processes of one node download each shard once (a per-shard lock).
+With ``cache_dir`` (one per node, on local disk) streamed shards are kept: a shard is hashed
+(sha256) while it downloads to a temporary name, and renamed to ``verified/<sha256>.tar`` only when
+its size and hash are the manifest's; only a file under that name is ever read from the cache, so a
+server that once sent other bytes of the same size cannot poison it (the download is an error
+naming the URL and both hashes, and nothing stays in the cache). Files of older versions of the
+cache (``<sha256>.tar``, checked by size only) are never read, and removed. The least recently
+used shards are evicted to stay under ``cache_bytes``. A half-downloaded shard never enters the
+cache, and processes of one node download each shard once (a per-shard lock). A fault of the
+cache folder itself (a file in its place, no write permission, a full disk) is a CacheError
+naming ``data.cache_dir`` at once: it is not retried and not blamed on the server's credentials.
 
 Uploads (``upload``, ``write_bytes``, ``remove``) go through the same retries.
 """
@@ -26,9 +32,10 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import os
 import re
-import shutil
+import tempfile
 import time
 import uuid
 import warnings
@@ -47,8 +54,19 @@ class DataError(UserError, ValueError):
     """A data problem a user has to fix; the message names the file, URL or field and what differs."""
 
 
-# Protocols with an extra that installs their fsspec implementation.
+class CacheError(DataError):
+    """A fault of the node's cache folder (data.cache_dir), not of the server: never retried."""
+
+
+class HashMismatch(DataError):
+    """A download whose bytes are not the ones the manifest lists (their sha256 differs)."""
+
+
+# The protocols a location may name (an allow-list), with the extra that installs each one's
+# fsspec implementation.
 EXTRAS = {"http": "http", "https": "http", "s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}
+# The cache's subfolder of verified shards: the only files it reads.
+VERIFIED = "verified"
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 # Query parameters that carry credentials: AWS and GCS signed URLs, Azure SAS, tokens, API keys.
 _SECRET_PARAM = re.compile(r"(signature|credential|token|secret|password|^sig$|^key$|api_?key)", re.IGNORECASE)
@@ -86,26 +104,30 @@ def absolute(location: str | os.PathLike) -> str:
     return str(location) if is_url(location) else str(Path(_local(location)).expanduser().resolve())
 
 
-def check_location(location: str | os.PathLike, what: str) -> str:
-    """Refuse a URL that carries credentials or names a protocol fsspec cannot open; ``what``
-    names the field or argument in the message. Returns the location as a string."""
+def check_location(location: str | os.PathLike, what: str, *, local: Optional[str] = None) -> str:
+    """The one check of every location a user gives (data.root, --shards, --out, verify and upload
+    arguments, checkpoints, image folders): a URL that carries credentials (user:password@, a
+    signed query string) is refused without echoing them, and so is a scheme outside the allow-list
+    (http, https, s3, s3a, gs, gcs). With ``local`` (why, in words) the location must be a local
+    path and a URL is refused. ``what`` names the field or argument. Returns it as a string."""
     text = str(location)
     if not is_url(text):
         return text
     scheme = _SCHEME.match(text).group(1).lower()
     parts = urlsplit(text)
+    said = f"{what}: " if what else ""   # argparse's type= checks get the argument's name from argparse
     if "@" in parts.netloc:
-        raise DataError(f"{what}: a URL with user:password@ would put the credentials into configs, run "
+        raise DataError(f"{said}a URL with user:password@ would put the credentials into configs, run "
                         "folders and logs; give them through the environment or the provider's config files "
                         "(~/.aws, gcloud, ~/.netrc for HTTP) and pass the URL without them")
     if any(_SECRET_PARAM.search(name) for name, _ in parse_qsl(parts.query, keep_blank_values=True)):
-        raise DataError(f"{what}: a URL whose query string carries a signature or token would put it into "
+        raise DataError(f"{said}a URL whose query string carries a signature or token would put it into "
                         "configs, run folders and logs; give credentials through the environment or the "
                         "provider's config files and pass the plain URL")
-    import fsspec
-
-    if scheme not in fsspec.available_protocols():
-        raise DataError(f"{what}: {scheme}:// is not a protocol fsspec knows; use a local path, "
+    if local is not None:
+        raise DataError(f"{what + '=' if what else ''}{text}: {local}, not a URL")
+    if scheme not in EXTRAS:
+        raise DataError(f"{said}{scheme}:// is not a supported protocol; use a local path, "
                         "http(s)://, s3:// or gs://")
     return text
 
@@ -379,56 +401,107 @@ class Storage:
 
     # The node's cache.
 
+    def _cache_fault(self, exc: OSError) -> CacheError:
+        """A local fault of the cache folder, in one line naming data.cache_dir."""
+        what = exc.strerror or type(exc).__name__
+        where = f": {exc.filename}" if exc.filename else ""
+        return CacheError(f"data.cache_dir={self.cache_dir}: the node's shard cache cannot be written ({what}{where}); "
+                          "point data.cache_dir at a writable folder on local disk with free space, or set "
+                          "data.cache_dir='' to stream without a cache")
+
+    def prepare_cache(self) -> None:
+        """Create the cache folder and write a probe file in it, so that a folder that cannot hold the
+        cache (a file in its place or above it, no write permission, a full disk) is a CacheError
+        before anything is read or written; nothing when there is no cache."""
+        if not self.cache_dir:
+            return
+        try:
+            (Path(self.cache_dir) / VERIFIED).mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=self.cache_dir) as probe:
+                probe.write(b"\0")
+                probe.flush()
+                os.fsync(probe.fileno())
+        except OSError as exc:
+            raise self._cache_fault(exc) from None
+
     def cached(self, location: str, size: int, sha256: str) -> Optional[Path]:
-        """The cache's copy of a shard, downloaded if missing; None when it cannot fit the cache."""
+        """The cache's verified copy of a shard, downloaded (and its sha256 checked) if missing;
+        None when it cannot fit the cache."""
         if not re.fullmatch(r"[0-9a-f]{64}", sha256):
             return None
         cache = Path(self.cache_dir)
-        final = cache / f"{sha256}.tar"
+        final = cache / VERIFIED / f"{sha256}.tar"
         if self._hit(final, size):
             return final
         if size > self.cache_bytes:
             warnings.warn(f"{location}: {size} bytes do not fit data.cache_gb; streamed without caching", stacklevel=3)
             return None
-        cache.mkdir(parents=True, exist_ok=True)
-        with open(cache / f"{sha256}.lock", "a") as lock:
+        try:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            lock = open(cache / f"{sha256}.lock", "a")
+        except OSError as exc:
+            raise self._cache_fault(exc) from None
+        with lock:
             fcntl.flock(lock, fcntl.LOCK_EX)   # another process of this node may be downloading it
             if self._hit(final, size):
                 return final
             tmp = cache / f"{sha256}.tar.part-{uuid.uuid4().hex[:8]}"
-
-            def download() -> None:
-                stream = self._stream(location, size)
-                try:
-                    with open(tmp, "wb") as out:
-                        shutil.copyfileobj(stream, out, 1 << 20)
-                finally:
-                    stream.close()
-                got = tmp.stat().st_size
-                if got != size:
-                    raise DataError(f"{location}: downloaded {got} bytes, the manifest lists {size}")
             try:
-                self.call(location, "downloading", download)
-                os.replace(tmp, final)
+                self.call(location, "downloading", lambda: self._download(location, size, sha256, tmp))
+                try:
+                    os.replace(tmp, final)   # the verified name: only now may readers trust it
+                except OSError as exc:
+                    raise self._cache_fault(exc) from None
             finally:
-                tmp.unlink(missing_ok=True)
+                with contextlib.suppress(OSError):
+                    tmp.unlink(missing_ok=True)
         self._evict(keep=final)
         return final
 
+    def _download(self, location: str, size: int, sha256: str, tmp: Path) -> None:
+        """One download of a shard to ``tmp``, hashed as it arrives; an error unless its size and
+        sha256 are the manifest's. Remote read errors arrive as _Failed (``call`` sorts them), a
+        local write error is a CacheError (not retried)."""
+        stream = self._stream(location, size)
+        digest, got = hashlib.sha256(), 0
+        try:
+            with open(tmp, "wb") as out:
+                while True:
+                    block = stream.read(1 << 20)   # a failed remote read is _Failed, never an OSError
+                    if not block:
+                        break
+                    digest.update(block)
+                    got += len(block)
+                    out.write(block)
+        except OSError as exc:
+            raise self._cache_fault(exc) from None
+        finally:
+            stream.close()
+        if got != size:
+            raise DataError(f"{location}: downloaded {got} bytes, the manifest lists {size}")
+        received = digest.hexdigest()
+        if received != sha256:
+            raise HashMismatch(f"{location}: the server sent bytes with sha256 {received}, the manifest lists "
+                               f"{sha256} (the shard changed after the build; rebuild or re-upload the role); "
+                               "nothing was cached")
+
     @staticmethod
     def _hit(path: Path, size: int) -> bool:
+        """Whether the verified copy is there (its size as a sanity check); marks it recently used."""
         try:
-            if path.stat().st_size == size:
-                os.utime(path)   # recently used: evicted last
-                return True
-        except FileNotFoundError:
-            pass
-        return False
+            if path.stat().st_size != size:
+                return False
+        except OSError:   # not there, or the cache folder is unusable (cached() then says why)
+            return False
+        with contextlib.suppress(OSError):
+            os.utime(path)   # recently used: evicted last
+        return True
 
     def _evict(self, keep: Path) -> None:
-        """Remove the least recently used shards until the cache holds at most cache_bytes, and
-        partial downloads left by processes that died (their shard's lock is free)."""
-        cache = keep.parent
+        """Remove the least recently used shards until the cache holds at most cache_bytes, partial
+        downloads left by processes that died (their shard's lock is free), and shards cached by
+        older versions under ``<sha256>.tar`` (checked by size only: never read)."""
+        cache = keep.parent.parent
         for part in cache.glob("*.tar.part-*"):
             with open(cache / f"{part.name.split('.', 1)[0]}.lock", "a") as lock:
                 try:
@@ -436,8 +509,11 @@ class Storage:
                 except BlockingIOError:
                     continue   # being downloaded now
                 part.unlink(missing_ok=True)
+        for old in cache.glob("*.tar"):
+            if re.fullmatch(r"[0-9a-f]{64}\.tar", old.name):
+                old.unlink(missing_ok=True)
         entries = []
-        for path in cache.glob("*.tar"):
+        for path in (cache / VERIFIED).glob("*.tar"):
             with contextlib.suppress(FileNotFoundError):
                 st = path.stat()
                 entries.append((st.st_mtime, path, st.st_size))
