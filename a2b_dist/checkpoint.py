@@ -427,15 +427,18 @@ def export_generator(checkpoint: str | Path, out: str | Path) -> Path:
     if out.is_dir():
         raise UserError(f"export target {out} is a folder; give a file name, for example {out / 'generator.pt'}")
     ckpt = resolve_checkpoint(checkpoint)
-    state, meta, _, _ = load_checkpoint(ckpt, 0, prefixes=("/G/", "/G_ema/"))
+    # The target's place is checked before the checkpoint is read: its folder made, and the
+    # temporary file opened there (torch.save then writes to that open file, so a failure is an
+    # OSError, never torch's RuntimeError about a path).
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot create the folder of export target {out}: {e.strerror or e}") from None
     try:
-        with atomic_path(out) as tmp:
+        with atomic_path(out) as tmp, open(tmp, "wb") as f:
+            state, meta, _, _ = load_checkpoint(ckpt, 0, prefixes=("/G/", "/G_ema/"))
             torch.save({"format": EXPORT_FORMAT, "generator": evaluation_weights(state),
-                        "config": meta["config"], "step": meta["step"], "source": str(ckpt)}, tmp)
+                        "config": meta["config"], "step": meta["step"], "source": str(ckpt)}, f)
     except OSError as e:
         raise UserError(f"cannot write export file {out}: {e.strerror or e}") from None
     return out

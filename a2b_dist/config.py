@@ -22,8 +22,27 @@ from omegaconf.errors import OmegaConfBaseException
 from a2b_dist.errors import UserError, check_number
 
 
-class _Yaml12Loader(yaml.SafeLoader):
-    """SafeLoader with YAML 1.2 booleans: only true/false, so `mixed_precision: no` stays "no"."""
+MAX_YAML_BYTES = 1 << 20   # a config or search space is a few KB; a bigger file is a mistake
+
+
+class _AliasRefused(Exception):
+    """A YAML alias (``*name``); carries where it is."""
+
+
+class NoAliasLoader(yaml.SafeLoader):
+    """SafeLoader that refuses aliases as it composes, before anything is expanded: a config has no
+    use for them, and a few lines of nested aliases (the billion-laughs document) expand to billions
+    of values in whatever copies the loaded tree (OmegaConf does)."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            mark = self.peek_event().start_mark
+            raise _AliasRefused(f"*{self.peek_event().anchor} at line {mark.line + 1}")
+        return super().compose_node(parent, index)
+
+
+class _Yaml12Loader(NoAliasLoader):
+    """No aliases, and YAML 1.2 booleans: only true/false, so `mixed_precision: no` stays "no"."""
 
 
 _Yaml12Loader.yaml_implicit_resolvers = {
@@ -34,8 +53,28 @@ _Yaml12Loader.add_implicit_resolver(
     "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
 
 
-def _load_yaml(text):
-    return yaml.load(text, Loader=_Yaml12Loader)  # noqa: S506 - a SafeLoader subclass
+def _load_yaml(text, source: str = "YAML", loader: type = _Yaml12Loader):
+    """YAML ``text`` from ``source`` (named in the error) with ``loader``; an alias is a ConfigError."""
+    try:
+        return yaml.load(text, Loader=loader)  # noqa: S506 - a SafeLoader subclass
+    except _AliasRefused as e:
+        raise ConfigError(f"{source}: YAML aliases are not allowed ({e}); write the value out in full") from None
+
+
+def read_yaml_file(path: str | os.PathLike, what: str, loader: type = _Yaml12Loader) -> Any:
+    """A YAML file of at most MAX_YAML_BYTES, aliases refused; every problem is one ConfigError
+    naming ``what`` (e.g. "config file configs/x.yaml")."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_YAML_BYTES + 1)
+    except OSError as e:
+        raise ConfigError(f"{what} cannot be read: {e.strerror or e}") from None
+    if len(raw) > MAX_YAML_BYTES:
+        raise ConfigError(f"{what} is larger than {MAX_YAML_BYTES // 2**20} MiB; a config is a few KB")
+    try:
+        return _load_yaml(raw, what, loader)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{what} is not valid YAML: {' '.join(str(e).split())}") from None
 
 
 class ConfigError(UserError, ValueError):
@@ -324,7 +363,7 @@ def override_values(overrides: Sequence[str]) -> dict[str, Any]:
                               "(for example loss.lambda_rec=2)")
         key, raw = item.split("=", 1)
         try:
-            value = _load_yaml(raw) if raw != "" else ""
+            value = _load_yaml(raw, f"override {item[:80]!r}") if raw != "" else ""
         except yaml.YAMLError:
             value = raw
         values.pop(key.strip(), None)   # a later override of the same field wins
@@ -375,11 +414,7 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Co
         source = str(path)
         if not os.path.isfile(path):
             raise ConfigError(f"config file {path} does not exist")
-        with open(path) as f:
-            try:
-                data = _load_yaml(f) or {}
-            except yaml.YAMLError as e:
-                raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        data = read_yaml_file(path, f"config file {path}") or {}
         if not isinstance(data, dict):
             raise ConfigError(f"config file {path} must hold a mapping of sections (data, model, ...)")
     base = OmegaConf.create(data)

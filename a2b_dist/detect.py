@@ -25,7 +25,7 @@ from a2b_dist import losses
 from a2b_dist.config import apply_overrides, override_values
 from a2b_dist.errors import UserError, check_device, check_number, check_output_folder, number_arg
 from a2b_dist.figures import panel_png, plot_panel, safe_name
-from a2b_dist.files import write_atomic
+from a2b_dist.files import StagedFolder, write_atomic
 from a2b_dist.report import provenance, write_detection_report
 
 def find_images(folder: str | Path) -> list[Path]:
@@ -112,16 +112,28 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_out_outside_images(out: str, images: str) -> None:
+    """--out must not be --images or lie inside it (paths resolved, symlinks followed): a second
+    run would score the first run's panels as new images."""
+    out_real, images_real = Path(out).resolve(), Path(images).resolve()
+    if out_real == images_real or images_real in out_real.parents:
+        raise UserError(f"--out {out} is inside --images {images} (resolved: {out_real} in {images_real}); its "
+                        "panels would be scored as new images by the next run: pass an --out outside --images")
+
+
+# Everything a2b detect writes into --out (an existing --out may hold these and nothing else).
+OUTPUTS = ("report.html", "scores.csv", "maps")
+
+
 @torch.no_grad()
 def main(argv: Optional[list[str]] = None) -> int:
-    from a2b_dist.checkpoint import load_generator
-
     args = build_parser().parse_intermixed_args(argv)
     from a2b_dist.data.storage import check_location   # the one location check: no credentials echoed
 
     check_location(args.images, "--images", local="detect reads a local folder of images")
     check_location(args.checkpoint, "--checkpoint", local="checkpoints are read from local files")
     check_location(args.out, "--out", local="the outputs are written to a local folder")
+    check_out_outside_images(args.out, args.images)
     paths = find_images(args.images)
     if not Path(args.checkpoint).exists():
         raise UserError(f"--checkpoint {args.checkpoint} does not exist")
@@ -131,6 +143,20 @@ def main(argv: Optional[list[str]] = None) -> int:
     device = (check_device("--device", args.device) if args.device
               else torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     check_headers(paths)   # unreadable files and decompression bombs before anything is written
+    # The outputs go to a staging folder beside --out, swapped in at the end: --out holds one run's
+    # files, and an unwritable place is found before any image is scored.
+    stage = StagedFolder(args.out, "--out", "a2b detect", OUTPUTS)
+    stage.prepare()
+    try:
+        return _detect(args, argv, paths, threshold, metrics, device, stage)
+    finally:
+        stage.discard()
+
+
+def _detect(args, argv, paths: list[Path], threshold: Optional[float], metrics: Optional[dict], device,
+            stage: StagedFolder) -> int:
+    from a2b_dist.checkpoint import load_generator
+
     generator, cfg = load_generator(args.checkpoint, device=device)
     generator.eval()
     cfg, given = apply_overrides(cfg, args.overrides, allowed=("eval.score", "eval.topk_percent", "eval.batch_size"),
@@ -145,10 +171,24 @@ def main(argv: Optional[list[str]] = None) -> int:
                             f"{args.threshold} was chosen for; leave eval.score out or pass a number as --threshold")
         if "eval.topk_percent" in given and score == "topk" and given["eval.topk_percent"] != topk:
             raise UserError(f"eval.topk_percent={given['eval.topk_percent']} differs from the {topk} of {args.threshold}")
-    batch_size = cfg.eval.batch_size
 
+    with stage.writing() as out:
+        rows = _score_and_write(args, argv, paths, cfg, generator, device, score, topk, threshold, out)
     out = Path(args.out)
-    (out / "maps" if args.maps else out).mkdir(parents=True, exist_ok=True)
+    flagged = sum(v >= threshold for _, v in rows) if threshold is not None else None
+    print(f"scored {len(rows)} images ({score} score)"
+          + (f"; {flagged} flagged at threshold {threshold:.6g}" if threshold is not None else ""))
+    print(f"wrote {out / 'report.html'} (open it in a browser), {out / 'scores.csv'}"
+          + (f" and {len(rows)} panels in {out / 'maps'}" if args.maps else ""))
+    return 0
+
+
+def _score_and_write(args, argv, paths: list[Path], cfg, generator, device, score: str, topk: float,
+                     threshold: Optional[float], out: Path) -> list[tuple[str, float]]:
+    """Score every image into ``out`` (the staging folder): panels, scores.csv, report.html."""
+    batch_size = cfg.eval.batch_size
+    if args.maps:
+        (out / "maps").mkdir()
     root = Path(args.images)
     rows: list[tuple[str, float]] = []
     top: list[tuple[float, str, dict]] = []     # the report's panels: the highest scores so far
@@ -182,13 +222,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     write_detection_report(out / "report.html", rows=rows, score=score, threshold=threshold, panels=panels,
                            checkpoint=str(args.checkpoint),
                            prov=provenance({}, ["a2b", "detect", *(argv if argv is not None else sys.argv[1:])]))
-
-    flagged = sum(v >= threshold for _, v in rows) if threshold is not None else None
-    print(f"scored {len(rows)} images ({score} score)"
-          + (f"; {flagged} flagged at threshold {threshold:.6g}" if threshold is not None else ""))
-    print(f"wrote {out / 'report.html'} (open it in a browser), {out / 'scores.csv'}"
-          + (f" and {len(rows)} panels in {out / 'maps'}" if args.maps else ""))
-    return 0
+    return rows
 
 
 if __name__ == "__main__":

@@ -31,11 +31,15 @@ from a2b_dist.config import SCORING_FIELDS, apply_overrides, override_values, to
 from a2b_dist.data import EvalReader
 from a2b_dist.errors import UserError, check_output_folder, run_guarded
 from a2b_dist.figures import plot_masks, plot_panel, plot_roc, safe_name
-from a2b_dist.files import write_atomic
+from a2b_dist.files import StagedFolder, write_atomic
 from a2b_dist.metrics import group_metrics
 from a2b_dist.references import healthy_mean_image
 from a2b_dist.report import provenance, write_evaluation_report
 from a2b_dist.scoring import score_role, summarise_result
+
+
+# Everything a2b evaluate writes into --out (an existing --out may hold these and nothing else).
+OUTPUTS = ("report.html", "metrics.json", "scores.csv", "groups.csv", "roc.png", "masks.png", "maps")
 
 
 def sample_groups(role_dir: str | os.PathLike, field: str, storage=None) -> dict[str, str]:
@@ -149,14 +153,36 @@ def _check_args(args) -> None:
 def main(argv: Optional[list[str]] = None) -> int:
     from accelerate import Accelerator
 
+    from a2b_dist.distributed import gather_objects
+
+    args = build_parser().parse_intermixed_args(argv)
+    _check_args(args)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    world = accelerator.num_processes
+    # The outputs go to a staging folder beside --out, swapped in at the end: --out holds one
+    # evaluation's files, and an unwritable place is found before the long passes.
+    stage = StagedFolder(args.out, "--out", "a2b evaluate", OUTPUTS)
+    refused = None
+    if accelerator.is_main_process:
+        try:
+            stage.prepare()
+        except UserError as e:
+            refused = str(e)
+    refused = gather_objects(refused, world)[0]
+    if refused is not None:
+        raise UserError(refused)
+    try:
+        return _evaluate(args, argv, accelerator, stage)
+    finally:
+        stage.discard()
+
+
+def _evaluate(args, argv: Optional[list[str]], accelerator, stage: StagedFolder) -> int:
     from a2b_dist.checkpoint import load_generator
     from a2b_dist.data.manifest import open_role
     from a2b_dist.data.storage import join
     from a2b_dist.distributed import verified_once
 
-    args = build_parser().parse_intermixed_args(argv)
-    _check_args(args)
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
     rank, world = accelerator.process_index, accelerator.num_processes
     device = accelerator.device
 
@@ -208,33 +234,37 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     # Rank 0 writes the files.
     if accelerator.is_main_process:
-        out = Path(args.out)
-        (out / "maps").mkdir(parents=True, exist_ok=True)
-        for stale in [*(out / "maps").glob("healthy-*.png"), *(out / "maps").glob("anomalous-*.png")]:
-            stale.unlink()  # panels of an earlier run into the same folder
-        write_scores_csv(out / "scores.csv", result, score)
-        if grouped is not None:
-            write_groups_csv(out / "groups.csv", args.group_by, grouped["table"])
-        plot_roc(out / "roc.png", result, score)
-        by_key = {k: i for i, k in enumerate(result["key"])}
-        for cls, entries in result["panels"].items():
-            for key, arrays in entries:
-                plot_panel(out / "maps" / f"{'anomalous' if cls else 'healthy'}-{safe_name(key)}.png",
-                           key, cls, float(result["scores"][score][by_key[key]]), arrays)
-        if result["panels"][0] or result["panels"][1]:
-            plot_masks(out / "masks.png", result["panels"])
-        write_atomic(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
-        manifests = {"scored": join(args.shards, "manifest.json")}
-        if args.healthy:
-            manifests["healthy"] = join(args.healthy, "manifest.json")
-        write_evaluation_report(out / "report.html", metrics=metrics, result=result, config_yaml=to_yaml(cfg),
-                                prov=provenance(manifests, ["a2b", "evaluate", *(argv if argv is not None else sys.argv[1:])],
-                                                storage=reader.storage),
-                                group_table=grouped["table"] if grouped is not None else None,
-                                group_field=args.group_by)
-        _report(metrics, out, expected)
+        with stage.writing() as out:
+            _write_outputs(out, args, argv, metrics, result, grouped, cfg, reader, score)
+        _report(metrics, Path(args.out), expected)
     accelerator.wait_for_everyone()
     return 0
+
+
+def _write_outputs(out: Path, args, argv, metrics: dict, result: dict, grouped, cfg, reader, score: str) -> None:
+    from a2b_dist.data.storage import join
+
+    (out / "maps").mkdir(parents=True, exist_ok=True)
+    write_scores_csv(out / "scores.csv", result, score)
+    if grouped is not None:
+        write_groups_csv(out / "groups.csv", args.group_by, grouped["table"])
+    plot_roc(out / "roc.png", result, score)
+    by_key = {k: i for i, k in enumerate(result["key"])}
+    for cls, entries in result["panels"].items():
+        for key, arrays in entries:
+            plot_panel(out / "maps" / f"{'anomalous' if cls else 'healthy'}-{safe_name(key)}.png",
+                       key, cls, float(result["scores"][score][by_key[key]]), arrays)
+    if result["panels"][0] or result["panels"][1]:
+        plot_masks(out / "masks.png", result["panels"])
+    write_atomic(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    manifests = {"scored": join(args.shards, "manifest.json")}
+    if args.healthy:
+        manifests["healthy"] = join(args.healthy, "manifest.json")
+    write_evaluation_report(out / "report.html", metrics=metrics, result=result, config_yaml=to_yaml(cfg),
+                            prov=provenance(manifests, ["a2b", "evaluate", *(argv if argv is not None else sys.argv[1:])],
+                                            storage=reader.storage),
+                            group_table=grouped["table"] if grouped is not None else None,
+                            group_field=args.group_by)
 
 
 def _fmt(v: Optional[float]) -> str:
@@ -246,8 +276,13 @@ def _report(metrics: dict, out: Path, expected: Optional[int]) -> None:
     print(f"scored {c['samples']} images ({c['healthy']} healthy, {c['anomalous']} anomalous"
           + (f"; manifest lists {expected}" if expected is not None and expected != c["samples"] else "")
           + f") on {metrics['processes']} process(es)")
-    print(f"image AUROC ({metrics['score']}): {_fmt(metrics['auroc'])}   AUPR {_fmt(metrics['aupr'])}   "
-          f"pixel AUROC {_fmt(metrics['pixel_auroc'])}   AUPRO (FPR <= 0.3) {_fmt(metrics.get('pixel_aupro'))}")
+    if c["healthy"] == 0 or c["anomalous"] == 0:
+        print(f"image AUROC, AUPR and threshold are undefined: the role holds only "
+              f"{'anomalous' if c['anomalous'] else 'healthy'} images (both classes are needed); "
+              f"pixel AUROC {_fmt(metrics['pixel_auroc'])}   AUPRO (FPR <= 0.3) {_fmt(metrics.get('pixel_aupro'))}")
+    else:
+        print(f"image AUROC ({metrics['score']}): {_fmt(metrics['auroc'])}   AUPR {_fmt(metrics['aupr'])}   "
+              f"pixel AUROC {_fmt(metrics['pixel_auroc'])}   AUPRO (FPR <= 0.3) {_fmt(metrics.get('pixel_aupro'))}")
     for name, m in metrics.get("references", {}).items():
         print(f"reference {name}: AUROC {_fmt(m['auroc'])}")
     mask = metrics["mask"]

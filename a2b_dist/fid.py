@@ -15,6 +15,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 import warnings
 from pathlib import Path
 from typing import Callable, Iterator, Optional
@@ -232,9 +233,13 @@ def reference_statistics(healthy_dir: str | os.PathLike, model: InceptionV3, rea
                              seed=seed, device=device)
     mu, sigma = statistics(feats)
     if reader.rank == 0:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(path, suffix=".npz") as tmp:
-            np.savez(tmp, mu=mu, sigma=sigma, n=len(feats), key=key)
+        try:   # a cache: a place that cannot be written costs the next run this pass, not this result
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_path(path, suffix=".npz") as tmp:
+                np.savez(tmp, mu=mu, sigma=sigma, n=len(feats), key=key)
+        except OSError as e:
+            print(f"warning: --fid-cache: could not cache the healthy statistics at {path}: {e.strerror or e}",
+                  file=sys.stderr)
     return {"mu": mu, "sigma": sigma, "n": len(feats), "path": str(path), "cached": False}
 
 

@@ -66,7 +66,11 @@ def _curves_png(result: dict, score: str, kind: str) -> bytes:
     else:
         ax.set(xlabel="recall (sensitivity)", ylabel="precision", title=f"precision-recall ({y.size} images)")
     ax.set(xlim=(0, 1), ylim=(0, 1.01))
-    ax.legend(loc="lower right" if kind == "roc" else "lower left", fontsize=8)
+    if 0 < y.sum() < y.size:
+        ax.legend(loc="lower right" if kind == "roc" else "lower left", fontsize=8)
+    else:   # one class (or none): no curve, and no empty legend for matplotlib to warn about
+        ax.text(0.5, 0.5, f"undefined: {int(y.sum())} anomalous and {int(y.size - y.sum())} healthy images;\n"
+                "a curve needs both classes", ha="center", va="center", fontsize=9)
     return _png(fig)
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Optional
 
 from a2b_dist.config import Config, from_dict, merge, to_dict
+from a2b_dist.files import hold_folder
 
 # One learning rate for both networks, as in the paper; a space may still search lr_g and lr_d apart.
 LR = "optim.lr"
@@ -139,7 +140,11 @@ def run_trial(params: dict, *, base: dict, runs_dir: str) -> None:
         _append_json(run_dir / REPORTS, row)
         tune.report(row, checkpoint=tune.Checkpoint.from_directory(str(checkpoint)) if checkpoint else None)
 
-    with given.as_directory() if given is not None else nullcontext(None) as start:
+    # The trial folder's lock is held from before its checkpoints are pruned until train() returns
+    # (train() takes the same lock again, allowed within one thread): a second sweep, or a training
+    # pointed at this folder, stops with the holder's name instead of training beside this trial.
+    with hold_folder(run_dir, "trial folder"), \
+            given.as_directory() if given is not None else nullcontext(None) as start:
         start = Path(start) if start is not None else None
         _drop_checkpoints_after(run_dir, _checkpoint_step(start) if start is not None else -1)
         stop = _ray_stop_event()
@@ -187,7 +192,8 @@ def run_trial_ddp(params: dict, *, base: dict, runs_dir: str, workers: int, use_
     given = tune.get_checkpoint()
     # Ray's trial checkpoints live on the shared storage, so every worker can read this path.
     start = Path(given.path) if given is not None else None
-    _drop_checkpoints_after(run_dir, _checkpoint_step(start) if start is not None else -1)
+    with hold_folder(run_dir, "trial folder"):   # the workers' rank 0 takes it next, in train()
+        _drop_checkpoints_after(run_dir, _checkpoint_step(start) if start is not None else -1)
     results = Queue(actor_options={"num_cpus": 0})
     per_worker = {"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
     trainer = TorchTrainer(

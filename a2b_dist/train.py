@@ -15,6 +15,7 @@ the global batch, split evenly over the processes. The learning rate is a pure f
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -36,7 +37,7 @@ from a2b_dist import checkpoint as ckpt
 from a2b_dist import losses as L
 from a2b_dist.config import Config, ConfigError, from_dict, get_field, save_config, to_dict, trackers
 from a2b_dist.errors import UserError
-from a2b_dist.files import atomic_path, write_atomic
+from a2b_dist.files import atomic_path, hold_folder, write_atomic
 from a2b_dist.updates import A2BUpdates, Models
 
 # Under fp16 a loss-scale overflow makes a step's losses inf (GradScaler skips it); more than this
@@ -93,8 +94,21 @@ class TrainBatches:
         self.hflip, self.aug_gen, self.device = cfg.data.hflip, aug_gen, device
         self.fmt = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
         self.wait = 0.0
+        self.fetched: list[tuple[str, torch.Tensor]] = []
+
+    def fetch_step(self, n_critic: int) -> None:
+        """Read one step's batches (mixed, healthy per critic update, train_step's order) before any
+        update, so a data error stops training between steps, never inside one."""
+        self.fetched = [(role, self._read(role)) for _ in range(n_critic) for role in ("mixed", "healthy")]
 
     def __call__(self, role: str) -> torch.Tensor:
+        if self.fetched:
+            fetched_role, x = self.fetched.pop(0)
+            assert fetched_role == role, (fetched_role, role)
+            return x
+        return self._read(role)
+
+    def _read(self, role: str) -> torch.Tensor:
         t = time.perf_counter()
         x = next(self.iters[role])
         if self.hflip:
@@ -452,19 +466,19 @@ def train(cfg: Config, *, resume: str = "auto", argv: Optional[list[str]] = None
     after each model-selection evaluation and its checkpoint, if any (the sweep reports through it;
     it gets the newest complete checkpoint).
     """
-    with StopOnTerminate() as term:
+    with StopOnTerminate() as term, contextlib.ExitStack() as held:
         def stop() -> bool:
             return term.received or (stop_requested is not None and stop_requested())
 
         result = _train(cfg, resume=resume, argv=argv, stop_requested=stop, until_step=until_step,
-                        on_evaluation=on_evaluation)
+                        on_evaluation=on_evaluation, held=held)
     result["stop_signal"] = "SIGTERM" if term.received and result["stopped"] else None
     return result
 
 
 def _train(cfg: Config, *, resume: str, argv: Optional[list[str]], stop_requested: Callable[[], bool],
-           until_step: Optional[int], on_evaluation: Optional[Callable[[int, dict, Optional[Path]], None]]
-           ) -> dict:
+           until_step: Optional[int], on_evaluation: Optional[Callable[[int, dict, Optional[Path]], None]],
+           held: contextlib.ExitStack) -> dict:
     # Set up processes, folders and logging.
     backend = backends.get(cfg.train.backend)
     backend.prepare(cfg)
@@ -489,6 +503,20 @@ def _train(cfg: Config, *, resume: str, argv: Optional[list[str]], stop_requeste
     meta = ckpt.read_meta(start_from) if start_from is not None else None
     if start_from is not None:
         check_resumable(cfg, start_from, meta, world)
+    # One writer per run folder: the main process holds its lock until train() returns (the other
+    # ranks write only their checkpoint shares, at the main process's pace); every rank stops alike.
+    refused = None
+    if main:
+        try:
+            held.enter_context(hold_folder(run_dir))
+        except UserError as e:
+            refused = str(e)
+    if world > 1:
+        from a2b_dist.distributed import gather_objects
+
+        refused = gather_objects(refused, world)[0]
+    if refused is not None:
+        raise UserError(refused)
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "samples").mkdir(exist_ok=True)
@@ -531,10 +559,15 @@ def _train(cfg: Config, *, resume: str, argv: Optional[list[str]], stop_requeste
         digest = ckpt.state_digest({"G": models.G.state_dict(), "D": models.D.state_dict()})
         return {"step": step, "stopped": False, "run_dir": str(run_dir), "best": best, "weights_digest": digest}
 
-    def save(target: Path, **extra) -> Path:
-        rank_state = {"streams": {role: s.state_dict() for role, s in streams.items()}, "step": step}
+    def position() -> dict:
+        """Where this rank's data and augmentation stand (saved with a checkpoint)."""
+        return {"streams": {role: s.state_dict() for role, s in streams.items()}, "aug_rng": aug_gen.get_state()}
+
+    def save(target: Path, at: Optional[dict] = None, **extra) -> Path:
+        at = at or position()
+        rank_state = {"streams": at["streams"], "step": step}
         return ckpt.save_checkpoint(
-            target, **backend.checkpoint_parts(models, accelerator), rank_state=rank_state, rank_tensors={"gp_rng": gp_gen.get_state(), "aug_rng": aug_gen.get_state()},
+            target, **backend.checkpoint_parts(models, accelerator), rank_state=rank_state, rank_tensors={"gp_rng": gp_gen.get_state(), "aug_rng": at["aug_rng"]},
             meta=ckpt.meta_for(cfg, step, best=best, **extra), rank=rank, world_size=world,
             barrier=accelerator.wait_for_everyone)
 
@@ -549,10 +582,27 @@ def _train(cfg: Config, *, resume: str, argv: Optional[list[str]], stop_requeste
     stopped = False
 
     from tqdm.auto import tqdm
+
+    from a2b_dist.data import DataError
     bar = tqdm(total=cfg.train.steps, initial=step, disable=not main, dynamic_ncols=True, desc="train")
     models.G_train.train(), models.D_train.train()
     try:
         while step < cfg.train.steps:
+            # The step's batches first: a data error (a shard that turned corrupt, a server that
+            # stopped answering) then ends training between steps, with a checkpoint of the last one.
+            at_step = position()
+            failed = _read_step(next_batch, cfg.optim.n_critic, world, device)
+            if failed is not None:
+                saved = last_good
+                if step > 0 and (saved is None or int(ckpt.read_meta(saved)["step"]) != step):
+                    saved = save(ckpt.step_dir(run_dir, step), at=at_step)
+                    if main:
+                        ckpt.prune(run_dir, cfg.train.keep_last)
+                    accelerator.wait_for_everyone()
+                raise DataError(f"{failed}. " + (
+                    f"Saved {saved} at step {step}, the last completed step; fix the data (or set "
+                    "data.skip_corrupt=true) and continue with --resume auto" if saved is not None
+                    else "No step was completed, so nothing was saved"))
             # One step: learning rates, n_critic critic updates, one generator update.
             stats, (lr_g, lr_d) = train_step(cfg, models, updates, next_batch, step)
             step += 1
@@ -607,6 +657,25 @@ def _train(cfg: Config, *, resume: str, argv: Optional[list[str]], stop_requeste
     accelerator.wait_for_everyone()
     digest = ckpt.state_digest({"G": models.G.state_dict(), "D": models.D.state_dict()})
     return {"step": step, "stopped": stopped, "run_dir": str(run_dir), "best": best, "weights_digest": digest}
+
+
+def _read_step(next_batch: TrainBatches, n_critic: int, world: int, device: torch.device) -> Optional[str]:
+    """Read the next step's batches on every rank; the first rank's data error, if any rank had
+    one (every rank learns it, so all stop at the same step boundary), else None."""
+    from a2b_dist.data import DataError
+    from a2b_dist.distributed import gather_objects
+
+    message = None
+    try:
+        next_batch.fetch_step(n_critic)
+    except DataError as e:
+        message = str(e)
+    if world > 1:
+        flag = torch.tensor(float(message is not None), device=device)
+        dist.all_reduce(flag)
+        if flag.item() > 0:
+            message = next(m for m in gather_objects(message, world) if m is not None)
+    return message
 
 
 def _better(metric: str, value: float, best: Optional[dict]) -> bool:

@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 import yaml
 
-from a2b_dist.config import Config, ConfigError, from_dict, get_field, to_dict
+from a2b_dist.config import Config, ConfigError, NoAliasLoader, from_dict, get_field, read_yaml_file, to_dict
 from a2b_dist.data.manifest import role_exists
 from a2b_dist.data.storage import Storage, absolute, join
 from a2b_dist.errors import UserError
@@ -129,10 +129,7 @@ def load_space(path: str | os.PathLike) -> dict[str, Param]:
     p = Path(path)
     if not p.is_file():
         raise UserError(f"--search-space {p} does not exist")
-    try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"--search-space {p} is not valid YAML: {e}") from None
+    data = read_yaml_file(p, f"--search-space {p}", NoAliasLoader)   # size capped, aliases refused
     return parse_space(data, f"--search-space {p}")
 
 

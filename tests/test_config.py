@@ -91,3 +91,54 @@ def test_yaml_no_is_a_string_not_false(tmp_path):
     preset.write_text("train:\n  mixed_precision: no\n  channels_last: true\n")
     cfg = load_config(str(preset))
     assert cfg.train.mixed_precision == "no" and cfg.train.channels_last is True
+
+
+# YAML aliases and oversized files (issue 26): refused before anything expands
+
+BOMB = "\n".join(["a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+                 + [f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 9)}]" for i in range(8)]
+                 + ["data: {root: *i}", ""])   # 9**9 (387 million) strings once expanded
+
+
+def test_a_billion_laughs_config_fails_fast_with_one_line(tmp_path):
+    """`a2b train --config BOMB` (a real process, which hung at 1.6 GB before): one line naming the
+    file and the first alias, exit 2, nothing created. The timeout only stops a regression."""
+    import subprocess
+    import sys
+
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text(BOMB)
+    proc = subprocess.run([sys.executable, "-m", "a2b_dist.cli", "train", "--config", str(bomb),
+                           f"train.run_dir={tmp_path / 'run'}"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"config file {bomb}" in lines[0] and "aliases are not allowed" in lines[0]
+    assert "*a at line 2" in lines[0]
+    assert not (tmp_path / "run").exists()
+
+
+def test_aliases_are_refused_in_overrides_and_search_spaces(tmp_path):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "sweeps"))
+    import space as search_space
+
+    with pytest.raises(ConfigError, match=r"override 'data.root=.*aliases are not allowed \(\*a at line 1\)"):
+        load_config("configs/test.yaml", ["data.root=[&a [x, x], *a]"])
+    space = tmp_path / "space.yaml"
+    space.write_text("loss.lambda_rec: &r {dist: loguniform, low: 0.1, high: 10}\nloss.lambda_idt: *r\n")
+    with pytest.raises(ConfigError, match=rf"--search-space {space}: YAML aliases are not allowed \(\*r at line 2\)"):
+        search_space.load_space(space)
+    # An anchor alone expands nothing and is allowed.
+    (tmp_path / "anchor.yaml").write_text("optim: &o {decay_steps: 3}\ntrain: {steps: 3}\n")
+    assert load_config(str(tmp_path / "anchor.yaml")).train.steps == 3
+
+
+def test_an_oversized_config_is_refused_unread(tmp_path):
+    from a2b_dist.config import MAX_YAML_BYTES
+
+    big = tmp_path / "big.yaml"
+    big.write_text("# padding\n" * (MAX_YAML_BYTES // 10 + 1) + "train: {steps: 3}\n")
+    with pytest.raises(ConfigError, match=rf"config file {big} is larger than 1 MiB"):
+        load_config(str(big))

@@ -126,3 +126,34 @@ def test_sigterm_during_a_build_leaves_nothing(tmp_path):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM and "stopped by SIGTERM; no output written" in err, err
     assert "Traceback" not in err and not out.exists()
+
+
+def test_a_sample_that_turned_corrupt_mid_run_saves_the_last_completed_step(sim_shards, tmp_path):
+    """A shard altered after its check (same size, so the open-time count check passes): training
+    stops at the step that would read it, with one line naming the shard, after saving a checkpoint
+    of the last completed step (as SIGTERM does), which then resumes."""
+    import tarfile
+
+    from a2b_dist import checkpoint as ckpt
+
+    data, _ = damaged_copy(sim_shards, tmp_path)
+    shard = sorted((data / "mixed").glob("*.tar"))[-1]
+    with tarfile.open(shard) as tar:
+        member = [m for m in tar.getmembers() if m.name.endswith(".png")][-1]
+    with open(shard, "r+b") as f:              # the PNG's bytes after its signature, zeroed in place
+        f.seek(member.offset_data + 8)
+        f.write(b"\0" * (member.size - 8))
+    run_dir = tmp_path / "run"
+    common = [f"data.root={data}", f"train.run_dir={run_dir}", "train.log_every=1", "train.sample_every=0",
+              "train.checkpoint_every=1000"]
+    proc = a2b_train(*common, "train.steps=40")
+    line = one_line_error(proc.returncode, proc.stderr, str(shard), member.name.split(".")[0], "Saved")
+    saved = ckpt.list_checkpoints(run_dir)
+    assert len(saved) == 1, line
+    step = ckpt.read_meta(saved[0])["step"]
+    rows = [json.loads(r)["step"] for r in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert step >= 1 and rows == list(range(1, step + 1))    # every completed step, and no other
+    assert f"Saved {saved[0]} at step {step}, the last completed step" in line
+    out = a2b_train(*common, "train.steps=40", "data.skip_corrupt=true", "--until-step", str(step + 1))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert f"resumed from {saved[0]} at step {step}" in out.stdout + out.stderr

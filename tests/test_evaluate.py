@@ -298,3 +298,26 @@ def test_evaluate_user_errors(sim_shards, eval_config, tmp_path):
             ev.main(["--checkpoint", str(ckpt), "--shards", str(sim_shards / "test"), "--out",
                      str(tmp_path / "o"), override])
     assert not (tmp_path / "o").exists()
+
+
+def test_a_one_class_role_says_auroc_is_undefined_without_warnings(sim_shards, eval_config, tmp_path):
+    """`a2b evaluate` on the healthy role (one class; a real process, as a user runs it): one line
+    saying the AUROC is undefined, nothing from matplotlib or sklearn on stderr; the curves of an
+    all-anomalous set draw without a warning either."""
+    import warnings
+
+    from a2b_dist.figures import pr_png, roc_png
+
+    ckpt = export_generator(tmp_path / "generator.pt", eval_config)
+    done = subprocess.run([sys.executable, "-m", "a2b_dist.cli", "evaluate", "--checkpoint", str(ckpt), "--shards",
+                           str(sim_shards / "healthy"), "--out", str(tmp_path / "out")],
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Warning" not in done.stderr and "warning" not in done.stderr.lower(), done.stderr
+    assert ("image AUROC, AUPR and threshold are undefined: the role holds only healthy images"
+            in done.stdout)
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["auroc"] is None
+    result = {"label": np.ones(5, dtype=int), "scores": {"mean": np.linspace(0, 1, 5)}, "references": {}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert roc_png(result, "mean") and pr_png(result, "mean")
