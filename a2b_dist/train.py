@@ -369,6 +369,9 @@ def _resume_path(cfg: Config, resume: str, warn: Callable[[str], None]) -> Optio
         return None
     if resume == "auto":
         return ckpt.newest_loadable(cfg.train.run_dir, warn=warn)
+    from a2b_dist.data.storage import check_location   # the one location check: no credentials echoed
+
+    check_location(resume, "--resume", local="checkpoints are read from local files")
     return ckpt.resolve_checkpoint(resume)
 
 

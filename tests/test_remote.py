@@ -651,6 +651,8 @@ def test_every_command_refuses_credentials_in_a_location_without_echoing_them(ht
         (cli + ["export", f"{bad}/run", str(tmp_path / "gen.pt")], "checkpoint"),
         (cli + ["train", "--config", "configs/test.yaml", f"data.root={bad}", f"train.run_dir={tmp_path / 'run'}"],
          "data.root"),
+        (cli + ["train", "--config", "configs/test.yaml", f"data.root={sim_shards}", f"train.run_dir={tmp_path / 'run'}",
+                "--resume", f"{bad}/run"], "--resume"),
         ([sys.executable, "jobs/submit.py", "--config", "configs/test.yaml", "--partition", "gpu", "--dry-run",
           "--run-dir", str(tmp_path / "run"), f"data.root={bad}"], "data.root"),
     ]
