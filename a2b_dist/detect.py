@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 
 from a2b_dist import losses
@@ -26,6 +27,7 @@ from a2b_dist.config import apply_overrides, override_values
 from a2b_dist.errors import UserError, check_device, check_number, check_output_folder, number_arg
 from a2b_dist.figures import panel_png, plot_panel, safe_name
 from a2b_dist.files import StagedFolder, write_atomic
+from a2b_dist.metrics import HIST_BINS, MAP_SCALE_PERCENTILE, hist_percentile, value_bins
 from a2b_dist.report import provenance, write_detection_report
 
 def find_images(folder: str | Path) -> list[Path]:
@@ -173,7 +175,7 @@ def _detect(args, argv, paths: list[Path], threshold: Optional[float], metrics: 
             raise UserError(f"eval.topk_percent={given['eval.topk_percent']} differs from the {topk} of {args.threshold}")
 
     with stage.writing() as out:
-        rows = _score_and_write(args, argv, paths, cfg, generator, device, score, topk, threshold, out)
+        rows = _score_and_write(args, argv, paths, cfg, generator, device, score, topk, threshold, out, metrics)
     out = Path(args.out)
     flagged = sum(v >= threshold for _, v in rows) if threshold is not None else None
     print(f"scored {len(rows)} images ({score} score)"
@@ -183,15 +185,10 @@ def _detect(args, argv, paths: list[Path], threshold: Optional[float], metrics: 
     return 0
 
 
-def _score_and_write(args, argv, paths: list[Path], cfg, generator, device, score: str, topk: float,
-                     threshold: Optional[float], out: Path) -> list[tuple[str, float]]:
-    """Score every image into ``out`` (the staging folder): panels, scores.csv, report.html."""
-    batch_size = cfg.eval.batch_size
-    if args.maps:
-        (out / "maps").mkdir()
+def _translated(args, paths: list[Path], cfg, generator, device, score: str, topk: float):
+    """Per batch: (relative paths, scores, per-image arrays x, B', M, |x - B'|)."""
     root = Path(args.images)
-    rows: list[tuple[str, float]] = []
-    top: list[tuple[float, str, dict]] = []     # the report's panels: the highest scores so far
+    batch_size = cfg.eval.batch_size
     for start in range(0, len(paths), batch_size):
         chunk = paths[start:start + batch_size]
         x = load_batch(chunk, cfg.data.image_size, cfg.data.channels).to(device)   # (B, C, H, W)
@@ -199,17 +196,38 @@ def _score_and_write(args, argv, paths: list[Path], cfg, generator, device, scor
         b_prime = losses.blend_healthy(x, b_int, m)                                 # Eq. 1
         diff = losses.anomaly_map(x, b_prime)                                       # (B, 1, H, W)
         values = losses.anomaly_score(diff, score, topk, m, losses.anomaly_map(x, b_int)).cpu().numpy()
-        for i, p in enumerate(chunk):
-            rel = p.relative_to(root).as_posix()
-            rows.append((rel, float(values[i])))
-            arrays = {"x": x[i].cpu().numpy(), "b_prime": b_prime[i].cpu().numpy(),
-                      "mask": m[i, 0].cpu().numpy(), "diff": diff[i, 0].cpu().numpy(), "gt": None}
-            if args.maps:
-                plot_panel(out / "maps" / f"{safe_name(rel)}.png", rel, None, float(values[i]), arrays)
-            if args.report_panels and (len(top) < args.report_panels or (-values[i], rel) < top[-1][:2]):
-                top.append((-float(values[i]), rel, arrays))
+        arrays = [{"x": x[i].cpu().numpy(), "b_prime": b_prime[i].cpu().numpy(), "mask": m[i, 0].cpu().numpy(),
+                   "diff": diff[i, 0].cpu().numpy(), "gt": None} for i in range(len(chunk))]
+        yield [p.relative_to(root).as_posix() for p in chunk], values, arrays
+
+
+def _score_and_write(args, argv, paths: list[Path], cfg, generator, device, score: str, topk: float,
+                     threshold: Optional[float], out: Path, metrics: Optional[dict] = None) -> list[tuple[str, float]]:
+    """Score every image into ``out`` (the staging folder): panels, scores.csv, report.html.
+
+    The heat maps share one colour scale: the evaluation's (metrics.json given as --threshold), else
+    the MAP_SCALE_PERCENTILE-th percentile of this folder's maps; with --maps the panels are drawn in
+    a second pass, once that scale is known."""
+    rows: list[tuple[str, float]] = []
+    top: list[tuple[float, str, dict]] = []     # the report's panels: the highest scores so far
+    map_hist = np.zeros(HIST_BINS)
+    for rel, values, arrays in _translated(args, paths, cfg, generator, device, score, topk):
+        for i, r in enumerate(rel):
+            rows.append((r, float(values[i])))
+            map_hist += np.bincount(value_bins(arrays[i]["diff"]), minlength=HIST_BINS)
+            if args.report_panels and (len(top) < args.report_panels or (-values[i], r) < top[-1][:2]):
+                top.append((-float(values[i]), r, arrays[i]))
                 top.sort(key=lambda e: e[:2])
                 del top[args.report_panels:]
+    scale = (metrics or {}).get("map_scale")          # the evaluation's, so the two pictures compare
+    if not (isinstance(scale, dict) and isinstance(scale.get("value"), (int, float)) and scale["value"] > 0
+            and isinstance(scale.get("percentile"), (int, float))):
+        scale = {"percentile": MAP_SCALE_PERCENTILE, "value": hist_percentile(map_hist, MAP_SCALE_PERCENTILE)}
+    if args.maps:
+        (out / "maps").mkdir()
+        for rel, values, arrays in _translated(args, paths, cfg, generator, device, score, topk):
+            for i, r in enumerate(rel):
+                plot_panel(out / "maps" / f"{safe_name(r)}.png", r, None, float(values[i]), arrays[i], scale)
 
     rows.sort(key=lambda r: (-r[1], r[0]))
     buf = io.StringIO()
@@ -218,7 +236,7 @@ def _score_and_write(args, argv, paths: list[Path], cfg, generator, device, scor
     for rel, value in rows:
         writer.writerow([rel, f"{value:.6g}"] + ([int(value >= threshold)] if threshold is not None else []))
     write_atomic(out / "scores.csv", buf.getvalue())
-    panels = {rel: panel_png(rel, None, -neg, arrays) for neg, rel, arrays in top}
+    panels = {rel: panel_png(rel, None, -neg, arrays, scale) for neg, rel, arrays in top}
     write_detection_report(out / "report.html", rows=rows, score=score, threshold=threshold, panels=panels,
                            checkpoint=str(args.checkpoint),
                            prov=provenance({}, ["a2b", "detect", *(argv if argv is not None else sys.argv[1:])]))

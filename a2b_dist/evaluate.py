@@ -253,7 +253,7 @@ def _write_outputs(out: Path, args, argv, metrics: dict, result: dict, grouped, 
     for cls, entries in result["panels"].items():
         for key, arrays in entries:
             plot_panel(out / "maps" / f"{'anomalous' if cls else 'healthy'}-{safe_name(key)}.png",
-                       key, cls, float(result["scores"][score][by_key[key]]), arrays)
+                       key, cls, float(result["scores"][score][by_key[key]]), arrays, metrics.get("map_scale"))
     if result["panels"][0] or result["panels"][1]:
         plot_masks(out / "masks.png", result["panels"])
     write_atomic(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")

@@ -108,8 +108,18 @@ def _display(img: np.ndarray) -> tuple[np.ndarray, Optional[str]]:
     return (u[0], "gray") if u.shape[0] == 1 else (u.transpose(1, 2, 0), None)
 
 
-def panel_png(key: str, label: Optional[int], score: float, arrays: dict) -> bytes:
-    """input | healthy translation B' | mask M | difference map over the input (ground truth outlined)."""
+def map_scale_label(scale: Optional[dict]) -> str:
+    """The colour bar's words for a run's map scale {"percentile": p, "value": v}."""
+    if not scale or not scale.get("value"):
+        return "|x - B'| (0 to 1)"
+    return f"|x - B'|, 0 to {scale['value']:.3g} (the {scale['percentile']:g}th percentile of this set's maps)"
+
+
+def panel_png(key: str, label: Optional[int], score: float, arrays: dict, scale: Optional[dict] = None) -> bytes:
+    """input | healthy translation B' | mask M | difference map over the input (ground truth outlined).
+
+    ``scale`` ({"percentile": p, "value": v}): the heat map runs from 0 to v, the same for every panel
+    of a run, so that healthy panels stay dark and anomalies light up; without it, 0 to 1."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, 4, figsize=(10, 2.9))
     x, cmap = _display(arrays["x"])
@@ -118,9 +128,11 @@ def panel_png(key: str, label: Optional[int], score: float, arrays: dict) -> byt
     axes[1].imshow(b, cmap=cmap, vmin=0, vmax=1)
     axes[2].imshow(arrays["mask"], cmap="viridis", vmin=0, vmax=1)
     axes[3].imshow(x, cmap=cmap, vmin=0, vmax=1)
-    # One colour scale for every panel (|x - B'| in the [-1, 1] image units), so panels compare.
-    heat = axes[3].imshow(arrays["diff"], cmap="inferno", alpha=0.55, vmin=0, vmax=1)
-    fig.colorbar(heat, ax=axes[3], fraction=0.046, pad=0.04)
+    # One colour scale for every panel of a run (|x - B'| in the [-1, 1] image units), so panels compare.
+    vmax = scale["value"] if scale and scale.get("value") else 1.0
+    heat = axes[3].imshow(arrays["diff"], cmap="inferno", alpha=0.55, vmin=0, vmax=vmax)
+    bar = fig.colorbar(heat, ax=axes[3], fraction=0.046, pad=0.04)
+    bar.set_label(map_scale_label(scale), fontsize=6)
     if arrays["gt"] is not None and arrays["gt"].any():
         for ax in (axes[0], axes[2], axes[3]):
             ax.contour(arrays["gt"], levels=[0.5], colors="cyan", linewidths=0.8)
@@ -158,8 +170,9 @@ def plot_roc(path: str | os.PathLike, result: dict, score: str) -> None:
     write_atomic(path, roc_png(result, score))
 
 
-def plot_panel(path: str | os.PathLike, key: str, label: Optional[int], score: float, arrays: dict) -> None:
-    write_atomic(path, panel_png(key, label, score, arrays))
+def plot_panel(path: str | os.PathLike, key: str, label: Optional[int], score: float, arrays: dict,
+               scale: Optional[dict] = None) -> None:
+    write_atomic(path, panel_png(key, label, score, arrays, scale))
 
 
 def plot_masks(path: str | os.PathLike, panels: dict) -> None:

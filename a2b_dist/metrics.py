@@ -70,6 +70,7 @@ def pixel_auroc(maps: Any, gt_masks: Any) -> Optional[float]:
 HIST_SHIFT = 13
 HIST_BINS = 1 << (31 - HIST_SHIFT)
 EXACT_PIXELS = 1 << 20
+MAP_SCALE_PERCENTILE = 99.5        # heat maps are drawn from 0 to this percentile of the set's map values
 PRO_FPR_LIMIT = 0.3                 # AUPRO integrates the per-region overlap up to this FPR (MVTec AD)
 _HIST_ROWS = ("neg", "pos", "pro")  # per quantity (M, the difference map): counts, counts, region weights
 
@@ -134,6 +135,9 @@ def summarise_masks(masks: Any, labels: Any, gt_masks: Any = None, has_mask: Any
         "in_sum": 0.0, "in_count": 0.0, "out_sum": 0.0, "out_count": 0.0,
         "hist": None, "regions": 0, "has_diff": diff_maps is not None,
         "exact": {"m": [], "d": [], "gt": []}, "pixels": 0,
+        # every difference-map value of every image (with ground truth or not): the heat maps' scale
+        "map_hist": (np.bincount(value_bins(diff_maps), minlength=HIST_BINS).astype(np.float64)
+                     if diff_maps is not None else None),
     }
     if gt_masks is None:
         return summary
@@ -178,6 +182,11 @@ def add_mask_summary(total: dict, part: dict) -> dict:
     for k in _SUMS:
         total[k] = total[k] + part[k]
     total["has_diff"] = total["has_diff"] and part["has_diff"]
+    if part.get("map_hist") is not None:
+        if total.get("map_hist") is None:
+            total["map_hist"] = part["map_hist"].copy()
+        else:
+            total["map_hist"] += part["map_hist"]
     if part["hist"] is not None:
         if total["hist"] is None:
             total["hist"] = part["hist"].copy()
@@ -198,10 +207,21 @@ def merge_mask_summaries(summaries: Iterable[dict]) -> dict:
         raise ValueError("no mask summaries to merge")
     first = summaries[0]
     out = {**first, "hist": None if first["hist"] is None else first["hist"].copy(),
+           "map_hist": None if first.get("map_hist") is None else first["map_hist"].copy(),
            "exact": None if first["exact"] is None else {k: list(v) for k, v in first["exact"].items()}}
     for s in summaries[1:]:
         add_mask_summary(out, s)
     return out
+
+
+def hist_percentile(counts: np.ndarray, q: float) -> Optional[float]:
+    """The value below which ``q`` percent of the counted values lie (the upper edge of the bin where
+    the cumulative count reaches it); None for an empty histogram."""
+    total = counts.sum()
+    if not total:
+        return None
+    i = int(np.searchsorted(np.cumsum(counts), q / 100 * total, side="left"))
+    return float(bin_value(min(i + 1, HIST_BINS - 1)))
 
 
 def binned_auroc(neg: np.ndarray, pos: np.ndarray) -> Optional[float]:
@@ -292,6 +312,8 @@ def finish_mask_diagnostics(summary: dict) -> dict:
         "diff_pixel_auroc": diff["auroc"], "diff_pixel_aupr": diff["aupr"], "diff_pixel_aupro": diff["aupro"],
         "pixel_metrics": ("exact" if summary["exact"] is not None else "binned") if summary["hist"] is not None else None,
         "annotated_pixels": int(summary["pixels"]),
+        "map_scale": (hist_percentile(summary["map_hist"], MAP_SCALE_PERCENTILE)
+                      if summary.get("map_hist") is not None else None),
         "images_with_ground_truth": int(summary["n_known"]),
     }
 

@@ -89,10 +89,10 @@ def _provenance_html(prov: dict) -> str:
     return _table(("what", "value"), rows)
 
 
-def _panels(entries: list[tuple[str, float, dict]], label: int, empty: str) -> str:
+def _panels(entries: list[tuple[str, float, dict]], label: int, empty: str, scale: Optional[dict] = None) -> str:
     if not entries:
         return f'<p class="muted">{html.escape(empty)}</p>'
-    return "\n".join(_img(figures.panel_png(key, label, value, arrays), key) for key, value, arrays in entries)
+    return "\n".join(_img(figures.panel_png(key, label, value, arrays, scale), key) for key, value, arrays in entries)
 
 
 def write_evaluation_report(path: Path, *, metrics: dict, result: dict, config_yaml: str, prov: dict,
@@ -100,6 +100,7 @@ def write_evaluation_report(path: Path, *, metrics: dict, result: dict, config_y
     """report.html of ``a2b evaluate``: headline, curves, histograms, extreme cases, mask table,
     groups, the config and provenance. Its numbers are metrics.json's."""
     score, threshold = metrics["score"], metrics.get("threshold")
+    scale = metrics.get("map_scale")
     c = metrics["counts"]
     cards = [("image AUROC", metrics["auroc"]), ("AUPR", metrics["aupr"]),
              ("sensitivity", metrics["sensitivity"]), ("specificity", metrics["specificity"]),
@@ -122,13 +123,14 @@ def write_evaluation_report(path: Path, *, metrics: dict, result: dict, config_y
               _img(figures.pr_png(result, score), "precision-recall curves"), "</div>",
               _img(figures.histogram_png(result, score, threshold), "score histograms"),
               "<p class='muted'>each panel: input | healthy translation B' | mask M | |x - B'| on the input "
-              "(cyan: ground-truth outline, where the shards have one)</p>",
+              "(cyan: ground-truth outline, where the shards have one); heat maps: "
+              f"{html.escape(figures.map_scale_label(scale))}, the same for every panel</p>",
               "<h2>Highest-scored healthy images (false positives first)</h2>",
-              _panels(result["extremes"]["healthy_highest"], 0, "no healthy images"),
+              _panels(result["extremes"]["healthy_highest"], 0, "no healthy images", scale),
               "<h2>Lowest-scored anomalous images (missed first)</h2>",
-              _panels(result["extremes"]["anomalous_lowest"], 1, "no anomalous images"),
+              _panels(result["extremes"]["anomalous_lowest"], 1, "no anomalous images", scale),
               "<h2>Highest-scored anomalous images</h2>",
-              _panels(result["extremes"]["anomalous_highest"], 1, "no anomalous images")]
+              _panels(result["extremes"]["anomalous_highest"], 1, "no anomalous images", scale)]
     mask = metrics.get("mask") or {}
     if mask:
         parts += ["<h2>Mask diagnostics</h2>", _table(("figure", "value"), sorted(mask.items()))]

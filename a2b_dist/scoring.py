@@ -14,8 +14,8 @@ from a2b_dist import losses
 from a2b_dist.data import EvalReader
 from a2b_dist.distributed import all_reduce_sum, gather_objects, sample_priority
 from a2b_dist.errors import UserError
-from a2b_dist.metrics import (HIST_BINS, add_mask_summary, finish_mask_diagnostics, image_metrics,
-                              merge_mask_summaries, summarise_masks)
+from a2b_dist.metrics import (HIST_BINS, MAP_SCALE_PERCENTILE, add_mask_summary, finish_mask_diagnostics,
+                              image_metrics, merge_mask_summaries, summarise_masks)
 from a2b_dist.references import greyness, healthy_distance
 
 SCORE_KINDS = losses.SCORE_KINDS
@@ -75,16 +75,22 @@ def score_role(generator: torch.nn.Module, role_dir: str | os.PathLike, reader: 
         "extremes": tails,
     }
     # The pixel histograms (fixed size) are summed over the ranks by one all-reduce; the rest is gathered.
-    hist = np.zeros(2 * 3 * HIST_BINS + 1)
-    if summary is not None and summary["hist"] is not None:
-        hist[:-1], hist[-1] = summary["hist"].ravel(), summary["regions"]
+    size = 2 * 3 * HIST_BINS
+    packed = np.zeros(size + HIST_BINS + 1)      # pixel histograms | all map values | region count
     if summary is not None:
-        summary["hist"], summary["regions"] = None, 0
-    hist = all_reduce_sum(hist, reader.world_size, device)
+        if summary["hist"] is not None:
+            packed[:size], packed[-1] = summary["hist"].ravel(), summary["regions"]
+        if summary["map_hist"] is not None:
+            packed[size:size + HIST_BINS] = summary["map_hist"]
+        summary["hist"], summary["map_hist"], summary["regions"] = None, None, 0
+    packed = all_reduce_sum(packed, reader.world_size, device)
     merged = _merge_ranks(gather_objects(local, reader.world_size), num_panels, extremes)
-    if merged["mask_summary"] is not None and hist[-1] + hist[:-1].sum() > 0:
-        merged["mask_summary"]["hist"] = hist[:-1].reshape(2, 3, HIST_BINS)
-        merged["mask_summary"]["regions"] = int(hist[-1])
+    if merged["mask_summary"] is not None:
+        if packed[:size].any():
+            merged["mask_summary"]["hist"] = packed[:size].reshape(2, 3, HIST_BINS)
+            merged["mask_summary"]["regions"] = int(packed[-1])
+        if packed[size:size + HIST_BINS].any():
+            merged["mask_summary"]["map_hist"] = packed[size:size + HIST_BINS]
     return merged
 
 
@@ -168,6 +174,8 @@ def summarise_result(result: dict, *, score: str) -> dict:
         "sensitivity": main["sensitivity"], "specificity": main["specificity"],
         "pixel_auroc": mask.get("diff_pixel_auroc"),
         "pixel_aupro": mask.get("diff_pixel_aupro"),
+        # one colour scale for every heat-map panel: 0 to this percentile of the set's |x - B'| values
+        "map_scale": {"percentile": MAP_SCALE_PERCENTILE, "value": mask.get("map_scale")},
         "counts": {"samples": len(result["key"]), "healthy": int((labels == 0).sum()),
                    "anomalous": int((labels > 0).sum()), "unlabelled": int((labels < 0).sum()),
                    "with_ground_truth_masks": mask.get("images_with_ground_truth", 0)},
