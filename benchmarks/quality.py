@@ -220,8 +220,7 @@ def run_a2b(args, method: str, root: Path, run_dir: Path, seed: int) -> dict:
     data_root = healthy_as_mixed(root, Path(args.work)) if healthy_only(method) else root
     cfg = a2b_config(args, overrides, data_root, run_dir, seed)
     result = train(cfg, resume="none", argv=["benchmarks/quality.py", method])
-    # The checkpoint `a2b train` would hand a user: best/ when validation selected one, else the last.
-    chosen = ckpt.resolve_checkpoint(run_dir / ckpt.BEST) if result["best"] else ckpt.latest_checkpoint(run_dir)
+    chosen = chosen_checkpoint(run_dir)
     G, _ = ckpt.load_generator(chosen)
     with torch.no_grad():
         reader = EvalReader(batch_size=64, image_size=args.size)
