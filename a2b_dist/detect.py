@@ -27,6 +27,7 @@ from a2b_dist.config import apply_overrides, override_values
 from a2b_dist.errors import UserError, check_device, check_number, check_output_folder, number_arg
 from a2b_dist.figures import panel_png, plot_panel, safe_name
 from a2b_dist.files import StagedFolder, write_atomic
+from a2b_dist.memory import bound_heap
 from a2b_dist.metrics import HIST_BINS, MAP_SCALE_PERCENTILE, hist_percentile, value_bins
 from a2b_dist.report import provenance, write_detection_report
 
@@ -131,6 +132,7 @@ OUTPUTS = ("report.html", "scores.csv", "maps")
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_intermixed_args(argv)
     from a2b_dist.data.storage import check_location   # the one location check: no credentials echoed
+    bound_heap()   # resident memory stays flat over a long pass (a2b_dist/memory.py)
 
     check_location(args.images, "--images", local="detect reads a local folder of images")
     check_location(args.checkpoint, "--checkpoint", local="checkpoints are read from local files")

@@ -32,6 +32,7 @@ from a2b_dist.data import EvalReader
 from a2b_dist.errors import UserError, check_output_folder, run_guarded
 from a2b_dist.figures import plot_masks, plot_panel, plot_roc, safe_name
 from a2b_dist.files import StagedFolder, write_atomic
+from a2b_dist.memory import bound_heap
 from a2b_dist.metrics import group_metrics
 from a2b_dist.references import healthy_mean_image
 from a2b_dist.report import provenance, write_evaluation_report
@@ -157,6 +158,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     args = build_parser().parse_intermixed_args(argv)
     _check_args(args)
+    bound_heap()   # resident memory stays flat over a long pass (a2b_dist/memory.py)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     world = accelerator.num_processes
     # The outputs go to a staging folder beside --out, swapped in at the end: --out holds one

@@ -95,9 +95,10 @@ def score_role(generator: torch.nn.Module, role_dir: str | os.PathLike, reader: 
 
 
 def _arrays(i: int, batch: dict, x, b_prime, m, diff) -> dict:
-    return {"x": x[i].cpu().numpy(), "b_prime": b_prime[i].cpu().numpy(), "mask": m[i, 0].cpu().numpy(),
-            "diff": diff[i, 0].cpu().numpy(),
-            "gt": batch["mask"][i, 0].numpy() if bool(batch["has_mask"][i]) else None}
+    """One sample's arrays, copied: a view would keep its whole batch alive as long as the panel."""
+    return {"x": x[i].cpu().numpy().copy(), "b_prime": b_prime[i].cpu().numpy().copy(),
+            "mask": m[i, 0].cpu().numpy().copy(), "diff": diff[i, 0].cpu().numpy().copy(),
+            "gt": batch["mask"][i, 0].numpy().copy() if bool(batch["has_mask"][i]) else None}
 
 
 def _keep_panels(panels: dict, limit: int, seed: int, batch: dict, x, b_prime, m, diff) -> None:
@@ -106,7 +107,10 @@ def _keep_panels(panels: dict, limit: int, seed: int, batch: dict, x, b_prime, m
         if label < 0:
             continue
         cls = 1 if label > 0 else 0
-        panels[cls].append((sample_priority(key, seed), key, _arrays(i, batch, x, b_prime, m, diff)))
+        priority = sample_priority(key, seed)
+        if len(panels[cls]) >= limit and priority >= panels[cls][-1][0]:
+            continue
+        panels[cls].append((priority, key, _arrays(i, batch, x, b_prime, m, diff)))
         panels[cls].sort(key=lambda e: e[0])
         del panels[cls][limit:]
 

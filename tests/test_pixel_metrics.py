@@ -1,6 +1,10 @@
 """Pixel-level metrics in constant memory: histograms of map values against the exact computation."""
 from __future__ import annotations
 
+import platform
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from scipy import ndimage
@@ -91,3 +95,39 @@ def test_bins_are_monotone_and_fine_at_every_scale():
     assert list(bins[3:]) == sorted(bins[3:]) and len(set(bins[3:])) == len(bins[3:])   # 0.3% apart: apart
     low = metrics.bin_value(bins[3:])
     assert np.all(low <= values[3:]) and np.all(values[3:] - low <= values[3:] * 2 ** -10)
+
+
+_MALLINFO_PROBE = r"""
+import ctypes, sys
+import numpy as np
+from a2b_dist.memory import MMAP_THRESHOLD, bound_heap
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = MallInfo2
+if sys.argv[1] == "bound":
+    assert bound_heap()
+big = np.ones(4_000_000); del big            # a freed 32 MB mapping: glibc raises its dynamic threshold
+before = libc.mallinfo2().hblkhd
+block = np.ones(4 * MMAP_THRESHOLD // 8)     # 512 KiB, above the fixed threshold, below the raised one
+print(int(libc.mallinfo2().hblkhd - before >= 4 * MMAP_THRESHOLD))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or "glibc" not in " ".join(platform.libc_ver()),
+                    reason="memory.bound_heap acts on glibc only")
+def test_bound_heap_keeps_large_blocks_out_of_the_heap():
+    """Scoring's per-batch temporaries (megabytes) must come from mappings of their own, which go back
+    to the system when freed: the unbounded heap let `a2b evaluate` grow ~0.2 MB per 128 px image
+    (benchmarks/README.md). Without bound_heap, glibc serves a 512 KiB block from the heap once a
+    larger mapping was freed; with it, from a mapping."""
+    def mapped(mode):
+        done = subprocess.run([sys.executable, "-c", _MALLINFO_PROBE, mode], capture_output=True, text=True,
+                              timeout=60)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.strip() == "1"
+    assert not mapped("default")       # the probe sees glibc's dynamic threshold at work
+    assert mapped("bound")
