@@ -3,7 +3,9 @@
 `a2b evaluate` end to end, against the number of annotated test pixels.
 
     python benchmarks/eval_scale.py metrics --pixels 1e7 1e8 1e9      # the metric state alone
-    python benchmarks/eval_scale.py evaluate --size 128 --count 20000  # `a2b evaluate` on a built set
+    python benchmarks/eval_scale.py evaluate --size 128 --count 20000 --pixels 1e7 1e8 1e9 --width 8 --res-blocks 1
+    python benchmarks/eval_scale.py agree --checkpoint RUN/best --shards DATA/test --processes 2
+    python benchmarks/eval_scale.py detect --checkpoint RUN/best --shards DATA/test --count 2000
 
 metrics: maps, masks and ground truth made batch by batch (128 px, half the images with one or
 two square lesions, the maps higher inside them) go through the metric state exactly as
@@ -14,13 +16,24 @@ of maps). Where the pixels fit (--exact-up-to), the binned pixel AUROC is also c
 sklearn's exact one on the same pixels, after the timing.
 
 evaluate: `shards/build.py simulated --source phantom --size SIZE --count COUNT` (built once under
---work), a randomly initialised generator in the export format, then `a2b evaluate` on the test
-role in its own process: wall time and that process's peak resident memory.
+--work); with --pixels, its test role repeated through the toolkit's shard writer (new keys each
+pass) up to that many annotated pixels; a randomly initialised generator in the export format
+(--width, --res-blocks: a narrow one keeps 1 B pixels within the hour on 2 cores; the metric state
+does not depend on it); then `a2b evaluate` on the role in its own process: wall time, and its
+resident memory sampled every 0.5 s (at 10% of the run, and the peak).
+
+agree: a trained generator's maps on a real role, every annotated pixel kept for sklearn's exact
+AUROC and AUPR beside the toolkit's binned ones; with --processes 2 also `a2b evaluate` on 1 and
+on 2 processes, side by side.
+
+detect: `a2b detect` images/s on CPU for the .pt and the .onnx export of one checkpoint (with and
+without --maps), and the largest per-image score difference between the two.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -117,7 +130,71 @@ def run_metrics(args) -> list[dict]:
     return rows
 
 
-def run_evaluate(args) -> dict:
+def repeat_role(source: Path, out: Path, images: int) -> Path:
+    """A test role of ``images`` samples written by the toolkit's shard writer: the samples of
+    ``source`` (a built role) in order, again and again, each pass with its own keys (``KEY-rN``),
+    so that `a2b evaluate` reads a set of any size through the real reader. Built once."""
+    import tarfile
+
+    from a2b_dist.data.images import decode_png
+    from a2b_dist.data.manifest import read_manifest, split_member
+    from a2b_dist.data.write import RoleSpec, Sample, write_roles
+
+    if (out / "test" / "manifest.json").is_file():
+        return out / "test"
+    manifest = read_manifest(source)
+    size, channels = manifest["image_size"], manifest["channels"]
+
+    def samples():
+        made = 0
+        for rep in range(-(-images // manifest["samples"])):
+            for shard in manifest["shards"]:
+                with tarfile.open(source / shard["name"], mode="r:") as tar:
+                    fields, key = {}, None
+                    for member in tar:
+                        k, field = split_member(member.name)
+                        if key is not None and k != key:
+                            yield sample(key, fields, rep)
+                            made += 1
+                            if made == images:
+                                return
+                            fields = {}
+                        key = k
+                        fields[field] = tar.extractfile(member).read()
+                    yield sample(key, fields, rep)
+                    made += 1
+                    if made == images:
+                        return
+
+    def sample(key, fields, rep):
+        mask = decode_png(fields["mask.png"])[0] > 0 if "mask.png" in fields else None
+        return Sample(key=f"{key}-r{rep}", image=decode_png(fields["png"]), label=int(fields["cls"]),
+                      mask=mask, origin={**json.loads(fields["json"]), "repeat": rep})
+
+    t0 = time.perf_counter()
+    write_roles(out, {"test": RoleSpec(samples())}, image_size=size, channels=channels,
+                bit_depth=manifest["bit_depth"], source={"kind": "repeated", "from": str(source)}, seed=None,
+                command=f"benchmarks/eval_scale.py: {images} samples of {source}, repeated", overwrite=True)
+    print(f"wrote {out / 'test'} ({images} images) in {time.perf_counter() - t0:.0f} s", flush=True)
+    return out / "test"
+
+
+def _watch_rss(proc: subprocess.Popen, every: float = 0.5) -> list[tuple[float, float]]:
+    """(seconds, resident MB) of a child process, sampled until it exits."""
+    samples, t0 = [], time.perf_counter()
+    while proc.poll() is None:
+        try:
+            with open(f"/proc/{proc.pid}/statm") as f:
+                samples.append((time.perf_counter() - t0, int(f.read().split()[1]) * resource.getpagesize() / 2 ** 20))
+        except (OSError, IndexError, ValueError):
+            pass
+        time.sleep(every)
+    return samples
+
+
+def run_evaluate(args) -> list[dict]:
+    import dataclasses
+
     import torch
 
     from a2b_dist.config import load_config
@@ -130,33 +207,169 @@ def run_evaluate(args) -> dict:
         subprocess.run([sys.executable, str(ROOT / "shards" / "build.py"), "simulated", "--source", "phantom",
                         "--size", str(args.size), "--count", str(args.count), "--seed", "0", "--out", str(data),
                         "--overwrite"], check=True, stdout=subprocess.DEVNULL)
-        print(f"built {data} in {time.perf_counter() - t0:.0f} s")
-    cfg = load_config(str(ROOT / "configs" / "small.yaml"), [f"data.image_size={args.size}"])
-    gen_path = work / f"generator-{args.size}.pt"
+        print(f"built {data} in {time.perf_counter() - t0:.0f} s", flush=True)
+    overrides = [f"data.image_size={args.size}", f"model.width={args.width}", f"model.res_blocks={args.res_blocks}"]
+    cfg = load_config(str(ROOT / "configs" / "small.yaml"), overrides)
+    gen_path = work / f"generator-{args.size}-w{args.width}-r{args.res_blocks}.pt"
     if not gen_path.is_file():
-        import dataclasses
-
         torch.manual_seed(0)
         gen = build_generator(cfg.model, cfg.data.channels)
         torch.save({"format": "a2b-generator-v1", "generator": gen.state_dict(),
                     "config": dataclasses.asdict(cfg), "step": 0}, gen_path)
-    out = work / f"eval-{args.size}-{args.count}"
-    cmd = [str(Path(sys.executable).parent / "a2b"), "evaluate", "--checkpoint", str(gen_path),
-           "--shards", str(data / "test"), "--out", str(out)]
-    t0 = time.perf_counter()
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    seconds = time.perf_counter() - t0
-    if done.returncode:
-        raise SystemExit(done.stderr[-2000:])
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    m = json.loads((out / "metrics.json").read_text())
-    row = {"images": m["counts"]["samples"], "pixels": m["mask"].get("annotated_pixels"), "seconds": seconds,
-           "peak_mb": peak, "pixel_metrics": m["mask"].get("pixel_metrics"), "pixel_auroc": m["pixel_auroc"]}
-    print("\n| test images | annotated pixels | `a2b evaluate` s | peak RSS MB | pixel metrics | pixel AUROC |\n"
-          "|---|---|---|---|---|---|")
-    print(f"| {row['images']:,} | {row['pixels']:,} | {seconds:.0f} | {peak:.0f} | {row['pixel_metrics']} | "
-          f"{row['pixel_auroc']:.4f} |")
-    return row
+    rows = []
+    for pixels in args.pixels or [None]:
+        role = data / "test"
+        if pixels is not None:
+            images = max(1, round(pixels / args.size ** 2))
+            role = repeat_role(role, work / f"repeat-{args.size}-{images}", images)
+        out = work / f"eval-{role.parent.name}-w{args.width}-r{args.res_blocks}"
+        cmd = [str(Path(sys.executable).parent / "a2b"), "evaluate", "--checkpoint", str(gen_path),
+               "--shards", str(role), "--out", str(out), f"eval.batch_size={args.batch}"]
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        trace = _watch_rss(proc)
+        stdout, stderr = proc.communicate()
+        seconds = time.perf_counter() - t0
+        if proc.returncode:
+            raise SystemExit(stderr[-2000:])
+        m = json.loads((out / "metrics.json").read_text())
+        peak = max((mb for _, mb in trace), default=float("nan"))
+        # memory once the imports, the generator and the first batches are in: the first sample past 10% of the run
+        settled = next((mb for t, mb in trace if t >= 0.1 * seconds), peak)
+        row = {"images": m["counts"]["samples"], "pixels": m["mask"].get("annotated_pixels"), "seconds": seconds,
+               "peak_mb": peak, "settled_mb": settled, "pixel_metrics": m["mask"].get("pixel_metrics"),
+               "pixel_auroc": m["pixel_auroc"], "width": args.width, "res_blocks": args.res_blocks}
+        rows.append(row)
+        (work / f"{out.name}.rss.json").write_text(json.dumps({"row": row, "trace": trace}) + "\n")
+        print(f"{row['images']} images: {seconds:.0f} s, peak {peak:.0f} MB", flush=True)
+    print(f"\n| test images | annotated pixels | generator | `a2b evaluate` s | M pixels/s | RSS at 10% MB "
+          "| peak RSS MB | pixel metrics | pixel AUROC |\n|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['images']:,} | {r['pixels']:,} | width {r['width']}, {r['res_blocks']} blocks | "
+              f"{r['seconds']:.0f} | {r['pixels'] / r['seconds'] / 1e6:.2f} | {r['settled_mb']:.0f} | "
+              f"{r['peak_mb']:.0f} | {r['pixel_metrics']} | {r['pixel_auroc']:.4f} |")
+    return rows
+
+
+def run_agree(args) -> list[dict]:
+    """Binned against exact pixel metrics on a trained generator's maps of a real role: every
+    annotated pixel is kept here (the benchmark's memory, not the toolkit's) for sklearn, and the
+    same pixels go through the toolkit's histograms. With --processes 2, `a2b evaluate` on the
+    role with 1 and with 2 processes (Accelerate, gloo on CPU), their metrics side by side."""
+    import numpy as np
+    import torch
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    from a2b_dist import losses
+    from a2b_dist.checkpoint import load_generator
+    from a2b_dist.data import EvalReader
+    from a2b_dist.metrics import (add_mask_summary, binned_aupr, binned_auroc, summarise_masks)
+
+    generator, cfg = load_generator(args.checkpoint)
+    reader = EvalReader.from_config(cfg, 0, 1)
+    summary, kept = None, {"m": [], "d": [], "gt": []}
+    with torch.no_grad():
+        for batch in reader.batches(args.shards):
+            x = batch["image"]
+            b_int, m = generator(x)
+            diff = losses.anomaly_map(x, losses.blend_healthy(x, b_int, m))
+            part = summarise_masks(m, batch["label"].numpy(), batch["mask"], batch["has_mask"], diff)
+            summary = part if summary is None else add_mask_summary(summary, part)
+            known = batch["has_mask"].numpy().astype(bool)
+            kept["m"].append(m.numpy()[known].ravel())
+            kept["d"].append(diff.numpy()[known].ravel())
+            kept["gt"].append(batch["mask"].numpy()[known].ravel() > 0.5)
+    truth = np.concatenate(kept["gt"])
+    row = {"shards": str(args.shards), "image_size": cfg.data.image_size, "pixels": int(truth.size),
+           "positive": int(truth.sum())}
+    for q, name in ((1, "map"), (0, "mask")):
+        values = np.concatenate(kept[name[0]])
+        neg, pos, _ = summary["hist"][q]
+        row[name] = {"exact_auroc": float(roc_auc_score(truth, values)), "binned_auroc": binned_auroc(neg, pos),
+                     "exact_aupr": float(average_precision_score(truth, values)), "binned_aupr": binned_aupr(neg, pos)}
+    rows = [row]
+    print("\n| set | px | annotated pixels | quantity | exact AUROC | binned AUROC | |diff| | exact AUPR | binned AUPR |"
+          "\n|---|---|---|---|---|---|---|---|---|")
+    for name, shown in (("map", "difference map"), ("mask", "M")):
+        r = row[name]
+        print(f"| {args.label or args.shards} | {row['image_size']} | {row['pixels']:,} | "
+              f"{shown} | {r['exact_auroc']:.5f} | {r['binned_auroc']:.5f} | "
+              f"{abs(r['exact_auroc'] - r['binned_auroc']):.1e} | {r['exact_aupr']:.5f} | {r['binned_aupr']:.5f} |")
+    if args.processes > 1:
+        work = Path(args.work)
+        outs = {}
+        for n in (1, args.processes):
+            out = work / f"agree-{args.label or 'set'}-p{n}"
+            cmd = [str(Path(sys.executable).parent / "a2b"), "evaluate"] if n == 1 else [
+                sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(n),
+                "--num_machines", "1", "-m", "a2b_dist.evaluate"]
+            env = {**os.environ, "OMP_NUM_THREADS": "1" if n > 1 else "2"}
+            subprocess.run(cmd + ["--checkpoint", str(args.checkpoint), "--shards", str(args.shards), "--out", str(out)],
+                           check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            outs[n] = json.loads((out / "metrics.json").read_text())
+        print(f"\n| `a2b evaluate` | image AUROC | pixel AUROC | pixel AUPRO | M pixel AUROC | pixel metrics |"
+              "\n|---|---|---|---|---|---|")
+        for n, m in outs.items():
+            print(f"| {n} process{'es' if n > 1 else ''} | {m['auroc']:.6f} | {m['pixel_auroc']:.6f} | "
+                  f"{m['pixel_aupro']:.6f} | {m['mask']['mask_pixel_auroc']:.6f} | {m['mask']['pixel_metrics']} |")
+        row["processes"] = {str(n): {"auroc": m["auroc"], "pixel_auroc": m["pixel_auroc"],
+                                     "pixel_aupro": m["pixel_aupro"]} for n, m in outs.items()}
+    return rows
+
+
+def run_detect(args) -> list[dict]:
+    """`a2b detect` images/s on this CPU for the .pt export and the .onnx export of one checkpoint,
+    on --count PNG files taken from a role (their bytes as stored), and the largest difference
+    between the two paths' per-image scores."""
+    import csv
+    import tarfile
+
+    from a2b_dist.data.manifest import read_manifest, split_member
+
+    work = Path(args.work)
+    manifest = read_manifest(args.shards)
+    folder = work / f"detect-images-{manifest['image_size']}-{args.count}"
+    if not folder.is_dir():
+        staging = work / f".{folder.name}.partial"
+        staging.mkdir(parents=True, exist_ok=True)
+        made = 0
+        for shard in manifest["shards"]:
+            with tarfile.open(Path(args.shards) / shard["name"], mode="r:") as tar:
+                for member in tar:
+                    key, field = split_member(member.name)
+                    if field == "png" and made < args.count:
+                        (staging / f"{key}.png").write_bytes(tar.extractfile(member).read())
+                        made += 1
+        if made < args.count:
+            raise SystemExit(f"{args.shards} holds {made} images, fewer than --count {args.count}")
+        staging.rename(folder)
+    a2b = str(Path(sys.executable).parent / "a2b")
+    exports = {"pt": work / "detect-model.pt", "onnx": work / "detect-model.onnx"}
+    subprocess.run([a2b, "export", str(args.checkpoint), str(exports["pt"])], check=True, stdout=subprocess.DEVNULL)
+    subprocess.run([a2b, "export", str(args.checkpoint), str(exports["onnx"]), "--format", "onnx"], check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    rows, scores = [], {}
+    for kind, model in exports.items():
+        for maps in (False, True):
+            out = work / f"detect-out-{kind}{'-maps' if maps else ''}"
+            cmd = [a2b, "detect", "--checkpoint", str(model), "--images", str(folder), "--out", str(out),
+                   "--device", "cpu"] + (["--maps"] if maps else [])
+            t0 = time.perf_counter()
+            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+            seconds = time.perf_counter() - t0
+            with open(out / "scores.csv", newline="") as f:
+                table = {r["path"]: float(r["score"]) for r in csv.DictReader(f)}
+            scores.setdefault(kind, table)
+            rows.append({"format": kind, "maps": maps, "images": len(table), "seconds": seconds,
+                         "images_per_s": len(table) / seconds})
+            print(f"{kind}{' --maps' if maps else ''}: {len(table)} images in {seconds:.1f} s", flush=True)
+    worst = max(abs(scores["pt"][k] - scores["onnx"][k]) for k in scores["pt"])
+    print(f"\n| export | --maps | images ({manifest['image_size']} px) | `a2b detect` s | images/s |\n|---|---|---|---|---|")
+    for r in rows:
+        print(f"| .{r['format']} | {'yes' if r['maps'] else 'no'} | {r['images']:,} | {r['seconds']:.1f} | "
+              f"{r['images_per_s']:.0f} |")
+    print(f"\nlargest |score(.pt) - score(.onnx)| over the {len(scores['pt'])} images: {worst:.2e}")
+    return rows
 
 
 def main(argv=None):
@@ -175,7 +388,28 @@ def main(argv=None):
     e.add_argument("--size", type=int, default=128)
     e.add_argument("--count", type=int, default=20000)
     e.add_argument("--work", default="runs/eval_scale")
+    e.add_argument("--pixels", type=float, nargs="*", default=None,
+                   help="annotated pixels per run: the built test role repeated (new keys each pass) up to "
+                        "this many images x size^2; default: the built test role once")
+    e.add_argument("--width", type=int, default=32, help="generator width (small.yaml: 32)")
+    e.add_argument("--res-blocks", type=int, default=3, help="generator residual blocks (small.yaml: 3)")
+    e.add_argument("--batch", type=int, default=32, help="eval.batch_size (default 32, the config's)")
+    a = sub.add_parser("agree", help="binned against exact pixel metrics on a trained generator's maps")
+    a.add_argument("--checkpoint", required=True, help="export .pt or run folder (RUN/best)")
+    a.add_argument("--shards", required=True, help="a labelled role with masks, e.g. data/demo/test")
+    a.add_argument("--label", default=None, help="name of the set in the table")
+    a.add_argument("--processes", type=int, default=1, help="also compare `a2b evaluate` on 1 and N processes")
+    a.add_argument("--work", default="runs/eval_scale")
+    d = sub.add_parser("detect", help="`a2b detect` images/s for the .pt and the .onnx export")
+    d.add_argument("--checkpoint", required=True, help="run folder or checkpoint to export (e.g. RUN/best)")
+    d.add_argument("--shards", required=True, help="a role whose PNGs become the image folder")
+    d.add_argument("--count", type=int, default=2000)
+    d.add_argument("--work", default="runs/eval_scale")
     args = p.parse_args(argv)
+    if args.cmd == "detect":
+        return run_detect(args)
+    if args.cmd == "agree":
+        return run_agree(args)
     if args.cmd == "_one":
         print(json.dumps(one_count(args.pixels, args.side, args.batch, args.exact_up_to)))
     elif args.cmd == "metrics":
