@@ -406,11 +406,16 @@ def train_pu(args, healthy: torch.Tensor, mixed: torch.Tensor, budget: int, seed
     return model, best
 
 
+FUSE_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)   # the pu score's share in fused_pu_sel, chosen on validation
+
+
 def pu_fused(args, root: Path, seed: int, budget: int, score_fn, test: dict, val: dict) -> dict:
     """A method's score fused with the pu peer's: the pu classifier trained with this seed at its own
     budget (on top of the method's), each score standardised by its mean and sd on the healthy
-    validation images, the two summed. {"fused_pu": test AUROC, "fused_pu_val": val AUROC}: whether
-    what the mixed set teaches a classifier adds to what the method finds by itself."""
+    validation images. {"fused_pu": test AUROC of the two summed, "fused_pu_val": its val AUROC,
+    "fused_pu_sel": test AUROC of (1 - w) x method + w x pu with w of FUSE_WEIGHTS chosen on
+    validation AUROC, "fused_pu_sel_val", "fused_pu_w"}: whether what the mixed set teaches a
+    classifier adds to what the method finds by itself."""
     healthy = load_role(root / "healthy", args.size)["image"]
     model, _ = train_pu(args, healthy, load_role(root / "mixed", args.size)["image"], budget, seed, val)
     calib = val["image"][val["label"] == 0]
@@ -422,8 +427,13 @@ def pu_fused(args, root: Path, seed: int, budget: int, score_fn, test: dict, val
         ref = fn(calib)
         return (fn(x) - ref.mean()) / (ref.std() + 1e-12)
 
-    return {name: image_and_pixel(role["label"], z(score_fn, role["image"]) + z(pu, role["image"]))["auroc"]
-            for name, role in (("fused_pu", test), ("fused_pu_val", val))}
+    zs = {name: (z(score_fn, role["image"]), z(pu, role["image"])) for name, role in (("test", test), ("val", val))}
+    auc = lambda role, w: image_and_pixel(  # noqa: E731
+        {"test": test, "val": val}[role]["label"], (1 - w) * zs[role][0] + w * zs[role][1])["auroc"]
+    # the weight of the pu score chosen on validation AUROC (ties: the lower weight), reported on test
+    chosen = max(FUSE_WEIGHTS, key=lambda w: (auc("val", w), -w))
+    return {"fused_pu": auc("test", 0.5), "fused_pu_val": auc("val", 0.5),
+            "fused_pu_sel": auc("test", chosen), "fused_pu_sel_val": auc("val", chosen), "fused_pu_w": chosen}
 
 
 def run_peer(args, method: str, root: Path, seed: int, budget: int) -> dict:
@@ -478,7 +488,7 @@ def run_cell(args, spec: str, method: str, seed: int, fraction: float | None = N
         cached = json.loads(out.read_text())
         run_dir = work / "runs" / f"{tag}-{args.steps}" / method / f"seed-{seed}"
         is_a2b = method in A2B_METHODS or method in args.variants
-        if not (args.fuse_pu and "fused_pu" not in cached.get("scores", {}) and (method == "ae" or is_a2b)):
+        if not (args.fuse_pu and "fused_pu_sel" not in cached.get("scores", {}) and (method == "ae" or is_a2b)):
             return {**cached, "fraction": mixed_fraction(root)}
         if is_a2b:        # the fusion added to a finished cell from its kept run folder
             from a2b_dist import checkpoint as ckpt
@@ -674,7 +684,8 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--fuse-pu", action="store_true",
                    help="also report each A2B-GAN method's and the autoencoder's score fused with the pu "
                         "peer's (both standardised on healthy validation images, summed): fused_pu (test) and "
-                        "fused_pu_val; finished cells get it added from their kept run folders")
+                        "fused_pu_val; fused_pu_sel: the pu score's weight chosen on validation "
+                        "(fused_pu_w); finished cells get them added from their kept run folders")
     p.add_argument("--data-scale", type=float, default=1.0,
                    help="build the protocols with every role shrunk by this factor (quick checks; give such "
                         "a run a --work of its own, since folders are named by protocol and size only)")
