@@ -27,7 +27,8 @@ AUROC and AUPR beside the toolkit's binned ones; with --processes 2 also `a2b ev
 on 2 processes, side by side.
 
 detect: `a2b detect` images/s on CPU for the .pt and the .onnx export of one checkpoint (with and
-without --maps), and the largest per-image score difference between the two.
+without --maps, the latter on the first --maps-count images), and the largest per-image score
+difference between the two.
 """
 from __future__ import annotations
 
@@ -283,7 +284,7 @@ def run_agree(args) -> list[dict]:
     row = {"shards": str(args.shards), "image_size": cfg.data.image_size, "pixels": int(truth.size),
            "positive": int(truth.sum())}
     for q, name in ((1, "map"), (0, "mask")):
-        values = np.concatenate(kept[name[0]])
+        values = np.concatenate(kept["d" if name == "map" else "m"])
         neg, pos, _ = summary["hist"][q]
         row[name] = {"exact_auroc": float(roc_auc_score(truth, values)), "binned_auroc": binned_auroc(neg, pos),
                      "exact_aupr": float(average_precision_score(truth, values)), "binned_aupr": binned_aupr(neg, pos)}
@@ -348,12 +349,19 @@ def run_detect(args) -> list[dict]:
     subprocess.run([a2b, "export", str(args.checkpoint), str(exports["pt"])], check=True, stdout=subprocess.DEVNULL)
     subprocess.run([a2b, "export", str(args.checkpoint), str(exports["onnx"]), "--format", "onnx"], check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    few = folder.with_name(f"{folder.name}-first{args.maps_count}")   # --maps draws a panel per image
+    if not few.is_dir():
+        staging = few.with_name(f".{few.name}.partial")
+        staging.mkdir(parents=True, exist_ok=True)
+        for png in sorted(folder.iterdir())[:args.maps_count]:
+            (staging / png.name).write_bytes(png.read_bytes())
+        staging.rename(few)
     rows, scores = [], {}
     for kind, model in exports.items():
         for maps in (False, True):
             out = work / f"detect-out-{kind}{'-maps' if maps else ''}"
-            cmd = [a2b, "detect", "--checkpoint", str(model), "--images", str(folder), "--out", str(out),
-                   "--device", "cpu"] + (["--maps"] if maps else [])
+            cmd = [a2b, "detect", "--checkpoint", str(model), "--images", str(few if maps else folder),
+                   "--out", str(out), "--device", "cpu"] + (["--maps"] if maps else [])
             t0 = time.perf_counter()
             subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
             seconds = time.perf_counter() - t0
@@ -404,6 +412,7 @@ def main(argv=None):
     d.add_argument("--checkpoint", required=True, help="run folder or checkpoint to export (e.g. RUN/best)")
     d.add_argument("--shards", required=True, help="a role whose PNGs become the image folder")
     d.add_argument("--count", type=int, default=2000)
+    d.add_argument("--maps-count", type=int, default=200, help="images for the runs with --maps (default 200)")
     d.add_argument("--work", default="runs/eval_scale")
     args = p.parse_args(argv)
     if args.cmd == "detect":
