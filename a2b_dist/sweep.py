@@ -22,6 +22,7 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Optional
 
+from a2b_dist.compat import ray_trial_stop_event, reset_accelerate_state
 from a2b_dist.config import Config, from_dict, merge, to_dict
 from a2b_dist.files import hold_folder
 
@@ -60,24 +61,6 @@ def trial_dirname(trial) -> str:
 
 def trial_name(trial) -> str:
     return f"trial_{trial.trial_id}"
-
-
-def _reset_accelerate() -> None:
-    """Let train() build a fresh Accelerator: a reused Ray worker has run train() before, and
-    Accelerate keeps its state in process-wide singletons."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-
-
-def _ray_stop_event() -> Optional[threading.Event]:
-    """The event Ray sets when it stops this trial (ASHA, PBT pause, end of sweep), if it has one."""
-    try:
-        from ray.train._internal.session import get_session
-    except ImportError:
-        return None
-    return getattr(get_session(), "stop_event", None)
 
 
 def _checkpoint_step(path: Path) -> int:
@@ -147,8 +130,8 @@ def run_trial(params: dict, *, base: dict, runs_dir: str) -> None:
             given.as_directory() if given is not None else nullcontext(None) as start:
         start = Path(start) if start is not None else None
         _drop_checkpoints_after(run_dir, _checkpoint_step(start) if start is not None else -1)
-        stop = _ray_stop_event()
-        _reset_accelerate()
+        stop = ray_trial_stop_event()
+        reset_accelerate_state()
         # From a checkpoint of the last step (a restored sweep whose trial had finished unrecorded)
         # train() has nothing to do; returning without a report ends the trial with its last result.
         train(cfg, resume=str(start) if start is not None else "none",
@@ -167,7 +150,7 @@ def _ddp_worker(loop_config: dict) -> None:
     def on_evaluation(step: int, metrics: dict, checkpoint: Optional[Path]) -> None:
         queue.put((_report_row(step, metrics), str(checkpoint) if checkpoint else None))
 
-    _reset_accelerate()
+    reset_accelerate_state()
     train(from_dict(loop_config["config"]), resume=loop_config["resume"], argv=loop_config["argv"],
           on_evaluation=on_evaluation)
 
@@ -212,7 +195,7 @@ def run_trial_ddp(params: dict, *, base: dict, runs_dir: str, workers: int, use_
 
     thread = threading.Thread(target=fit, daemon=True)
     thread.start()
-    stop = _ray_stop_event()
+    stop = ray_trial_stop_event()
     while stop is None or not stop.is_set():   # once Ray stops the trial it ends this actor and its workers
         try:
             row, checkpoint = results.get(timeout=1.0)
