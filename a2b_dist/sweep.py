@@ -54,12 +54,8 @@ def apply_params(base: dict, params: dict, run_dir: Optional[str | os.PathLike] 
 # ---------------------------------------------------------------------------------------------
 # One trial (runs in a Ray worker)
 
-def trial_dirname(trial) -> str:
-    """Ray's folder for a trial: short and stable (the default puts every sampled value in it)."""
-    return f"trial_{trial.trial_id}"
-
-
 def trial_name(trial) -> str:
+    """Ray's name and folder for a trial: short and stable (the default puts every sampled value in it)."""
     return f"trial_{trial.trial_id}"
 
 
@@ -211,4 +207,4 @@ def run_trial_ddp(params: dict, *, base: dict, runs_dir: str, workers: int, use_
         raise outcome["error"]
 
 
-__all__ = ["apply_params", "run_trial", "run_trial_ddp", "trial_dirname", "trial_name"]
+__all__ = ["apply_params", "run_trial", "run_trial_ddp", "trial_name"]
