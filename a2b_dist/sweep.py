@@ -14,7 +14,6 @@ trial), so the iteration counts Ray schedules by always match the training step.
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import threading
@@ -24,7 +23,7 @@ from typing import Optional
 
 from a2b_dist.compat import ray_trial_stop_event, reset_accelerate_state
 from a2b_dist.config import Config, from_dict, merge, to_dict
-from a2b_dist.files import hold_folder
+from a2b_dist.files import append_jsonl, hold_folder
 
 # One learning rate for both networks, as in the paper; a space may still search lr_g and lr_d apart.
 LR = "optim.lr"
@@ -88,11 +87,6 @@ def _report_row(step: int, metrics: dict) -> dict:
     return row
 
 
-def _append_json(path: Path, row: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
-
-
 def _trial_argv(trial_id: str, params: dict, start: Optional[Path]) -> list[str]:
     return ["sweeps/tune.py", f"trial={trial_id}", f"resume={start or 'none'}",
             *(f"{k}={v}" for k, v in params.items())]
@@ -116,7 +110,7 @@ def run_trial(params: dict, *, base: dict, runs_dir: str) -> None:
 
     def on_evaluation(step: int, metrics: dict, checkpoint: Optional[Path]) -> None:
         row = _report_row(step, metrics)
-        _append_json(run_dir / REPORTS, row)
+        append_jsonl(run_dir / REPORTS, row)
         tune.report(row, checkpoint=tune.Checkpoint.from_directory(str(checkpoint)) if checkpoint else None)
 
     # The trial folder's lock is held from before its checkpoints are pruned until train() returns
