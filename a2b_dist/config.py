@@ -4,6 +4,9 @@ Load a YAML preset, apply dotted overrides (``loss.lambda_rec=2``), validate:
 
     cfg = load_config("configs/demo.yaml", ["train.steps=100"])
 
+A preset may build on another with ``extends: small.yaml`` (relative to it) and set only what
+differs; its values win field by field.
+
 Every user mistake raises ``ConfigError`` with the field and what is allowed.
 """
 from __future__ import annotations
@@ -406,17 +409,51 @@ def merge(base: dict | Config, values: dict[str, Any], source: str) -> Config:
     return validate(_structured(OmegaConf.to_container(merged), source))
 
 
+EXTENDS = "extends"   # a preset's key naming the preset it builds on
+
+
+def _overlay(base: dict, over: dict) -> dict:
+    """``base`` with ``over``'s values set: mappings merged key by key, anything else replaced."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _overlay(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _read_preset(path: str, chain: tuple[tuple[str, str], ...] = ()) -> dict:
+    """A preset's sections, with the preset it ``extends:`` (a file relative to it, which may extend
+    another) underneath. Each file is read by read_yaml_file (the size cap, no aliases); a missing
+    file or a cycle is one ConfigError naming the file that says ``extends:``."""
+    data = read_yaml_file(path, f"config file {path}") or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections (data, model, ...)")
+    if EXTENDS not in data:
+        return data
+    data = dict(data)
+    parent = data.pop(EXTENDS)
+    if not isinstance(parent, str) or not parent.strip():
+        raise ConfigError(f"config file {path}: {EXTENDS} must name one YAML file, relative to this one "
+                          f"(got {parent!r})")
+    target = os.path.normpath(os.path.join(os.path.dirname(path), parent))
+    here = chain + ((os.path.realpath(path), path),)   # (real path, as named) of each file so far
+    real = [r for r, _ in here]
+    if os.path.realpath(target) in real:
+        cycle = [shown for _, shown in here[real.index(os.path.realpath(target)):]] + [target]
+        raise ConfigError(f"config file {path}: {EXTENDS}: {parent} makes a cycle ({' -> '.join(cycle)})")
+    if not os.path.isfile(target):
+        raise ConfigError(f"config file {path}: {EXTENDS}: {parent} does not exist ({target})")
+    return _overlay(_read_preset(target, here), data)
+
+
 def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Config:
-    """Defaults <- YAML file <- dotted overrides, then validation."""
+    """Defaults <- YAML file (over the presets it extends) <- dotted overrides, then validation."""
     data: dict = {}
     source = "defaults"
     if path is not None:
         source = str(path)
         if not os.path.isfile(path):
             raise ConfigError(f"config file {path} does not exist")
-        data = read_yaml_file(path, f"config file {path}") or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {path} must hold a mapping of sections (data, model, ...)")
+        data = _read_preset(str(path))
     base = OmegaConf.create(data)
     if overrides:
         over = parse_overrides(overrides)

@@ -25,6 +25,7 @@ from typing import Any, Optional
 
 import torch
 
+from a2b_dist import compat
 from a2b_dist.config import Config, ConfigError
 from a2b_dist.errors import UserError
 from a2b_dist.updates import A2BUpdates
@@ -64,7 +65,6 @@ def engine_config(cfg: Config, lr: float, micro_batch: int) -> dict:
 
 
 def _init_process_group(device: torch.device) -> None:
-    import deepspeed
     import torch.distributed as dist
     from deepspeed.accelerator import get_accelerator
 
@@ -77,7 +77,7 @@ def _init_process_group(device: torch.device) -> None:
         # minute) that only its inference all-reduce uses; training collectives go through gloo.
         shm = accel.get_op_builder("ShareMemCommBuilder")
         if shm is not None:
-            deepspeed.ops.__compatible_ops__[shm.NAME] = False
+            compat.skip_deepspeed_op(shm.NAME)
     if not dist.is_initialized():
         # One process: Accelerate starts no process group, DeepSpeed needs one (of size 1) and the
         # LOCAL_RANK a launcher would set.
@@ -86,7 +86,7 @@ def _init_process_group(device: torch.device) -> None:
 
 
 def initialize(cfg: Config, G: torch.nn.Module, D: torch.nn.Module, accelerator) -> tuple[Any, Any]:
-    """(generator engine, critic engine); both load and save through ``WeightsOnlyCheckpointEngine``."""
+    """(generator engine, critic engine); both read their checkpoints through ``load_weights_only``."""
     import deepspeed
 
     _init_process_group(accelerator.device)
@@ -95,7 +95,7 @@ def initialize(cfg: Config, G: torch.nn.Module, D: torch.nn.Module, accelerator)
     for net, lr in ((G, cfg.optim.lr_g), (D, cfg.optim.lr_d)):
         engine, _, _, _ = deepspeed.initialize(model=net, model_parameters=net.parameters(),
                                                config=engine_config(cfg, lr, micro))
-        engine.checkpoint_engine = WeightsOnlyCheckpointEngine(engine.checkpoint_engine)
+        compat.load_checkpoints_through(engine, load_weights_only)
         engines.append(engine)
     return engines[0], engines[1]
 
@@ -128,22 +128,6 @@ def load_weights_only(path: str | Path, map_location=None) -> Any:
     """torch.load(weights_only=True) of one file of a DeepSpeed checkpoint."""
     with torch.serialization.safe_globals(checkpoint_types()):
         return torch.load(path, map_location=map_location, weights_only=True)
-
-
-class WeightsOnlyCheckpointEngine:
-    """DeepSpeed's checkpoint engine with loading through ``load_weights_only``; everything else
-    (saving with torch.save in DeepSpeed's layout, commit, who writes) is the wrapped engine's."""
-
-    def __init__(self, inner: Any):
-        self.inner = inner
-
-    def load(self, path: str, map_location=None) -> Any:
-        return load_weights_only(path, map_location)
-
-    def __getattr__(self, name: str) -> Any:
-        if name == "inner":   # not set yet (copy, unpickling): no recursion
-            raise AttributeError(name)
-        return getattr(self.inner, name)
 
 
 class DeepSpeedUpdates(A2BUpdates):

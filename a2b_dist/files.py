@@ -9,7 +9,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 from a2b_dist.errors import UserError
 
@@ -47,6 +47,15 @@ def sha256_file(path: str | os.PathLike) -> str:
     """Hex SHA-256 of a file's bytes, read in blocks (shards, checkpoint files, FID weights)."""
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def append_jsonl(path: str | os.PathLike, obj: Any) -> None:
+    """Append ``obj`` to the JSON-lines file ``path`` as one line (``json.dumps`` with its default
+    separators, then a newline), flushed to the file when this returns; not fsynced. The one
+    appender of the run folder's jobs.jsonl, launches.jsonl and metrics.jsonl and of a sweep
+    trial's sweep-reports.jsonl."""
+    with open(path, "a") as f:
+        f.write(json.dumps(obj) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ import torch
 from a2b_dist import checkpoint as ckpt
 from a2b_dist.config import from_dict
 from a2b_dist.errors import UserError
-from a2b_dist.files import write_atomic
+from a2b_dist.files import append_jsonl, write_atomic
 
 JOBS_FILE = "jobs.jsonl"
 REPLICAS = "replicas"
@@ -193,8 +193,7 @@ def record_event(run_dir: str | Path, event: str, **fields: Any) -> None:
     """Append one line to RUN_DIR/jobs.jsonl (submissions and what each start of the job did)."""
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     line = {"event": event, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **fields}
-    with open(Path(run_dir) / JOBS_FILE, "a") as f:
-        f.write(json.dumps(line) + "\n")
+    append_jsonl(Path(run_dir) / JOBS_FILE, line)
 
 
 def read_events(run_dir: str | Path) -> list[dict]:

@@ -14,7 +14,6 @@ trial), so the iteration counts Ray schedules by always match the training step.
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import threading
@@ -22,8 +21,9 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Optional
 
+from a2b_dist.compat import ray_trial_stop_event, reset_accelerate_state
 from a2b_dist.config import Config, from_dict, merge, to_dict
-from a2b_dist.files import hold_folder
+from a2b_dist.files import append_jsonl, hold_folder
 
 # One learning rate for both networks, as in the paper; a space may still search lr_g and lr_d apart.
 LR = "optim.lr"
@@ -53,31 +53,9 @@ def apply_params(base: dict, params: dict, run_dir: Optional[str | os.PathLike] 
 # ---------------------------------------------------------------------------------------------
 # One trial (runs in a Ray worker)
 
-def trial_dirname(trial) -> str:
-    """Ray's folder for a trial: short and stable (the default puts every sampled value in it)."""
-    return f"trial_{trial.trial_id}"
-
-
 def trial_name(trial) -> str:
+    """Ray's name and folder for a trial: short and stable (the default puts every sampled value in it)."""
     return f"trial_{trial.trial_id}"
-
-
-def _reset_accelerate() -> None:
-    """Let train() build a fresh Accelerator: a reused Ray worker has run train() before, and
-    Accelerate keeps its state in process-wide singletons."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-
-
-def _ray_stop_event() -> Optional[threading.Event]:
-    """The event Ray sets when it stops this trial (ASHA, PBT pause, end of sweep), if it has one."""
-    try:
-        from ray.train._internal.session import get_session
-    except ImportError:
-        return None
-    return getattr(get_session(), "stop_event", None)
 
 
 def _checkpoint_step(path: Path) -> int:
@@ -109,11 +87,6 @@ def _report_row(step: int, metrics: dict) -> dict:
     return row
 
 
-def _append_json(path: Path, row: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
-
-
 def _trial_argv(trial_id: str, params: dict, start: Optional[Path]) -> list[str]:
     return ["sweeps/tune.py", f"trial={trial_id}", f"resume={start or 'none'}",
             *(f"{k}={v}" for k, v in params.items())]
@@ -137,7 +110,7 @@ def run_trial(params: dict, *, base: dict, runs_dir: str) -> None:
 
     def on_evaluation(step: int, metrics: dict, checkpoint: Optional[Path]) -> None:
         row = _report_row(step, metrics)
-        _append_json(run_dir / REPORTS, row)
+        append_jsonl(run_dir / REPORTS, row)
         tune.report(row, checkpoint=tune.Checkpoint.from_directory(str(checkpoint)) if checkpoint else None)
 
     # The trial folder's lock is held from before its checkpoints are pruned until train() returns
@@ -147,8 +120,8 @@ def run_trial(params: dict, *, base: dict, runs_dir: str) -> None:
             given.as_directory() if given is not None else nullcontext(None) as start:
         start = Path(start) if start is not None else None
         _drop_checkpoints_after(run_dir, _checkpoint_step(start) if start is not None else -1)
-        stop = _ray_stop_event()
-        _reset_accelerate()
+        stop = ray_trial_stop_event()
+        reset_accelerate_state()
         # From a checkpoint of the last step (a restored sweep whose trial had finished unrecorded)
         # train() has nothing to do; returning without a report ends the trial with its last result.
         train(cfg, resume=str(start) if start is not None else "none",
@@ -167,7 +140,7 @@ def _ddp_worker(loop_config: dict) -> None:
     def on_evaluation(step: int, metrics: dict, checkpoint: Optional[Path]) -> None:
         queue.put((_report_row(step, metrics), str(checkpoint) if checkpoint else None))
 
-    _reset_accelerate()
+    reset_accelerate_state()
     train(from_dict(loop_config["config"]), resume=loop_config["resume"], argv=loop_config["argv"],
           on_evaluation=on_evaluation)
 
@@ -212,7 +185,7 @@ def run_trial_ddp(params: dict, *, base: dict, runs_dir: str, workers: int, use_
 
     thread = threading.Thread(target=fit, daemon=True)
     thread.start()
-    stop = _ray_stop_event()
+    stop = ray_trial_stop_event()
     while stop is None or not stop.is_set():   # once Ray stops the trial it ends this actor and its workers
         try:
             row, checkpoint = results.get(timeout=1.0)
@@ -228,4 +201,4 @@ def run_trial_ddp(params: dict, *, base: dict, runs_dir: str, workers: int, use_
         raise outcome["error"]
 
 
-__all__ = ["apply_params", "run_trial", "run_trial_ddp", "trial_dirname", "trial_name"]
+__all__ = ["apply_params", "run_trial", "run_trial_ddp", "trial_name"]

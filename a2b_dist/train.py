@@ -37,7 +37,7 @@ from a2b_dist import checkpoint as ckpt
 from a2b_dist import losses as L
 from a2b_dist.config import Config, ConfigError, from_dict, get_field, save_config, to_dict, trackers
 from a2b_dist.errors import UserError
-from a2b_dist.files import atomic_path, hold_folder, write_atomic
+from a2b_dist.files import append_jsonl, atomic_path, hold_folder, write_atomic
 from a2b_dist.updates import A2BUpdates, Models
 
 # Under fp16 a loss-scale overflow makes a step's losses inf (GradScaler skips it); more than this
@@ -203,8 +203,7 @@ def record_launch(run_dir: Path, accelerator, argv: list[str]) -> None:
                          **({"deepspeed": sys.modules["deepspeed"].__version__}
                             if "deepspeed" in sys.modules else {})},
             "slurm_job_id": os.environ.get("SLURM_JOB_ID")}
-    with open(run_dir / "launches.jsonl", "a") as f:
-        f.write(json.dumps(info) + "\n")
+    append_jsonl(run_dir / "launches.jsonl", info)
 
 
 _TRACKER_DEFAULTS: dict[str, str] = {}   # environment values prepare_tracker_env chose, not the user
@@ -270,8 +269,7 @@ class MetricsLog:
 
     def write(self, record: dict) -> None:
         if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            append_jsonl(self.path, record)
         if self.names:
             values = {k: v for k, v in record.items()
                       if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}

@@ -14,8 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-import yaml
-
 from a2b_dist.config import Config, ConfigError, NoAliasLoader, from_dict, get_field, read_yaml_file, to_dict
 from a2b_dist.data.manifest import role_exists
 from a2b_dist.data.storage import Storage, absolute, join
@@ -131,10 +129,6 @@ def load_space(path: str | os.PathLike) -> dict[str, Param]:
         raise UserError(f"--search-space {p} does not exist")
     data = read_yaml_file(p, f"--search-space {p}", NoAliasLoader)   # size capped, aliases refused
     return parse_space(data, f"--search-space {p}")
-
-
-def space_yaml(space: dict[str, Param], header: str = "") -> str:
-    return header + yaml.safe_dump({k: p.as_yaml() for k, p in space.items()}, sort_keys=False)
 
 
 def check_space(space: dict[str, Param], base: dict) -> None:

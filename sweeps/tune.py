@@ -242,7 +242,7 @@ def run_tuner(args: argparse.Namespace, exp: Path, base: dict, space: dict[str, 
             # own placeholder takes almost nothing and its workers queue for the rest.
             search_alg=BasicVariantGenerator(random_state=seed, max_concurrent=max_concurrent),
             reuse_actors=workers == 1, trial_name_creator=sweep.trial_name,
-            trial_dirname_creator=sweep.trial_dirname),
+            trial_dirname_creator=sweep.trial_name),
         run_config=tune.RunConfig(
             name=exp.name, storage_path=str(exp.parent), verbose=1,
             # A trial's last evaluation ends it before any scheduler sees it (PBT must not clone then).

@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 from a2b_dist import ds_backend
+from a2b_dist.compat import LoadThrough
 from a2b_dist.config import load_config
 from a2b_dist.nets import build_critic, build_generator
 from a2b_dist.train import build_models, make_accelerator
@@ -30,7 +31,8 @@ for stage in (0, 1):
 
     acc = make_accelerator(cfg)
     models = build_models(cfg, acc)
-    assert isinstance(models.D_train.checkpoint_engine, ds_backend.WeightsOnlyCheckpointEngine)
+    assert isinstance(models.D_train.checkpoint_engine, LoadThrough)
+    assert models.D_train.checkpoint_engine.load_file is ds_backend.load_weights_only
     a, b, alpha, part = fixed_batch(cfg, acc)
 
     grads: dict[str, torch.Tensor] = {}

@@ -1,4 +1,6 @@
 """Config tree: paper defaults, presets, dotted overrides, validation messages naming the field."""
+import re
+
 import pytest
 
 from a2b_dist.config import Config, ConfigError, from_dict, load_config, parse_overrides, to_dict
@@ -29,6 +31,8 @@ def test_presets_load(path):
     with open(path) as f:
         written = _load_yaml(f)
     for section, fields in written.items():
+        if section == "extends":   # its file's values: that preset's own entry; test_demo_is_small_plus_its_data
+            continue
         for name, value in fields.items():
             assert getattr(getattr(cfg, section), name) == value, f"{path}: {section}.{name}"
     size, c = cfg.data.image_size, cfg.data.channels
@@ -142,3 +146,109 @@ def test_an_oversized_config_is_refused_unread(tmp_path):
     big.write_text("# padding\n" * (MAX_YAML_BYTES // 10 + 1) + "train: {steps: 3}\n")
     with pytest.raises(ConfigError, match=rf"config file {big} is larger than 1 MiB"):
         load_config(str(big))
+
+
+# Presets that extend another (issue 28)
+
+# configs/demo.yaml as it was written out in full before it extended small.yaml (its comments cut).
+OLD_DEMO = """\
+data:
+  root: data/demo
+  image_size: 32
+  channels: 1
+  num_workers: 0
+model:
+  width: 32
+  res_blocks: 3
+  critic_width: 32
+loss:
+  lambda_id: 10.0
+  lambda_id_out: 10.0
+  lambda_fs: 1.0
+  lambda_fz: 0.0
+optim:
+  lr_g: 2.0e-4
+  lr_d: 2.0e-4
+  decay_steps: 167
+train:
+  run_dir: runs/demo
+  steps: 500
+  batch_size: 16
+  checkpoint_every: 100
+  log_every: 25
+  sample_every: 100
+  channels_last: true
+eval:
+  every: 33
+  metric: val_auc
+  select_from: 333
+"""
+
+
+def test_demo_is_small_plus_its_data(tmp_path):
+    """demo.yaml = small.yaml + data.root and train.run_dir: the loaded config is, value by value,
+    the one the old written-out demo.yaml gave."""
+    old = tmp_path / "old-demo.yaml"
+    old.write_text(OLD_DEMO)
+    new, expected = to_dict(load_config("configs/demo.yaml")), to_dict(load_config(str(old)))
+    for section, fields in expected.items():
+        for name, value in fields.items():
+            assert new[section][name] == value, f"demo.yaml: {section}.{name} = {new[section][name]!r}, was {value!r}"
+    assert new == expected
+    small = to_dict(load_config("configs/small.yaml", ["data.root=data/demo", "train.run_dir=runs/demo"]))
+    assert new == small
+
+
+def write(path, text):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return str(path)
+
+
+def one_line_error(path, match):
+    with pytest.raises(ConfigError, match=match) as e:
+        load_config(path)
+    assert "\n" not in str(e.value)
+    return str(e.value)
+
+
+def test_extends_is_relative_to_the_file_and_the_child_wins_field_by_field(tmp_path, monkeypatch):
+    write(tmp_path / "presets" / "base" / "root.yaml", "data: {image_size: 64, channels: 3}\ntrain: {steps: 30}\n")
+    write(tmp_path / "presets" / "mid.yaml",
+          "extends: base/root.yaml\ntrain: {steps: 20, seed: 4}\noptim: {decay_steps: 5}\n")
+    leaf = write(tmp_path / "presets" / "leaf.yaml", "extends: mid.yaml\ndata: {channels: 1}\n")
+    monkeypatch.chdir(tmp_path / "presets" / "base")   # the working folder plays no part
+    cfg = load_config(leaf, ["train.seed=7"])
+    assert (cfg.data.image_size, cfg.data.channels) == (64, 1)            # a section merged field by field
+    assert (cfg.train.steps, cfg.train.seed, cfg.optim.decay_steps) == (20, 7, 5)   # nearest file, then overrides
+    assert cfg.loss == load_config().loss                                  # nobody set it: the defaults
+
+
+def test_extends_cycles_and_missing_files_are_one_line(tmp_path):
+    e = re.escape
+    a = write(tmp_path / "a.yaml", "extends: b.yaml\n")
+    b = write(tmp_path / "b.yaml", "extends: a.yaml\ntrain: {steps: 3}\n")
+    one_line_error(a, rf"config file {e(b)}: extends: a.yaml makes a cycle \({e(a)} -> {e(b)} -> {e(a)}\)")
+    me = write(tmp_path / "me.yaml", "extends: ./me.yaml\n")
+    one_line_error(me, rf"config file {e(me)}: extends: ./me.yaml makes a cycle \({e(me)} -> {e(me)}\)")
+    lost = write(tmp_path / "lost.yaml", "extends: nowhere.yaml\n")
+    nowhere = str(tmp_path / "nowhere.yaml")
+    one_line_error(lost, rf"config file {e(lost)}: extends: nowhere.yaml does not exist \({e(nowhere)}\)")
+    for value in ("[a.yaml, b.yaml]", "''", "3"):
+        odd = write(tmp_path / "odd.yaml", f"extends: {value}\n")
+        one_line_error(odd, rf"config file {e(odd)}: extends must name one YAML file, relative to this one")
+
+
+def test_an_extended_file_gets_the_same_checks(tmp_path):
+    """The 1 MiB cap, the alias refusal and the mapping check apply to the extended file, named."""
+    from a2b_dist.config import MAX_YAML_BYTES
+
+    child = write(tmp_path / "child.yaml", "extends: parent.yaml\ntrain: {steps: 3}\n")
+    parent = write(tmp_path / "parent.yaml", "optim: &o {decay_steps: 3}\ntrain: *o\n")
+    one_line_error(child, rf"config file {re.escape(parent)}: YAML aliases are not allowed \(\*o at line 2\)")
+    write(tmp_path / "parent.yaml", "# padding\n" * (MAX_YAML_BYTES // 10 + 1) + "train: {steps: 3}\n")
+    one_line_error(child, rf"config file {re.escape(parent)} is larger than 1 MiB")
+    write(tmp_path / "parent.yaml", "- a list\n")
+    one_line_error(child, rf"config file {re.escape(parent)} must hold a mapping of sections")
+    write(tmp_path / "parent.yaml", "train: {nonsense: 1}\n")
+    one_line_error(child, "train.nonsense")

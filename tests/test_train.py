@@ -85,6 +85,19 @@ def test_single_process_run_folder(sim_shards, tmp_path):
     assert records[-1]["lr_g"] == pytest.approx(0.25e-4)
 
 
+def test_append_jsonl_writes_one_line_per_call(tmp_path):
+    """The one appender of jobs.jsonl, launches.jsonl, metrics.jsonl and sweep-reports.jsonl: each
+    call adds one line in json.dumps' default format after what is there, readable at once."""
+    from a2b_dist.files import append_jsonl
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 0}\n')
+    append_jsonl(path, {"step": 1, "loss_d": 0.5, "best": {"metric": "val_auc"}, "host": "n\u00e9"})
+    assert path.read_text() == '{"step": 0}\n{"step": 1, "loss_d": 0.5, "best": {"metric": "val_auc"}, "host": "n\\u00e9"}\n'
+    append_jsonl(path, {"step": 2})
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [0, 1, 2]
+
+
 def test_selection_starts_at_select_from(sim_shards, tmp_path):
     """Evaluations before eval.select_from are logged but never become best/ (e.g. during a focus warm-up)."""
     run_dir = tmp_path / "run"
