@@ -214,11 +214,12 @@ def _score_and_write(args, argv, paths: list[Path], cfg, generator, device, scor
     top: list[tuple[float, str, dict]] = []     # the report's panels: the highest scores so far
     map_hist = np.zeros(HIST_BINS)
     for rel, values, arrays in _translated(args, paths, cfg, generator, device, score, topk):
+        map_hist += np.bincount(value_bins(np.stack([a["diff"] for a in arrays])), minlength=HIST_BINS)
         for i, r in enumerate(rel):
             rows.append((r, float(values[i])))
-            map_hist += np.bincount(value_bins(arrays[i]["diff"]), minlength=HIST_BINS)
             if args.report_panels and (len(top) < args.report_panels or (-values[i], r) < top[-1][:2]):
-                top.append((-float(values[i]), r, arrays[i]))
+                # copies: a view would keep its whole batch alive as long as the panel
+                top.append((-float(values[i]), r, {k: None if v is None else v.copy() for k, v in arrays[i].items()}))
                 top.sort(key=lambda e: e[:2])
                 del top[args.report_panels:]
     scale = (metrics or {}).get("map_scale")          # the evaluation's, so the two pictures compare

@@ -346,7 +346,11 @@ def run_detect(args) -> list[dict]:
         staging.rename(folder)
     a2b = str(Path(sys.executable).parent / "a2b")
     exports = {"pt": work / "detect-model.pt", "onnx": work / "detect-model.onnx"}
-    subprocess.run([a2b, "export", str(args.checkpoint), str(exports["pt"])], check=True, stdout=subprocess.DEVNULL)
+    if Path(args.checkpoint).is_file():       # already an export .pt
+        exports["pt"] = Path(args.checkpoint)
+    else:
+        subprocess.run([a2b, "export", str(args.checkpoint), str(exports["pt"])], check=True,
+                       stdout=subprocess.DEVNULL)
     subprocess.run([a2b, "export", str(args.checkpoint), str(exports["onnx"]), "--format", "onnx"], check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     few = folder.with_name(f"{folder.name}-first{args.maps_count}")   # --maps draws a panel per image
@@ -409,7 +413,8 @@ def main(argv=None):
     a.add_argument("--processes", type=int, default=1, help="also compare `a2b evaluate` on 1 and N processes")
     a.add_argument("--work", default="runs/eval_scale")
     d = sub.add_parser("detect", help="`a2b detect` images/s for the .pt and the .onnx export")
-    d.add_argument("--checkpoint", required=True, help="run folder or checkpoint to export (e.g. RUN/best)")
+    d.add_argument("--checkpoint", required=True, help="run folder or checkpoint to export (e.g. RUN/best), "
+                   "or an export .pt")
     d.add_argument("--shards", required=True, help="a role whose PNGs become the image folder")
     d.add_argument("--count", type=int, default=2000)
     d.add_argument("--maps-count", type=int, default=200, help="images for the runs with --maps (default 200)")

@@ -2,8 +2,8 @@
 the trainer's own step (checked against train() on the same batches). Nothing here is timed."""
 from __future__ import annotations
 
-import re
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -156,6 +156,9 @@ def test_quality_fuses_with_the_pu_peer_and_adds_it_to_finished_cells(sim_shards
     for before, after in zip(plain, fused):
         assert after["auroc"] == before["auroc"]                   # the cell itself is not retrained
         assert 0.0 <= after["scores"]["fused_pu"] <= 1.0 and 0.0 <= after["scores"]["fused_pu_val"] <= 1.0
+        assert after["scores"]["fused_pu_w"] in quality.FUSE_WEIGHTS   # the pu share chosen on validation
+        assert 0.0 <= after["scores"]["fused_pu_sel"] <= 1.0
+        assert after["scores"]["fused_pu_sel_val"] >= after["scores"]["fused_pu_val"] - 1e-12
     cell = next((work / "results").rglob("a2b/seed-0.json"))
     assert "fused_pu" in json.loads(cell.read_text())["scores"]   # written back: a rerun reuses it
     assert quality.main(base + ["--fuse-pu"]) == fused
@@ -169,3 +172,52 @@ def test_gpu_run_script_parses_and_refuses_without_a_gpu():
     proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_run.sh")], capture_output=True, text=True,
                           env={"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin"})
     assert proc.returncode != 0 and "no CUDA device" in proc.stderr
+
+
+def test_eval_scale_runs_its_four_tables_on_tiny_sizes(sim_shards, eval_config, tmp_path, capsys):
+    """eval_scale.py end to end on tiny sizes: the repeated role holds the pixels asked for with new
+    keys, `a2b evaluate` on it prints its row; agree prints binned beside exact (equal to 1e-4 on
+    these maps) and 1 beside 2 processes; detect prints .pt and .onnx rows whose scores agree."""
+    import eval_scale
+    from conftest import export_generator
+
+    work = tmp_path / "work"
+    rows = eval_scale.main(["evaluate", "--size", "32", "--count", "300", "--pixels", "1e5", "--width", "4",
+                            "--res-blocks", "1", "--batch", "16", "--work", str(work)])
+    assert rows[0]["images"] == round(1e5 / 32 ** 2) and rows[0]["pixel_metrics"] == "exact"
+    manifest = json.loads(next(work.glob("repeat-32-*/test/manifest.json")).read_text())
+    assert manifest["samples"] == rows[0]["images"] == sum(manifest["labels"].values())
+    assert rows[0]["peak_mb"] > 0
+    model = export_generator(tmp_path / "g.pt", eval_config)
+    agree = eval_scale.main(["agree", "--checkpoint", str(model), "--shards", str(sim_shards / "test"),
+                             "--processes", "2", "--work", str(work)])[0]
+    for q in ("map", "mask"):
+        assert abs(agree[q]["exact_auroc"] - agree[q]["binned_auroc"]) < 1e-4
+    assert agree["processes"]["1"] == pytest.approx(agree["processes"]["2"], rel=1e-6)
+    pytest.importorskip("onnxruntime")
+    detect = eval_scale.main(["detect", "--checkpoint", str(model), "--shards", str(sim_shards / "test"),
+                              "--count", "12", "--maps-count", "3", "--work", str(work)])
+    assert [(r["format"], r["maps"], r["images"]) for r in detect] == [
+        ("pt", False, 12), ("pt", True, 3), ("onnx", False, 12), ("onnx", True, 3)]
+    out = capsys.readouterr().out
+    assert "largest |score(.pt) - score(.onnx)|" in out and "| .onnx | no | 12 |" in out
+
+
+def test_report_heatmaps_photographs_a_reports_sections(tmp_path, capsys):
+    """report_heatmaps.py on a page written by the report writer: the highest-scored anomalous
+    panels (lesions ten times the background on the run's scale) pass, the healthy ones stay dark."""
+    import report_heatmaps
+    from test_heatmaps import _page, _result
+
+    from a2b_dist import scoring
+
+    result, healthy, anomalous, _ = _result()
+    if shutil.which("chromium") is None and shutil.which("chromium-browser") is None:
+        pytest.skip("chromium is not installed (apt-get install chromium; .ci/run installs it)")
+    scale = scoring.summarise_result(result, score="mean")["map_scale"]
+    page = _page(tmp_path, "report", result, healthy, anomalous, scale)
+    assert report_heatmaps.main([str(page)]) == 0
+    out = capsys.readouterr().out
+    assert "PASS" in out and "0 to " in out and "| Highest-scored healthy images | 3 |" in out
+    flat = _page(tmp_path, "flat", result, healthy, anomalous, None)   # the old fixed 0-1 scale: nothing lights up
+    assert report_heatmaps.main([str(flat)]) == 1
