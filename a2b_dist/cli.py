@@ -29,6 +29,7 @@ COMMANDS = {
     "train": ("a2b_dist.train", "train A2B-GAN from shards"),
     "submit": ("a2b_dist.jobs.submit", "train on SLURM through submitit (or the same tasks on this machine)"),
     "status": ("a2b_dist.jobs.status", "a run's job state, last step, metrics, checkpoints and replicas"),
+    "tune": ("a2b_dist.sweeps.tune", "search the loss weights with Ray Tune (pip install '.[sweeps]')"),
     "export": ("a2b_dist.cli", "write a checkpoint's generator and config to one .pt (or .onnx) file"),
     "evaluate": ("a2b_dist.evaluate", "AUROC, scores, ROC and difference maps on a labelled role"),
     "detect": ("a2b_dist.detect", "scores and maps for a folder of new images"),
