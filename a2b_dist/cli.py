@@ -26,6 +26,9 @@ from a2b_dist.errors import UserError, run_guarded
 
 # verb -> (the module whose main(argv) runs it, one line of help), in the order data flows
 COMMANDS = {
+    "build": ("a2b_dist.build", "WebDataset shards from images: folder, npz, dicom, split, nifti, simulated"),
+    "upload": ("a2b_dist.build", "copy a built data root to object storage (s3://, gs://), manifests last"),
+    "verify": ("a2b_dist.build", "check every shard against its manifest: size, sample count, sha256"),
     "train": ("a2b_dist.train", "train A2B-GAN from shards"),
     "submit": ("a2b_dist.jobs.submit", "train on SLURM through submitit (or the same tasks on this machine)"),
     "status": ("a2b_dist.jobs.status", "a run's job state, last step, metrics, checkpoints and replicas"),
