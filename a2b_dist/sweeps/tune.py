@@ -341,7 +341,7 @@ def main(argv: Optional[list[str]] = None, prog: str = "a2b tune") -> int:
         raise UserError(f"--name {name}: {exp} already holds a sweep; add --resume to continue it, "
                         "or pick another --name")
     else:
-        save_definition(exp, base, space, ["sweeps/tune.py", *argv])
+        save_definition(exp, base, space, [*prog.split(), *argv])
     seed = from_dict(base).train.seed
     start_ray(args, args.gpus_per_trial, args.cpus_per_trial, workers_per_trial(args))
     # A short experiment-state period: a killed sweep loses at most this many seconds of bookkeeping.
