@@ -29,13 +29,10 @@ def tar_members(role_dir: Path) -> dict[str, dict[str, bytes]]:
 
 
 def build_module():
-    """shards/build.py imported as a module (it is a script, not part of the package)."""
-    import importlib.util
+    """a2b_dist.build, the module behind `a2b build` and shards/build.py."""
+    from a2b_dist import build
 
-    spec = importlib.util.spec_from_file_location("shards_build", BUILD)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return build
 
 
 def build_shards(*args: str, env: Optional[dict] = None) -> subprocess.CompletedProcess:

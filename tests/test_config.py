@@ -122,11 +122,7 @@ def test_a_billion_laughs_config_fails_fast_with_one_line(tmp_path):
 
 
 def test_aliases_are_refused_in_overrides_and_search_spaces(tmp_path):
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "sweeps"))
-    import space as search_space
+    from a2b_dist.sweeps import space as search_space
 
     with pytest.raises(ConfigError, match=r"override 'data.root=.*aliases are not allowed \(\*a at line 1\)"):
         load_config("configs/test.yaml", ["data.root=[&a [x, x], *a]"])

@@ -22,9 +22,8 @@ def run_without(mods: list[str], code: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize("mods,code,words", [
-    (["ray"], "import runpy, sys\nsys.argv = ['sweeps/tune.py', '--config', 'configs/test.yaml', '--metric', 'val_auc']\n"
-              "from a2b_dist.errors import run_guarded\nsys.path.insert(0, 'sweeps')\nimport tune\n"
-              "sys.exit(run_guarded(tune.main, sys.argv[1:]))",
+    (["ray"], "import sys\nsys.argv = ['sweeps/tune.py', '--config', 'configs/test.yaml', '--metric', 'val_auc']\n"
+              "from a2b_dist.cli import script\nsys.exit(script('tune', 'sweeps/tune.py'))",
      "pip install 'a2b_dist[sweeps]'"),
     (["pydicom"], "from a2b_dist.data import medical\nmedical._require('pydicom')", "pip install 'a2b_dist[medical]'"),
     (["mlflow"], "from a2b_dist.config import load_config\nfrom a2b_dist.train import prepare_tracker_env\n"

@@ -189,10 +189,10 @@ def test_accelerate_reset_and_ray_stop_event_still_work(tmp_path):
 
 
 def test_preempt_signal_follows_submitit():
-    from a2b_dist.launch import preempt_signal
+    from a2b_dist.jobs.launch import preempt_signal
 
     assert preempt_signal() == signal.SIGUSR2   # submitit's default
-    code = "from a2b_dist.launch import preempt_signal; print(preempt_signal().name)"
+    code = "from a2b_dist.jobs.launch import preempt_signal; print(preempt_signal().name)"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
                          env={**os.environ, "SUBMITIT_PREEMPT_SIGNAL": "USR1"})
     assert out.stdout.strip() == "SIGUSR1", out.stderr[-2000:]

@@ -201,9 +201,8 @@ def test_submit_passes_a_url_through_and_checks_it(http_data, tmp_path):
 
 
 def test_sweep_base_config_keeps_a_url_and_checks_its_roles(http_data):
-    sys.path.insert(0, str(ROOT / "sweeps"))
-    import space
     from a2b_dist.config import load_config
+    from a2b_dist.sweeps import space
 
     url, _ = http_data
     base = space.prepare_base(load_config("configs/test.yaml", [f"data.root={url}"]), metric="val_auc", seed=0,

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from a2b_dist import checkpoint as ckpt
-from a2b_dist import launch
+from a2b_dist.jobs import launch, submit
 
 ROOT = Path(__file__).resolve().parents[1]
 SUBMIT = str(ROOT / "jobs" / "submit.py")
@@ -55,11 +55,6 @@ def assert_replicas_agree(run_dir: Path, world_size: int, step: int) -> None:
 
 
 def main_in_process(argv: list[str], capsys) -> tuple[int, str, str]:
-    sys.path.insert(0, str(ROOT / "jobs"))
-    try:
-        import submit
-    finally:
-        sys.path.pop(0)
     from a2b_dist.errors import run_guarded
 
     rc = run_guarded(submit.main, argv)

@@ -18,12 +18,12 @@ from pathlib import Path
 
 import pytest
 
-from a2b_dist import sweep
 from a2b_dist.config import Config, ConfigError, load_config, to_dict
+from a2b_dist.sweeps import space as search_space
+from a2b_dist.sweeps.trial import LR, apply_params
+from a2b_dist.sweeps import tune
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "sweeps"))
-import space as search_space  # noqa: E402  (sweeps/space.py: the search space, submit side)
 TUNE = ROOT / "sweeps" / "tune.py"
 # Six steps, an evaluation (a report with its checkpoint) every two: three reports per trial.
 TINY = ["train.steps=6", "optim.decay_steps=2", "eval.every=2", "train.sample_every=0", "train.log_every=2"]
@@ -94,14 +94,14 @@ def _get_default(key):
 def test_default_space_centres_on_the_config_and_file_matches():
     cfg = load_config(str(ROOT / "configs" / "test.yaml"))          # lambda_fs 0.001, the simulated value
     space = search_space.default_space(cfg)
-    assert set(space) == {*search_space.LOSS_WEIGHTS, sweep.LR, *search_space.LEVERS}
-    assert all(space[k].dist == "loguniform" for k in (*search_space.LOSS_WEIGHTS, sweep.LR))
+    assert set(space) == {*search_space.LOSS_WEIGHTS, LR, *search_space.LEVERS}
+    assert all(space[k].dist == "loguniform" for k in (*search_space.LOSS_WEIGHTS, LR))
     for key, values in search_space.LEVERS.items():                       # each lever can be switched off
         assert space[key].dist == "choice" and _get_default(key) in space[key].values
     fs = space["loss.lambda_fs"]
     assert fs.low == pytest.approx(1e-4) and fs.high == pytest.approx(1e-2)
     assert space["loss.lambda_f"].low == pytest.approx(0.01) and space["loss.lambda_f"].high == pytest.approx(1.0)
-    assert space[sweep.LR].low < 1e-4 < space[sweep.LR].high
+    assert space[LR].low < 1e-4 < space[LR].high
     # The shipped example is the default space for the paper's X-ray values.
     assert search_space.load_space(ROOT / "sweeps" / "search_space.yaml") == search_space.default_space(Config())
 
@@ -133,7 +133,7 @@ def test_search_space_mistakes_name_the_entry(tmp_path):
                                      "model.upsample: {dist: choice, values: [transpose, nearest]}\n")
     space = search_space.load_space(tmp_path / "s.yaml")
     search_space.check_space(space, base)
-    cfg = sweep.apply_params(base, {"optim.lr": 3e-4, "model.upsample": "nearest"}, tmp_path / "run")
+    cfg = apply_params(base, {"optim.lr": 3e-4, "model.upsample": "nearest"}, tmp_path / "run")
     assert cfg.optim.lr_g == cfg.optim.lr_d == 3e-4 and cfg.model.upsample == "nearest"
     assert cfg.train.run_dir == str(tmp_path / "run")
 
@@ -150,15 +150,6 @@ def test_base_config_for_trials(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # Argument errors: one line naming the argument, exit 2, no traceback
 
-def _load_tune():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("sweeps_tune", TUNE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.parametrize("args, words", [
     (["--metric", "val_auc", "--num-samples", "0"], "--num-samples"),
     (["--metric", "val_auc", "--search-space", "nope.yaml"], "--search-space nope.yaml"),
@@ -172,7 +163,6 @@ def _load_tune():
 def test_bad_arguments(args, words, sim_shards, tmp_path, capsys):
     from a2b_dist.errors import run_guarded
 
-    tune = _load_tune()
     argv = ["--config", str(ROOT / "configs" / "test.yaml"), f"data.root={sim_shards}", "--storage", str(tmp_path),
             *args]
     assert run_guarded(tune.main, argv) == 2

@@ -1,4 +1,4 @@
-"""The search space of a sweep and its base config (submit side: runs in sweeps/tune.py only).
+"""The search space of a sweep and its base config (submit side: runs in ``a2b tune`` only).
 
 The default space: log-uniform over a decade either side of each loss weight of the config, a
 factor 3 either side of its learning rate, and a choice for each detection lever; or a YAML file
@@ -18,7 +18,7 @@ from a2b_dist.config import Config, ConfigError, NoAliasLoader, from_dict, get_f
 from a2b_dist.data.manifest import role_exists
 from a2b_dist.data.storage import Storage, absolute, join
 from a2b_dist.errors import UserError
-from a2b_dist.sweep import LR, apply_params
+from a2b_dist.sweeps.trial import LR, apply_params
 
 LOSS_WEIGHTS = ("loss.lambda_rec", "loss.lambda_id", "loss.lambda_f", "loss.lambda_fs")
 DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice")

@@ -1,4 +1,4 @@
-"""The summary of a finished (or interrupted) sweep (submit side: runs in sweeps/tune.py only):
+"""The summary of a finished (or interrupted) sweep (submit side: runs in ``a2b tune`` only):
 the table of trials sorted by the metric, trials.csv, best.yaml and the metric-against-value plot."""
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from typing import Any, Optional, Sequence
 
 from a2b_dist.config import Config, to_yaml
 from a2b_dist.files import atomic_path, write_atomic
-from a2b_dist.sweep import apply_params
-from space import Param
+from a2b_dist.sweeps.space import Param
+from a2b_dist.sweeps.trial import apply_params
 
 
 @dataclass

@@ -1,5 +1,6 @@
-"""One trial of a loss-weight sweep, as it runs inside a Ray worker (sweeps/tune.py is the command;
-its search space and summary live beside it, in sweeps/space.py and sweeps/summary.py).
+"""One trial of a loss-weight sweep, as it runs inside a Ray worker (``tune.py`` beside it is the
+command, ``a2b tune`` or ``python sweeps/tune.py``; ``space.py`` and ``summary.py`` its search space
+and summary).
 
 ``run_trial`` is the Ray Tune function trainable: it builds the trial's config (``apply_params``)
 and calls ``a2b_dist.train.train`` (the function behind ``a2b train``), reporting the metric and the
