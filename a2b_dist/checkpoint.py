@@ -49,6 +49,7 @@ from safetensors.torch import save_file
 from a2b_dist.config import Config, from_dict, to_dict
 from a2b_dist.errors import UserError
 from a2b_dist.files import atomic_path, sha256_file, write_atomic
+from a2b_dist.losses import SCORE_KINDS
 
 class CheckpointError(UserError):
     """A checkpoint that cannot be read or written; the message names the folder or file."""
@@ -405,10 +406,28 @@ def load_generator(path: str | Path, *, device: str | torch.device = "cpu"):
     else:
         ckpt = resolve_checkpoint(p)
         state, meta, _, _ = load_checkpoint(ckpt, 0, prefixes=("/G/", "/G_ema/"))
-        cfg, weights = from_dict(meta["config"], str(ckpt)), evaluation_weights(state)
+        cfg, weights = from_dict(resolved_config(meta), str(ckpt)), evaluation_weights(state)
     gen = build_generator(cfg.model, cfg.data.channels)
     gen.load_state_dict(weights)
     return gen.to(device).eval(), cfg
+
+
+def chosen_score(meta: dict) -> str:
+    """The score kind eval.score=auto chose on validation for this checkpoint: the best one's own
+    choice (meta["selection"]), else that of the best evaluation before it (meta["best"]), else the
+    paper's mean (a run that never evaluated after select_from)."""
+    for entry in (meta.get("selection"), meta.get("best")):
+        if isinstance(entry, dict) and entry.get("score") in SCORE_KINDS:
+            return entry["score"]
+    return "mean"
+
+
+def resolved_config(meta: dict) -> dict:
+    """The checkpoint's config as a dict, with eval.score=auto replaced by the kind it chose."""
+    config = meta["config"]
+    if config.get("eval", {}).get("score") == "auto":
+        config = {**config, "eval": {**config["eval"], "score": chosen_score(meta)}}
+    return config
 
 
 def evaluation_weights(state: dict) -> dict:
@@ -438,7 +457,7 @@ def export_generator(checkpoint: str | Path, out: str | Path) -> Path:
         with atomic_path(out) as tmp, open(tmp, "wb") as f:
             state, meta, _, _ = load_checkpoint(ckpt, 0, prefixes=("/G/", "/G_ema/"))
             torch.save({"format": EXPORT_FORMAT, "generator": evaluation_weights(state),
-                        "config": meta["config"], "step": meta["step"], "source": str(ckpt)}, f)
+                        "config": resolved_config(meta), "step": meta["step"], "source": str(ckpt)}, f)
     except OSError as e:
         raise UserError(f"cannot write export file {out}: {e.strerror or e}") from None
     return out

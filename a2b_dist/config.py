@@ -225,8 +225,10 @@ class EvalConfig:
     every: int = bounded(0, 0, None)              # evaluate (model selection) every N steps and at the end; 0 = never
     metric: str = one_of("val_auc", ("val_auc", "fid"))
     select_from: int = bounded(0, 0, None)        # evaluations before this step are logged but never become best/
-    # mean (the paper's) | topk | mask | smooth_topk | intermediate (losses.anomaly_score)
-    score: str = one_of("mean", ("mean", "topk", "mask", "smooth_topk", "intermediate"))
+    # mean (the paper's) | topk | mask | smooth_topk | intermediate (losses.anomaly_score) | auto: the
+    # kind with the best validation AUROC at the selected checkpoint (selection itself by the mean
+    # score), recorded with the checkpoint and used by a2b evaluate, detect and export
+    score: str = one_of("mean", ("mean", "topk", "mask", "smooth_topk", "intermediate", "auto"))
     topk_percent: float = bounded(5.0, 0.01, 100.0)
     batch_size: int = bounded(32, 1, None)
     fid_samples: int = bounded(1000, 2, None)
@@ -301,6 +303,10 @@ def validate(cfg: Config) -> Config:
     if cfg.eval.every and cfg.eval.select_from > cfg.train.steps:
         raise ConfigError(f"eval.select_from={cfg.eval.select_from} exceeds train.steps={cfg.train.steps}; "
                           "no evaluation could be selected as best")
+    if cfg.eval.score == "auto" and cfg.eval.metric != "val_auc":
+        raise ConfigError(f"eval.score=auto chooses the score kind on validation AUROC, which eval.metric="
+                          f"{cfg.eval.metric} does not compute; set eval.metric=val_auc or name a kind "
+                          "(mean, topk, mask, smooth_topk, intermediate)")
     named = [t.strip() for t in cfg.train.log_with.split(",") if t.strip()]
     if any(t not in TRACKERS + ("none",) for t in named) or ("none" in named and len(named) > 1):
         raise ConfigError(f"train.log_with={cfg.train.log_with!r}: choose a comma-separated list of "

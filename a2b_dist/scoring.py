@@ -216,12 +216,35 @@ def selection_metric(generator: torch.nn.Module, cfg, *, device: str | torch.dev
         random.setstate(py_state)
 
 
+def selection_score(cfg) -> str:
+    """The score kind whose validation AUROC selects checkpoints: eval.score, or the paper's mean
+    when eval.score=auto (which then picks its kind at the selected checkpoint: chosen_kind)."""
+    return "mean" if cfg.eval.score == "auto" else cfg.eval.score
+
+
+def chosen_kind(metrics: dict) -> str:
+    """eval.score=auto's choice from one validation's figures: the kind with the highest AUROC
+    (ties: the first in SCORE_KINDS, the paper's mean first)."""
+    aucs = {k: metrics.get(f"val_auc_{k}") for k in SCORE_KINDS}
+    known = [k for k in SCORE_KINDS if aucs[k] is not None]
+    return max(known, key=lambda k: (aucs[k], -SCORE_KINDS.index(k))) if known else "mean"
+
+
+def check_kind(cfg, loaded: str, command: str) -> None:
+    """A scoring command was given eval.score=auto: the choice is made on validation during training
+    and recorded with the checkpoint (``loaded``, the kind it holds), so name it plainly."""
+    if cfg.eval.score == "auto":
+        raise UserError(f"{command}: eval.score=auto is chosen on validation during training and recorded with "
+                        f"the checkpoint, which scores with {loaded!r}; leave eval.score out to use it, or name "
+                        "a kind (mean, topk, mask, smooth_topk, intermediate)")
+
+
 def _selection_val_auc(generator, cfg, *, device, rank, world_size) -> dict[str, float]:
     from a2b_dist.data.storage import join
 
     result = score_role(generator, join(cfg.data.root, "val"), EvalReader.from_config(cfg, rank, world_size),
                         topk_percent=cfg.eval.topk_percent, device=device)
-    summary = summarise_result(result, score=cfg.eval.score)
+    summary = summarise_result(result, score=selection_score(cfg))
     flat: dict[str, Any] = {"val_auc": summary["auroc"], "val_aupr": summary["aupr"],
                             "val_pixel_auroc": summary["pixel_auroc"]}
     for kind, m in summary["scores"].items():

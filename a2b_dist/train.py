@@ -638,6 +638,9 @@ def _train(cfg: Config, *, resume: str, argv: Optional[list[str]], stop_requeste
                 improved = step >= cfg.eval.select_from and _better(cfg.eval.metric, value, best)
                 if improved:
                     best = {"metric": cfg.eval.metric, "value": value, "step": step}
+                    if cfg.eval.score == "auto":
+                        from a2b_dist.scoring import chosen_kind
+                        best["score"] = chosen_kind(metrics)   # the kind evaluate, detect and export use
                 log.write({"step": step, **{f"eval/{k}": v for k, v in metrics.items()}, "best": best})
             at_end = step == cfg.train.steps
             if improved:

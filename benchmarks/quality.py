@@ -221,7 +221,8 @@ def run_a2b(args, method: str, root: Path, run_dir: Path, seed: int) -> dict:
     cfg = a2b_config(args, overrides, data_root, run_dir, seed)
     result = train(cfg, resume="none", argv=["benchmarks/quality.py", method])
     chosen = chosen_checkpoint(run_dir)
-    G, _ = ckpt.load_generator(chosen)
+    G, loaded = ckpt.load_generator(chosen)
+    cfg.eval.score = loaded.eval.score          # eval.score=auto: the kind chosen on validation
     with torch.no_grad():
         reader = EvalReader(batch_size=64, image_size=args.size)
         scored = score_role(G, root / "test", reader, topk_percent=cfg.eval.topk_percent,
@@ -240,7 +241,7 @@ def run_a2b(args, method: str, root: Path, run_dir: Path, seed: int) -> dict:
             "references": {k: v["auroc"] for k, v in summary["references"].items()},
             "mask": {k: mask.get(k) for k in ("mask_inside_outside_ratio", "mask_pixel_std", "mask_pixel_auroc",
                                               "mask_mean_healthy", "mask_mean_anomalous")},
-            "selected_step": ckpt.read_meta(chosen)["step"], "val_curve": curve,
+            "selected_step": ckpt.read_meta(chosen)["step"], "val_curve": curve, "score": cfg.eval.score,
             "best_val_auc": (result["best"] or {}).get("value"),
             "images": args.steps * cfg.optim.n_critic * 2 * args.batch}
 
@@ -494,9 +495,10 @@ def run_cell(args, spec: str, method: str, seed: int, fraction: float | None = N
             from a2b_dist import checkpoint as ckpt
 
             torch.set_num_threads(args.threads)
-            G, _ = ckpt.load_generator(chosen_checkpoint(run_dir))
+            G, loaded = ckpt.load_generator(chosen_checkpoint(run_dir))
             data_root = healthy_as_mixed(root, work) if healthy_only(method) else root
             cfg = a2b_config(args, {**A2B_METHODS, **args.variants}[method], data_root, run_dir, seed)
+            cfg.eval.score = loaded.eval.score
             cached.setdefault("scores", {}).update(
                 a2b_fused(args, G, cfg, data_root, seed, load_role(root / "test", args.size)))
             write_atomic(out, json.dumps(cached, indent=1))

@@ -146,7 +146,8 @@ def test_an_oversized_config_is_refused_unread(tmp_path):
 
 # Presets that extend another (issue 28)
 
-# configs/demo.yaml as it was written out in full before it extended small.yaml (its comments cut).
+# configs/demo.yaml as it was written out in full before it extended small.yaml (its comments cut),
+# with eval.score=auto, which the presets took later.
 OLD_DEMO = """\
 data:
   root: data/demo
@@ -178,6 +179,7 @@ eval:
   every: 33
   metric: val_auc
   select_from: 333
+  score: auto
 """
 
 

@@ -187,6 +187,41 @@ def test_missing_shards_message(tmp_path):
     assert "python shards/build.py simulated" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_score_auto_picks_the_best_validated_kind_and_every_scorer_uses_it(sim_shards, tmp_path):
+    """eval.score=auto: checkpoints are selected by the mean score's validation AUROC, as with
+    eval.score=mean; at the selected one the kind with the highest validation AUROC is recorded
+    (best["score"]) and is what load_generator, a2b export (.pt) and a2b evaluate score with; an
+    explicit eval.score=auto on a scoring command is refused in one line."""
+    from a2b_dist.losses import SCORE_KINDS
+
+    run_dir = tmp_path / "run"
+    run(train_cmd(1, f"data.root={sim_shards}", f"train.run_dir={run_dir}", "eval.every=2", "eval.select_from=2",
+                  "eval.score=auto"))
+    evals = [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "eval/val_auc" in r]
+    assert all(r["eval/val_auc"] == r["eval/val_auc_mean"] for r in evals)      # selection by the mean score
+    best = evals[-1]["best"]
+    at = next(r for r in evals if r["step"] == best["step"])
+    aucs = {k: at[f"eval/val_auc_{k}"] for k in SCORE_KINDS}
+    assert best["score"] in SCORE_KINDS and aucs[best["score"]] == max(aucs.values())
+    assert ckpt.read_meta(run_dir / "best")["selection"]["score"] == best["score"]
+    _, cfg = ckpt.load_generator(run_dir / "best")
+    assert cfg.eval.score == best["score"]
+    out = tmp_path / "g.pt"
+    run([sys.executable, "-m", "a2b_dist.cli", "export", str(run_dir / "best"), str(out)])
+    assert torch.load(out, weights_only=True)["config"]["eval"]["score"] == best["score"]
+    ev = tmp_path / "eval"
+    run([sys.executable, "-m", "a2b_dist.cli", "evaluate", "--checkpoint", str(out), "--shards",
+         str(sim_shards / "test"), "--out", str(ev)])
+    assert json.loads((ev / "metrics.json").read_text())["score"] == best["score"]
+    refused = run([sys.executable, "-m", "a2b_dist.cli", "evaluate", "--checkpoint", str(out), "--shards",
+                   str(sim_shards / "test"), "--out", str(tmp_path / "e2"), "eval.score=auto"], check=False)
+    assert refused.returncode == 2 and "eval.score=auto is chosen on validation" in refused.stderr
+    assert "Traceback" not in refused.stderr and not (tmp_path / "e2").exists()
+    fid = run(train_cmd(1, f"data.root={sim_shards}", f"train.run_dir={tmp_path / 'r2'}", "eval.score=auto",
+                        "eval.metric=fid"), check=False)
+    assert fid.returncode == 2 and "eval.score=auto chooses the score kind on validation AUROC" in fid.stderr
+
+
 def test_export_loads_with_weights_only(sim_shards, tmp_path):
     run_dir = tmp_path / "run"
     run(train_cmd(1, f"data.root={sim_shards}", f"train.run_dir={run_dir}", "train.steps=2",
