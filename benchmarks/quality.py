@@ -333,6 +333,21 @@ def ae_maps(models, x):
     return maps, maps.flatten(1).mean(1).numpy()
 
 
+MAP_KINDS = ("mean", "topk", "smooth_topk")   # the score kinds a plain difference map has (no mask)
+
+
+def map_kinds(test_maps: torch.Tensor, val_maps: torch.Tensor, val_labels) -> tuple[dict, str]:
+    """({kind: test scores}, the kind with the best validation AUROC; ties: the first, the mean),
+    with the preset's top-k share: eval.score=auto's rule for a method whose only map is |x - x^|."""
+    from a2b_dist import losses as L
+    from a2b_dist.config import EvalConfig
+
+    topk = EvalConfig().topk_percent
+    val_auc = {k: image_and_pixel(val_labels, L.anomaly_score(val_maps, k, topk).numpy())["auroc"] for k in MAP_KINDS}
+    chosen = max(MAP_KINDS, key=lambda k: (val_auc[k], -MAP_KINDS.index(k)))
+    return {k: L.anomaly_score(test_maps, k, topk).numpy() for k in MAP_KINDS}, chosen
+
+
 def ddad_maps(k: int):
     def fn(models, x):
         out = []
@@ -441,11 +456,16 @@ def run_peer(args, method: str, root: Path, seed: int, budget: int) -> dict:
     healthy = load_role(root / "healthy", args.size)["image"]
     test, val = load_role(root / "test", args.size), load_role(root / "val", args.size)
     extra = None
+    chosen = None
     if method == "ae":
         models, best = train_autoencoders(args, [healthy], budget, seed, ae_maps, val)
         maps, scores = ae_maps(models, test["image"])
+        # the same rule as eval.score=auto: selected by the mean, the kind then chosen on validation
+        by_kind, chosen = map_kinds(maps, ae_maps(models, val["image"])[0], val["label"])
+        scores = by_kind[chosen]
+        extra = {k: image_and_pixel(test["label"], v)["auroc"] for k, v in by_kind.items()}
         if args.fuse_pu:
-            extra = pu_fused(args, root, seed, budget, lambda x: ae_maps(models, x)[1], test, val)
+            extra.update(pu_fused(args, root, seed, budget, lambda x: ae_maps(models, x)[1], test, val))
     elif method == "ddad":
         k = args.ddad_k
         union = torch.cat([healthy, load_role(root / "mixed", args.size)["image"]])
@@ -470,6 +490,8 @@ def run_peer(args, method: str, root: Path, seed: int, budget: int) -> dict:
     out = {**image_and_pixel(test["label"], scores, maps, test["mask"], test["has_mask"]), "best_val_auc": best}
     if extra:
         out["scores"] = extra
+    if chosen is not None:
+        out["score"] = chosen
     return out
 
 
@@ -489,7 +511,9 @@ def run_cell(args, spec: str, method: str, seed: int, fraction: float | None = N
         cached = json.loads(out.read_text())
         run_dir = work / "runs" / f"{tag}-{args.steps}" / method / f"seed-{seed}"
         is_a2b = method in A2B_METHODS or method in args.variants
-        if not (args.fuse_pu and "fused_pu_sel" not in cached.get("scores", {}) and (method == "ae" or is_a2b)):
+        stale_ae = method == "ae" and "score" not in cached     # from before the ae chose its kind on validation
+        if not stale_ae and not (args.fuse_pu and "fused_pu_sel" not in cached.get("scores", {})
+                                 and (method == "ae" or is_a2b)):
             return {**cached, "fraction": mixed_fraction(root)}
         if is_a2b:        # the fusion added to a finished cell from its kept run folder
             from a2b_dist import checkpoint as ckpt

@@ -104,6 +104,13 @@ def test_quality_prints_every_method(sim_shards, tmp_path, capsys):
     a2b = [r for r in rows if r["method"].startswith("a2b") or r["method"] == "ema"]
     assert all({"mean", "topk", "mask", "smooth_topk", "intermediate", "critic"} <= set(r["scores"]) for r in a2b)
     assert all(r["images"] == 2 * 2 * 2 * 4 for r in a2b)        # steps x n_critic x roles x batch
+    # eval.score=auto (the preset's): the kind chosen on validation is reported, and the paper's method keeps the mean
+    assert all(r["score"] in {"mean", "topk", "mask", "smooth_topk", "intermediate"} for r in a2b)
+    assert all(r["score"] == "mean" for r in a2b if r["method"] == "a2b-paper")
+    for r in (r for r in rows if r["method"] == "a2b"):
+        assert r["auroc"] == r["scores"][r["score"]]
+    ae = [r for r in rows if r["method"] == "ae"]                  # the autoencoder gets the same rule
+    assert all(r["score"] in quality.MAP_KINDS and r["auroc"] == r["scores"][r["score"]] for r in ae)
     assert "± " in out                                              # two seeds: mean and spread
     tag = "32-2"
     assert json.loads((work / f"results-{tag}.json").read_text()) == rows
