@@ -402,7 +402,7 @@ def load_generator(path: str | Path, *, device: str | torch.device = "cpu"):
         if not isinstance(blob, dict) or blob.get("format") != EXPORT_FORMAT:
             raise UserError(f"{p} is not an a2b export file (expected format {EXPORT_FORMAT!r}; "
                             "make one with `a2b export CKPT OUT.pt`)")
-        cfg, weights = from_dict(blob["config"], str(p)), blob["generator"]
+        cfg, weights = from_dict(resolved_config(blob), str(p)), blob["generator"]
     else:
         ckpt = resolve_checkpoint(p)
         state, meta, _, _ = load_checkpoint(ckpt, 0, prefixes=("/G/", "/G_ema/"))
@@ -423,7 +423,8 @@ def chosen_score(meta: dict) -> str:
 
 
 def resolved_config(meta: dict) -> dict:
-    """The checkpoint's config as a dict, with eval.score=auto replaced by the kind it chose."""
+    """The config of a checkpoint's meta (or an export file's contents) as a dict, with
+    eval.score=auto replaced by the kind it chose (the mean where it records none)."""
     config = meta["config"]
     if config.get("eval", {}).get("score") == "auto":
         config = {**config, "eval": {**config["eval"], "score": chosen_score(meta)}}

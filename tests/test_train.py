@@ -208,7 +208,11 @@ def test_score_auto_picks_the_best_validated_kind_and_every_scorer_uses_it(sim_s
     assert cfg.eval.score == best["score"]
     out = tmp_path / "g.pt"
     run([sys.executable, "-m", "a2b_dist.cli", "export", str(run_dir / "best"), str(out)])
-    assert torch.load(out, weights_only=True)["config"]["eval"]["score"] == best["score"]
+    blob = torch.load(out, weights_only=True)
+    assert blob["config"]["eval"]["score"] == best["score"]
+    blob["config"]["eval"]["score"] = "auto"              # an export that records no choice scores by the mean
+    torch.save(blob, tmp_path / "raw.pt")
+    assert ckpt.load_generator(tmp_path / "raw.pt")[1].eval.score == "mean"
     ev = tmp_path / "eval"
     run([sys.executable, "-m", "a2b_dist.cli", "evaluate", "--checkpoint", str(out), "--shards",
          str(sim_shards / "test"), "--out", str(ev)])
