@@ -43,6 +43,7 @@ from a2b_dist.data.simulate import ANOMALIES, SOURCES, simulated_roles
 from a2b_dist.data.sources import folder_role, npz_roles
 from a2b_dist.data.storage import Storage, check_location, is_url, join
 from a2b_dist.data.write import check_upload_target, upload_roles, write_roles
+from a2b_dist.errors import number_arg
 
 
 def local_path(text: str) -> Path:
@@ -54,24 +55,8 @@ def local_path(text: str) -> Path:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} must be at least 1")
-    return value
-
-
-def seed_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text} must be >= 0")
-    return value
+positive_int = number_arg(1, None, integer=True)
+seed_int = number_arg(0, None, integer=True)
 
 
 def byte_size(text: str) -> int:

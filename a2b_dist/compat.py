@@ -66,8 +66,8 @@ def load_checkpoints_through(engine: Any, load: Callable[..., Any]) -> None:
     """Make a DeepSpeed engine read every checkpoint file with ``load(path, map_location)``.
 
     DeepSpeed's engine reads its checkpoint files through its ``checkpoint_engine`` attribute, whose
-    ``TorchCheckpointEngine.load`` calls ``torch.load(weights_only=False)``: unpickling that would
-    run any code a checkpoint carries. DeepSpeed's config chooses among its own checkpoint engines
+    ``TorchCheckpointEngine.load`` unpickles the files with torch's full unpickler, which would run
+    any code a checkpoint carries. DeepSpeed's config chooses among its own checkpoint engines
     only; none loads weights only. So the attribute is replaced by ``LoadThrough``, which loads
     through ``load`` and leaves everything else (saving, commit, who writes) to DeepSpeed's engine.
     Checked on deepspeed 0.19.8 (torch 2.14.1).

@@ -23,14 +23,14 @@ import numpy as np
 import torch
 
 from a2b_dist import losses
-from a2b_dist.config import apply_overrides, override_values
+from a2b_dist.config import override_values
 from a2b_dist.errors import UserError, check_device, check_number, check_output_folder, number_arg
 from a2b_dist.figures import panel_png, plot_panel, safe_name
 from a2b_dist.files import StagedFolder, write_atomic
 from a2b_dist.memory import bound_heap
 from a2b_dist.metrics import HIST_BINS, MAP_SCALE_PERCENTILE, hist_percentile, value_bins
 from a2b_dist.report import provenance, write_detection_report
-from a2b_dist.scoring import check_kind
+from a2b_dist.scoring import scoring_overrides
 
 def find_images(folder: str | Path) -> list[Path]:
     """Image files under ``folder`` as the folder builder finds them (recursive, by suffix, any case)."""
@@ -164,10 +164,8 @@ def _detect(args, argv, paths: list[Path], threshold: Optional[float], metrics: 
 
     generator, cfg = load_generator(args.checkpoint, device=device)
     generator.eval()
-    loaded = cfg.eval.score
-    cfg, given = apply_overrides(cfg, args.overrides, allowed=("eval.score", "eval.topk_percent", "eval.batch_size"),
-                                 source="a2b detect")
-    check_kind(cfg, loaded, "a2b detect")
+    cfg, given = scoring_overrides(cfg, args.overrides, ("eval.score", "eval.topk_percent", "eval.batch_size"),
+                                   "a2b detect")
 
     # The score must be the one the threshold was chosen for.
     score, topk = cfg.eval.score, cfg.eval.topk_percent

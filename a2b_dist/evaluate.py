@@ -27,7 +27,7 @@ from typing import Optional
 
 import torch
 
-from a2b_dist.config import SCORING_FIELDS, apply_overrides, override_values, to_yaml
+from a2b_dist.config import SCORING_FIELDS, override_values, to_yaml
 from a2b_dist.data import EvalReader
 from a2b_dist.errors import UserError, check_output_folder, run_guarded
 from a2b_dist.figures import plot_masks, plot_panel, plot_roc, safe_name
@@ -36,7 +36,7 @@ from a2b_dist.memory import bound_heap
 from a2b_dist.metrics import group_metrics
 from a2b_dist.references import healthy_mean_image
 from a2b_dist.report import provenance, write_evaluation_report
-from a2b_dist.scoring import check_kind, score_role, summarise_result
+from a2b_dist.scoring import score_role, scoring_overrides, summarise_result
 
 
 # Everything a2b evaluate writes into --out (an existing --out may hold these and nothing else).
@@ -191,9 +191,7 @@ def _evaluate(args, argv: Optional[list[str]], accelerator, stage: StagedFolder)
     # Load the generator and its config (with this command's overrides); the shards must match its
     # image size and channels.
     generator, cfg = load_generator(args.checkpoint, device=device)
-    loaded = cfg.eval.score
-    cfg, _ = apply_overrides(cfg, args.overrides, allowed=SCORING_FIELDS, source="a2b evaluate")
-    check_kind(cfg, loaded, "a2b evaluate")
+    cfg, _ = scoring_overrides(cfg, args.overrides, SCORING_FIELDS, "a2b evaluate")
     size, channels = cfg.data.image_size, cfg.data.channels
     reader = EvalReader.from_config(cfg, rank, world)
     manifest = verified_once(   # data.verify=sha256 reads every shard once, on rank 0

@@ -230,13 +230,19 @@ def chosen_kind(metrics: dict) -> str:
     return max(known, key=lambda k: (aucs[k], -SCORE_KINDS.index(k))) if known else "mean"
 
 
-def check_kind(cfg, loaded: str, command: str) -> None:
-    """A scoring command was given eval.score=auto: the choice is made on validation during training
-    and recorded with the checkpoint (``loaded``, the kind it holds), so name it plainly."""
+def scoring_overrides(cfg, overrides, allowed, command: str):
+    """(cfg, given): a scoring command's overrides applied to a loaded checkpoint's config (whose
+    eval.score=auto is already the kind it chose). eval.score=auto itself is refused in one line:
+    the choice is made on validation during training and recorded with the checkpoint."""
+    from a2b_dist.config import apply_overrides
+
+    loaded = cfg.eval.score
+    cfg, given = apply_overrides(cfg, overrides, allowed=allowed, source=command)
     if cfg.eval.score == "auto":
         raise UserError(f"{command}: eval.score=auto is chosen on validation during training and recorded with "
                         f"the checkpoint, which scores with {loaded!r}; leave eval.score out to use it, or name "
                         "a kind (mean, topk, mask, smooth_topk, intermediate)")
+    return cfg, given
 
 
 def _selection_val_auc(generator, cfg, *, device, rank, world_size) -> dict[str, float]:

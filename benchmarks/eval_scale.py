@@ -131,14 +131,32 @@ def run_metrics(args) -> list[dict]:
     return rows
 
 
+def role_samples(role: Path, manifest: dict):
+    """(key, {field: bytes}) of every sample of a local role, in shard order (tar reading only)."""
+    import tarfile
+
+    from a2b_dist.data.manifest import split_member
+
+    for shard in manifest["shards"]:
+        with tarfile.open(Path(role) / shard["name"], mode="r:") as tar:
+            fields, key = {}, None
+            for member in tar:
+                k, field = split_member(member.name)
+                if key is not None and k != key:
+                    yield key, fields
+                    fields = {}
+                key = k
+                fields[field] = tar.extractfile(member).read()
+            if key is not None:
+                yield key, fields
+
+
 def repeat_role(source: Path, out: Path, images: int) -> Path:
     """A test role of ``images`` samples written by the toolkit's shard writer: the samples of
     ``source`` (a built role) in order, again and again, each pass with its own keys (``KEY-rN``),
     so that `a2b evaluate` reads a set of any size through the real reader. Built once."""
-    import tarfile
-
     from a2b_dist.data.images import decode_png
-    from a2b_dist.data.manifest import read_manifest, split_member
+    from a2b_dist.data.manifest import read_manifest
     from a2b_dist.data.write import RoleSpec, Sample, write_roles
 
     if (out / "test" / "manifest.json").is_file():
@@ -149,23 +167,11 @@ def repeat_role(source: Path, out: Path, images: int) -> Path:
     def samples():
         made = 0
         for rep in range(-(-images // manifest["samples"])):
-            for shard in manifest["shards"]:
-                with tarfile.open(source / shard["name"], mode="r:") as tar:
-                    fields, key = {}, None
-                    for member in tar:
-                        k, field = split_member(member.name)
-                        if key is not None and k != key:
-                            yield sample(key, fields, rep)
-                            made += 1
-                            if made == images:
-                                return
-                            fields = {}
-                        key = k
-                        fields[field] = tar.extractfile(member).read()
-                    yield sample(key, fields, rep)
-                    made += 1
-                    if made == images:
-                        return
+            for key, fields in role_samples(source, manifest):
+                yield sample(key, fields, rep)
+                made += 1
+                if made == images:
+                    return
 
     def sample(key, fields, rep):
         mask = decode_png(fields["mask.png"])[0] > 0 if "mask.png" in fields else None
@@ -323,9 +329,8 @@ def run_detect(args) -> list[dict]:
     on --count PNG files taken from a role (their bytes as stored), and the largest difference
     between the two paths' per-image scores."""
     import csv
-    import tarfile
 
-    from a2b_dist.data.manifest import read_manifest, split_member
+    from a2b_dist.data.manifest import read_manifest
 
     work = Path(args.work)
     manifest = read_manifest(args.shards)
@@ -334,13 +339,11 @@ def run_detect(args) -> list[dict]:
         staging = work / f".{folder.name}.partial"
         staging.mkdir(parents=True, exist_ok=True)
         made = 0
-        for shard in manifest["shards"]:
-            with tarfile.open(Path(args.shards) / shard["name"], mode="r:") as tar:
-                for member in tar:
-                    key, field = split_member(member.name)
-                    if field == "png" and made < args.count:
-                        (staging / f"{key}.png").write_bytes(tar.extractfile(member).read())
-                        made += 1
+        for key, fields in role_samples(Path(args.shards), manifest):
+            if made == args.count:
+                break
+            (staging / f"{key}.png").write_bytes(fields["png"])
+            made += 1
         if made < args.count:
             raise SystemExit(f"{args.shards} holds {made} images, fewer than --count {args.count}")
         staging.rename(folder)

@@ -337,14 +337,15 @@ MAP_KINDS = ("mean", "topk", "smooth_topk")   # the score kinds a plain differen
 
 
 def map_kinds(test_maps: torch.Tensor, val_maps: torch.Tensor, val_labels) -> tuple[dict, str]:
-    """({kind: test scores}, the kind with the best validation AUROC; ties: the first, the mean),
-    with the preset's top-k share: eval.score=auto's rule for a method whose only map is |x - x^|."""
+    """({kind: test scores}, the kind eval.score=auto's rule (scoring.chosen_kind) takes on
+    validation), with the preset's top-k share: for a method whose only map is |x - x^|."""
     from a2b_dist import losses as L
     from a2b_dist.config import EvalConfig
+    from a2b_dist.scoring import chosen_kind
 
     topk = EvalConfig().topk_percent
-    val_auc = {k: image_and_pixel(val_labels, L.anomaly_score(val_maps, k, topk).numpy())["auroc"] for k in MAP_KINDS}
-    chosen = max(MAP_KINDS, key=lambda k: (val_auc[k], -MAP_KINDS.index(k)))
+    chosen = chosen_kind({f"val_auc_{k}": image_and_pixel(val_labels, L.anomaly_score(val_maps, k, topk).numpy())["auroc"]
+                          for k in MAP_KINDS})
     return {k: L.anomaly_score(test_maps, k, topk).numpy() for k in MAP_KINDS}, chosen
 
 
