@@ -49,7 +49,7 @@ from safetensors.torch import save_file
 from a2b_dist.config import Config, from_dict, to_dict
 from a2b_dist.errors import UserError
 from a2b_dist.files import atomic_path, sha256_file, write_atomic
-from a2b_dist.losses import SCORE_KINDS
+from a2b_dist.losses import NORM_KINDS, SCORE_KINDS
 
 class CheckpointError(UserError):
     """A checkpoint that cannot be read or written; the message names the folder or file."""
@@ -59,6 +59,7 @@ FORMAT = "a2b-checkpoint-v1"
 EXPORT_FORMAT = "a2b-generator-v1"
 CHECKPOINTS = "checkpoints"
 BEST = "best"
+MAP_NORM = "map_norm"   # rank tensor: the healthy map statistics of the healthy_z score kinds
 _STEP_RE = re.compile(r"^step-(\d+)$")
 
 
@@ -403,13 +404,31 @@ def load_generator(path: str | Path, *, device: str | torch.device = "cpu"):
             raise UserError(f"{p} is not an a2b export file (expected format {EXPORT_FORMAT!r}; "
                             "make one with `a2b export CKPT OUT.pt`)")
         cfg, weights = from_dict(resolved_config(blob), str(p)), blob["generator"]
+        norm = blob.get(MAP_NORM)
     else:
         ckpt = resolve_checkpoint(p)
-        state, meta, _, _ = load_checkpoint(ckpt, 0, prefixes=("/G/", "/G_ema/"))
+        state, meta, _, rank_tensors = load_checkpoint(ckpt, 0, prefixes=("/G/", "/G_ema/"))
         cfg, weights = from_dict(resolved_config(meta), str(ckpt)), evaluation_weights(state)
+        norm = rank_tensors.get(MAP_NORM)
     gen = build_generator(cfg.model, cfg.data.channels)
     gen.load_state_dict(weights)
+    gen.map_norm = norm     # the healthy_z kinds' statistics (None: taken without them)
     return gen.to(device).eval(), cfg
+
+
+def map_norm_of(generator) -> Optional[torch.Tensor]:
+    """The healthy map statistics a loaded generator carries (load_generator), or None."""
+    return getattr(generator, MAP_NORM, None)
+
+
+def require_map_norm(generator, score: str, source) -> Optional[torch.Tensor]:
+    """The generator's healthy map statistics; a one-line error when ``score`` needs them and it has none."""
+    norm = map_norm_of(generator)
+    if norm is None and score in NORM_KINDS:
+        raise UserError(f"{source} holds no healthy map statistics, which eval.score={score} needs (a checkpoint "
+                        "trained with eval.normalize_images=0, or saved at a step without an evaluation); "
+                        f"name another kind with eval.score=...")
+    return norm
 
 
 def chosen_score(meta: dict) -> str:
@@ -456,9 +475,10 @@ def export_generator(checkpoint: str | Path, out: str | Path) -> Path:
         raise UserError(f"cannot create the folder of export target {out}: {e.strerror or e}") from None
     try:
         with atomic_path(out) as tmp, open(tmp, "wb") as f:
-            state, meta, _, _ = load_checkpoint(ckpt, 0, prefixes=("/G/", "/G_ema/"))
+            state, meta, _, rank_tensors = load_checkpoint(ckpt, 0, prefixes=("/G/", "/G_ema/"))
+            extra = {MAP_NORM: rank_tensors[MAP_NORM]} if MAP_NORM in rank_tensors else {}
             torch.save({"format": EXPORT_FORMAT, "generator": evaluation_weights(state),
-                        "config": resolved_config(meta), "step": meta["step"], "source": str(ckpt)}, f)
+                        "config": resolved_config(meta), "step": meta["step"], "source": str(ckpt), **extra}, f)
     except OSError as e:
         raise UserError(f"cannot write export file {out}: {e.strerror or e}") from None
     return out

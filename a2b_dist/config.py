@@ -225,10 +225,15 @@ class EvalConfig:
     every: int = bounded(0, 0, None)              # evaluate (model selection) every N steps and at the end; 0 = never
     metric: str = one_of("val_auc", ("val_auc", "fid"))
     select_from: int = bounded(0, 0, None)        # evaluations before this step are logged but never become best/
-    # mean (the paper's) | topk | mask | smooth_topk | intermediate (losses.anomaly_score) | auto: the
-    # kind with the best validation AUROC at the selected checkpoint (selection itself by the mean
-    # score), recorded with the checkpoint and used by a2b evaluate, detect and export
-    score: str = one_of("mean", ("mean", "topk", "mask", "smooth_topk", "intermediate", "auto"))
+    # mean (the paper's) | topk | mask | smooth_topk | intermediate | healthy_z | healthy_z_mask
+    # (losses.anomaly_score) | auto: the kind with the best validation AUROC at the selected
+    # checkpoint (selection itself by the mean score), recorded with the checkpoint and used by
+    # a2b evaluate, detect and export
+    score: str = one_of("mean", ("mean", "topk", "mask", "smooth_topk", "intermediate", "healthy_z",
+                                 "healthy_z_mask", "auto"))
+    # healthy images (the first of the healthy role) whose maps give the per-pixel statistics of the
+    # healthy_z kinds, taken at every evaluation and kept with the checkpoint; 0 = none (those kinds off)
+    normalize_images: int = bounded(0, 0, None)
     topk_percent: float = bounded(5.0, 0.01, 100.0)
     batch_size: int = bounded(32, 1, None)
     fid_samples: int = bounded(1000, 2, None)
@@ -307,6 +312,11 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"eval.score=auto chooses the score kind on validation AUROC, which eval.metric="
                           f"{cfg.eval.metric} does not compute; set eval.metric=val_auc or name a kind "
                           "(mean, topk, mask, smooth_topk, intermediate)")
+    if cfg.eval.score in ("healthy_z", "healthy_z_mask") and not (cfg.eval.normalize_images
+                                                                  and cfg.eval.metric == "val_auc"):
+        raise ConfigError(f"eval.score={cfg.eval.score} standardises maps by healthy images' statistics, taken "
+                          "with the validation AUROC: set eval.normalize_images (e.g. 256) with eval.metric=val_auc, "
+                          "or name another kind (mean, topk, mask, smooth_topk, intermediate)")
     named = [t.strip() for t in cfg.train.log_with.split(",") if t.strip()]
     if any(t not in TRACKERS + ("none",) for t in named) or ("none" in named and len(named) > 1):
         raise ConfigError(f"train.log_with={cfg.train.log_with!r}: choose a comma-separated list of "

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from a2b_dist import losses
+from a2b_dist.checkpoint import map_norm_of
 from a2b_dist.config import override_values
 from a2b_dist.errors import UserError, check_device, check_number, check_output_folder, number_arg
 from a2b_dist.figures import panel_png, plot_panel, safe_name
@@ -160,7 +161,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 def _detect(args, argv, paths: list[Path], threshold: Optional[float], metrics: Optional[dict], device,
             stage: StagedFolder) -> int:
-    from a2b_dist.checkpoint import load_generator
+    from a2b_dist.checkpoint import load_generator, require_map_norm
 
     generator, cfg = load_generator(args.checkpoint, device=device)
     generator.eval()
@@ -177,6 +178,7 @@ def _detect(args, argv, paths: list[Path], threshold: Optional[float], metrics: 
         if "eval.topk_percent" in given and score == "topk" and given["eval.topk_percent"] != topk:
             raise UserError(f"eval.topk_percent={given['eval.topk_percent']} differs from the {topk} of {args.threshold}")
 
+    require_map_norm(generator, score, args.checkpoint)    # before any image is scored
     with stage.writing() as out:
         rows = _score_and_write(args, argv, paths, cfg, generator, device, score, topk, threshold, out, metrics)
     out = Path(args.out)
@@ -198,7 +200,8 @@ def _translated(args, paths: list[Path], cfg, generator, device, score: str, top
         b_int, m = generator(x)
         b_prime = losses.blend_healthy(x, b_int, m)                                 # Eq. 1
         diff = losses.anomaly_map(x, b_prime)                                       # (B, 1, H, W)
-        values = losses.anomaly_score(diff, score, topk, m, losses.anomaly_map(x, b_int)).cpu().numpy()
+        values = losses.anomaly_score(diff, score, topk, m, losses.anomaly_map(x, b_int),
+                                      map_norm_of(generator)).cpu().numpy()
         arrays = [{"x": x[i].cpu().numpy(), "b_prime": b_prime[i].cpu().numpy(), "mask": m[i, 0].cpu().numpy(),
                    "diff": diff[i, 0].cpu().numpy(), "gt": None} for i in range(len(chunk))]
         yield [p.relative_to(root).as_posix() for p in chunk], values, arrays

@@ -180,7 +180,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 def _evaluate(args, argv: Optional[list[str]], accelerator, stage: StagedFolder) -> int:
-    from a2b_dist.checkpoint import load_generator
+    from a2b_dist.checkpoint import load_generator, require_map_norm
     from a2b_dist.data.manifest import open_role
     from a2b_dist.data.storage import join
     from a2b_dist.distributed import verified_once
@@ -206,6 +206,7 @@ def _evaluate(args, argv: Optional[list[str]], accelerator, stage: StagedFolder)
         from a2b_dist import fid
         fid.find_weights(cfg.eval.fid_weights)
     score, topk = cfg.eval.score, cfg.eval.topk_percent
+    norm = require_map_norm(generator, score, args.checkpoint)   # the healthy_z kinds' statistics, if kept
 
     # Training-free reference: the healthy mean image.
     healthy_mean = healthy_mean_image(args.healthy, reader) if args.references else None
@@ -214,7 +215,7 @@ def _evaluate(args, argv: Optional[list[str]], accelerator, stage: StagedFolder)
     generator.eval()
     result = score_role(generator, args.shards, reader, topk_percent=topk, device=device,
                         healthy_mean=healthy_mean, num_panels=args.num_maps, seed=args.seed,
-                        extremes=args.report_panels, score=score)
+                        extremes=args.report_panels, score=score, norm=norm)
     metrics = summarise_result(result, score=score)
     metrics = {"checkpoint": str(args.checkpoint), "step": checkpoint_step(args.checkpoint),
                "shards": str(args.shards), "role": manifest.get("role"), "processes": world,

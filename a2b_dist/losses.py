@@ -119,7 +119,36 @@ def anomaly_map(x: torch.Tensor, b_prime: torch.Tensor) -> torch.Tensor:
     return (x.float() - b_prime.float()).abs().mean(dim=1, keepdim=True)
 
 
-SCORE_KINDS = ("mean", "topk", "mask", "smooth_topk", "intermediate")
+SCORE_KINDS = ("mean", "topk", "mask", "smooth_topk", "intermediate", "healthy_z", "healthy_z_mask")
+# Kinds that read the maps standardised per pixel by healthy images' maps (healthy_map_norm's output).
+NORM_KINDS = ("healthy_z", "healthy_z_mask")
+
+
+def standardise_map(diff: torch.Tensor, mean: torch.Tensor, sd: torch.Tensor) -> torch.Tensor:
+    """A map (B, 1, H, W) in units of healthy images' spread at each pixel: the positive part of
+    (map - mean) / (sd + median(sd)), with ``mean`` and ``sd`` (H, W) the per-pixel mean and standard
+    deviation of the same map over healthy images. The median keeps pixels where every healthy map
+    is flat (background) from dividing by zero without a constant tied to the data's scale."""
+    mean, sd = mean.to(diff.device, torch.float32), sd.to(diff.device, torch.float32)
+    return ((diff.float() - mean) / (sd + sd.median())).clamp_min(0)
+
+
+def map_moments(diff: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(2, 3, H, W) float64 sums for healthy_map_norm over a batch: for |x - B'| and M * |x - B'|,
+    the count, sum and sum of squares at each pixel."""
+    out = []
+    for m in (diff.double(), (diff * mask).double()):
+        m = m[:, 0]
+        out.append(torch.stack([torch.full_like(m[0], m.shape[0]), m.sum(0), (m * m).sum(0)]))
+    return torch.stack(out)
+
+
+def norm_from_moments(moments: torch.Tensor) -> torch.Tensor:
+    """(2, 2, H, W) float32: [map kind (|x - B'|, M * |x - B'|)][per-pixel mean, sd] from map_moments' sums."""
+    n, s, ss = moments[:, 0], moments[:, 1], moments[:, 2]
+    mean = s / n
+    sd = (ss / n - mean * mean).clamp_min(0).sqrt()
+    return torch.stack([mean, sd], 1).float()
 
 
 def smoothing_kernel(image_size: int) -> int:
@@ -129,7 +158,8 @@ def smoothing_kernel(image_size: int) -> int:
 
 def anomaly_score(diff: torch.Tensor, kind: str = "mean", topk_percent: float = 5.0,
                   mask: Optional[torch.Tensor] = None,
-                  intermediate: Optional[torch.Tensor] = None) -> torch.Tensor:
+                  intermediate: Optional[torch.Tensor] = None,
+                  norm: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Image score from a difference map (B, 1, H, W) -> (B,).
 
     ``mean`` is the paper's score (section 3.3); ``topk`` is the mean of the largest topk_percent
@@ -139,7 +169,21 @@ def anomaly_score(diff: torch.Tensor, kind: str = "mean", topk_percent: float = 
     confidence (needs ``mask``, (B, 1, H, W)); ``intermediate`` is the mean of |x - B_int|, the
     translation before the mask blends it in, so a mask that stays empty does not hide what the
     generator changed (needs ``intermediate``, the map ``anomaly_map(x, B_int)``).
+    ``healthy_z`` is ``smooth_topk`` of the map standardised per pixel by healthy images' maps
+    (standardise_map), so that what every healthy image shows at a place (an edge the translation
+    always blurs) no longer counts; ``healthy_z_mask`` the same for M * |x - B'| (both need ``norm``,
+    healthy_map_norm's (2, 2, H, W) statistics, and ``healthy_z_mask`` the mask).
     """
+    if kind in NORM_KINDS:
+        if norm is None:
+            raise ValueError(f"score kind {kind!r} needs the healthy map statistics (norm)")
+        if kind == "healthy_z_mask":
+            if mask is None:
+                raise ValueError("score kind 'healthy_z_mask' needs the mask")
+            diff, stats = diff.float() * mask.float(), norm[1]
+        else:
+            stats = norm[0]
+        return anomaly_score(standardise_map(diff, stats[0], stats[1]), "smooth_topk", topk_percent)
     flat = diff.float().flatten(1)
     if kind == "mean":
         return flat.mean(dim=1)

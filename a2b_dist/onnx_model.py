@@ -50,7 +50,7 @@ class _Deployed(torch.nn.Module):
 def export_onnx(checkpoint: str | Path, out: str | Path) -> Path:
     """Write the evaluation generator of ``checkpoint`` (an export .pt, a checkpoint or a run folder)
     to ``out`` (.onnx), with the run's config in its metadata."""
-    from a2b_dist.checkpoint import load_generator
+    from a2b_dist.checkpoint import load_generator, map_norm_of
     from a2b_dist.config import to_dict
     from a2b_dist.files import atomic_path
 
@@ -71,8 +71,11 @@ def export_onnx(checkpoint: str | Path, out: str | Path) -> Path:
                                     input_names=[INPUT], output_names=list(OUTPUTS), opset_version=OPSET,
                                     dynamic_shapes=({0: torch.export.Dim("batch")},))
     model = program.model_proto
-    onnx.helper.set_model_props(model, {"a2b_format": ONNX_FORMAT, "a2b_config": json.dumps(to_dict(cfg)),
-                                        "a2b_source": str(checkpoint)})
+    props = {"a2b_format": ONNX_FORMAT, "a2b_config": json.dumps(to_dict(cfg)), "a2b_source": str(checkpoint)}
+    norm = map_norm_of(generator)
+    if norm is not None:   # the healthy_z kinds' statistics travel as metadata; the scores are computed outside the graph
+        props["a2b_map_norm"] = json.dumps({"shape": list(norm.shape), "values": norm.flatten().tolist()})
+    onnx.helper.set_model_props(model, props)
     onnx.checker.check_model(model)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -106,8 +109,11 @@ class OnnxGenerator:
                             + "; make one with `a2b export CKPT OUT.onnx --format onnx`)")
         try:
             self.config = from_dict(json.loads(meta["a2b_config"]), str(path))
-        except ValueError as e:
-            raise UserError(f"{path}: its a2b_config metadata is not valid JSON ({e})") from None
+            norm = json.loads(meta["a2b_map_norm"]) if "a2b_map_norm" in meta else None
+            self.map_norm = (None if norm is None else
+                             torch.tensor(norm["values"], dtype=torch.float32).reshape(norm["shape"]))
+        except (ValueError, KeyError, TypeError, RuntimeError) as e:
+            raise UserError(f"{path}: its a2b metadata is not valid ({type(e).__name__}: {e})") from None
 
     def eval(self) -> "OnnxGenerator":
         return self

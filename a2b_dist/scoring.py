@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import random
+from contextlib import contextmanager
 from typing import Any, Optional
 
 import numpy as np
@@ -25,19 +26,21 @@ SCORE_KINDS = losses.SCORE_KINDS
 def score_role(generator: torch.nn.Module, role_dir: str | os.PathLike, reader: EvalReader, *,
                topk_percent: float, device: str | torch.device = "cpu",
                healthy_mean: Optional[torch.Tensor] = None, num_panels: int = 0, seed: int = 0,
-               extremes: int = 0, score: str = "mean") -> dict:
+               extremes: int = 0, score: str = "mean", norm: Optional[torch.Tensor] = None) -> dict:
     """Score every sample of a role once across ranks; every rank returns the gathered result.
 
     Returns {"key": [...], "label": int64 (N,), "scores": {kind: (N,)}, "references": {kind: (N,)},
     "mask_summary": summary, "panels": {0: [...], 1: [...]}, "extremes": {...}} sorted by key;
     panels hold up to num_panels samples per class (x, B', M, difference map, ground truth) chosen
-    by key hash; extremes the ``extremes`` highest-scored healthy images (false positives first),
+    by key hash; ``norm``: healthy_map_norm's statistics, which add the healthy_z kinds (left out
+    without it); extremes the ``extremes`` highest-scored healthy images (false positives first),
     the lowest-scored anomalous ones (missed first) and the highest-scored anomalous ones, by the
     ``score`` kind, as [(key, score, arrays)].
     """
     keys: list[str] = []
     labels: list[np.ndarray] = []
-    scores: dict[str, list[np.ndarray]] = {k: [] for k in SCORE_KINDS}
+    kinds = [k for k in SCORE_KINDS if norm is not None or k not in losses.NORM_KINDS]
+    scores: dict[str, list[np.ndarray]] = {k: [] for k in kinds}
     refs: dict[str, list[np.ndarray]] = {"greyness": []}
     if healthy_mean is not None:
         refs["healthy_distance"] = []
@@ -53,8 +56,8 @@ def score_role(generator: torch.nn.Module, role_dir: str | os.PathLike, reader: 
         y = batch["label"].cpu().numpy()
         keys += list(batch["key"])
         labels.append(y)
-        for kind in SCORE_KINDS:
-            scores[kind].append(losses.anomaly_score(diff, kind, topk_percent, m, diff_int).cpu().numpy())
+        for kind in kinds:
+            scores[kind].append(losses.anomaly_score(diff, kind, topk_percent, m, diff_int, norm).cpu().numpy())
         refs["greyness"].append(greyness(x).cpu().numpy())
         if healthy_mean is not None:
             refs["healthy_distance"].append(healthy_distance(x, healthy_mean).cpu().numpy())
@@ -189,16 +192,47 @@ def summarise_result(result: dict, *, score: str) -> dict:
     }
 
 
-def selection_metric(generator: torch.nn.Module, cfg, *, device: str | torch.device, rank: int = 0,
-                     world_size: int = 1) -> dict[str, float]:
-    """cfg.eval.metric for model selection, as a flat dict of floats that includes that key.
+@torch.no_grad()
+def healthy_map_norm(generator, role_dir: str | os.PathLike, reader: EvalReader, count: int, *,
+                     device: str | torch.device = "cpu") -> torch.Tensor:
+    """(2, 2, H, W) float32: per-pixel mean and standard deviation of |x - B'| and of M * |x - B'|
+    over the first ``count`` images of a healthy role (in key order; every rank reads the same
+    images, so every rank gets the same statistics without a collective). The healthy_z score
+    kinds standardise a map by them (losses.standardise_map)."""
+    from dataclasses import replace
 
-    ``val_auc``: image AUROC with cfg.eval.score on cfg.data.root/val, every score's AUROC
-    (``val_auc_mean``, ``val_auc_topk``), AUPR, pixel AUROC and the mask diagnostics (``mask_*``;
-    keys whose value is undefined are left out). ``fid``: FID of B' against the healthy role
-    (see a2b_dist.fid.translation_fid). Every rank must call it and gets the same dict. Pass the
-    unwrapped generator; its train/eval mode is restored, and no global RNG state is consumed.
-    """
+    reader = replace(reader, rank=0, world_size=1)
+    moments, seen = None, 0
+    for batch in reader.batches(role_dir):
+        x = batch["image"][: count - seen].to(device)
+        b_int, m = generator(x)
+        part = losses.map_moments(losses.anomaly_map(x, losses.blend_healthy(x, b_int, m)), m).cpu()
+        moments = part if moments is None else moments + part
+        seen += len(x)
+        if seen >= count:
+            break
+    if moments is None:
+        raise UserError(f"{role_dir} has no images to take the healthy map statistics from "
+                        "(eval.normalize_images); set eval.normalize_images=0 to score without them")
+    return losses.norm_from_moments(moments)
+
+
+def selection_norm(generator: torch.nn.Module, cfg, *, device: str | torch.device) -> Optional[torch.Tensor]:
+    """healthy_map_norm of the current generator on cfg.data.root/healthy for validation and the
+    checkpoint (None when eval.normalize_images is 0 or eval.metric is not val_auc); like
+    selection_metric, it restores the generator's mode and consumes no global RNG state."""
+    if cfg.eval.metric != "val_auc" or not cfg.eval.normalize_images:
+        return None
+    from a2b_dist.data.storage import join
+
+    with _evaluating(generator, device):
+        return healthy_map_norm(generator, join(cfg.data.root, "healthy"), EvalReader.from_config(cfg),
+                                cfg.eval.normalize_images, device=device)
+
+
+@contextmanager
+def _evaluating(generator: torch.nn.Module, device: str | torch.device):
+    """Eval mode, no gradients, and every global RNG (torch, numpy, random) put back afterwards."""
     was_training = generator.training
     devices = [torch.device(device).index or 0] if torch.device(device).type == "cuda" else []
     np_state, py_state = np.random.get_state(), random.getstate()
@@ -206,14 +240,29 @@ def selection_metric(generator: torch.nn.Module, cfg, *, device: str | torch.dev
     try:
         # fork_rng: whatever the data loaders draw from torch's global RNG is put back afterwards.
         with torch.random.fork_rng(devices=devices), torch.no_grad():
-            if cfg.eval.metric == "fid":
-                from a2b_dist import fid
-                return fid.selection_fid(generator, cfg, device=device, rank=rank, world_size=world_size)
-            return _selection_val_auc(generator, cfg, device=device, rank=rank, world_size=world_size)
+            yield
     finally:
         generator.train(was_training)
         np.random.set_state(np_state)
         random.setstate(py_state)
+
+
+def selection_metric(generator: torch.nn.Module, cfg, *, device: str | torch.device, rank: int = 0,
+                     world_size: int = 1, norm: Optional[torch.Tensor] = None) -> dict[str, float]:
+    """cfg.eval.metric for model selection, as a flat dict of floats that includes that key.
+
+    ``val_auc``: image AUROC with cfg.eval.score on cfg.data.root/val, every score's AUROC
+    (``val_auc_mean``, ``val_auc_topk``; the healthy_z kinds with ``norm``, selection_norm's
+    statistics), AUPR, pixel AUROC and the mask diagnostics (``mask_*``;
+    keys whose value is undefined are left out). ``fid``: FID of B' against the healthy role
+    (see a2b_dist.fid.translation_fid). Every rank must call it and gets the same dict. Pass the
+    unwrapped generator; its train/eval mode is restored, and no global RNG state is consumed.
+    """
+    with _evaluating(generator, device):
+        if cfg.eval.metric == "fid":
+            from a2b_dist import fid
+            return fid.selection_fid(generator, cfg, device=device, rank=rank, world_size=world_size)
+        return _selection_val_auc(generator, cfg, device=device, rank=rank, world_size=world_size, norm=norm)
 
 
 def selection_score(cfg) -> str:
@@ -241,15 +290,15 @@ def scoring_overrides(cfg, overrides, allowed, command: str):
     if cfg.eval.score == "auto":
         raise UserError(f"{command}: eval.score=auto is chosen on validation during training and recorded with "
                         f"the checkpoint, which scores with {loaded!r}; leave eval.score out to use it, or name "
-                        "a kind (mean, topk, mask, smooth_topk, intermediate)")
+                        f"a kind ({', '.join(SCORE_KINDS)})")
     return cfg, given
 
 
-def _selection_val_auc(generator, cfg, *, device, rank, world_size) -> dict[str, float]:
+def _selection_val_auc(generator, cfg, *, device, rank, world_size, norm=None) -> dict[str, float]:
     from a2b_dist.data.storage import join
 
     result = score_role(generator, join(cfg.data.root, "val"), EvalReader.from_config(cfg, rank, world_size),
-                        topk_percent=cfg.eval.topk_percent, device=device)
+                        topk_percent=cfg.eval.topk_percent, device=device, norm=norm)
     summary = summarise_result(result, score=selection_score(cfg))
     flat: dict[str, Any] = {"val_auc": summary["auroc"], "val_aupr": summary["aupr"],
                             "val_pixel_auroc": summary["pixel_auroc"]}

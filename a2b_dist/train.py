@@ -564,11 +564,13 @@ def _train(cfg: Config, *, resume: str, argv: Optional[list[str]], stop_requeste
         """Where this rank's data and augmentation stand (saved with a checkpoint)."""
         return {"streams": {role: s.state_dict() for role, s in streams.items()}, "aug_rng": aug_gen.get_state()}
 
-    def save(target: Path, at: Optional[dict] = None, **extra) -> Path:
+    def save(target: Path, at: Optional[dict] = None, norm: Optional[torch.Tensor] = None, **extra) -> Path:
         at = at or position()
         rank_state = {"streams": at["streams"], "step": step}
+        # norm: the healthy map statistics of this step's evaluation (the healthy_z score kinds)
+        tensors = {"gp_rng": gp_gen.get_state(), "aug_rng": at["aug_rng"], **({} if norm is None else {ckpt.MAP_NORM: norm})}
         return ckpt.save_checkpoint(
-            target, **backend.checkpoint_parts(models, accelerator), rank_state=rank_state, rank_tensors={"gp_rng": gp_gen.get_state(), "aug_rng": at["aug_rng"]},
+            target, **backend.checkpoint_parts(models, accelerator), rank_state=rank_state, rank_tensors=tensors,
             meta=ckpt.meta_for(cfg, step, best=best, **extra), rank=rank, world_size=world,
             barrier=accelerator.wait_for_everyone)
 
@@ -585,6 +587,7 @@ def _train(cfg: Config, *, resume: str, argv: Optional[list[str]], stop_requeste
     from tqdm.auto import tqdm
 
     from a2b_dist.data import DataError
+    from a2b_dist.scoring import selection_norm
     bar = tqdm(total=cfg.train.steps, initial=step, disable=not main, dynamic_ncols=True, desc="train")
     models.G_train.train(), models.D_train.train()
     try:
@@ -630,8 +633,10 @@ def _train(cfg: Config, *, resume: str, argv: Optional[list[str]], stop_requeste
                 png = run_dir / "samples" / f"step-{step:09d}.png"
                 log.images(save_samples(models.G_eval, sample_x.to(device), png), png, step)
             improved = evaluated = False
+            norm = None
             if cfg.eval.every and (step % cfg.eval.every == 0 or step == cfg.train.steps):
-                metrics = evaluate_for_selection(cfg, models.G_eval, accelerator)
+                norm = selection_norm(models.G_eval, cfg, device=accelerator.device)
+                metrics = evaluate_for_selection(cfg, models.G_eval, accelerator, norm)
                 evaluated = True
                 value = metrics[cfg.eval.metric]
                 # Before select_from (e.g. a focus warm-up) the mask has not formed: log, never select.
@@ -644,9 +649,9 @@ def _train(cfg: Config, *, resume: str, argv: Optional[list[str]], stop_requeste
                 log.write({"step": step, **{f"eval/{k}": v for k, v in metrics.items()}, "best": best})
             at_end = step == cfg.train.steps
             if improved:
-                save(run_dir / ckpt.BEST, selection=best)
+                save(run_dir / ckpt.BEST, norm=norm, selection=best)
             if step % cfg.train.checkpoint_every == 0 or at_end or stopped:
-                last_good = save(ckpt.step_dir(run_dir, step))
+                last_good = save(ckpt.step_dir(run_dir, step), norm=norm)
                 if main:
                     ckpt.prune(run_dir, cfg.train.keep_last)
                 accelerator.wait_for_everyone()
@@ -690,11 +695,11 @@ def _better(metric: str, value: float, best: Optional[dict]) -> bool:
     return value > best["value"] if HIGHER_IS_BETTER[metric] else value < best["value"]
 
 
-def evaluate_for_selection(cfg: Config, G: torch.nn.Module, accelerator) -> dict:
+def evaluate_for_selection(cfg: Config, G: torch.nn.Module, accelerator, norm=None) -> dict:
     from a2b_dist.scoring import selection_metric
 
     return selection_metric(G, cfg, device=accelerator.device, rank=accelerator.process_index,
-                            world_size=accelerator.num_processes)
+                            world_size=accelerator.num_processes, norm=norm)
 
 
 def train_seeds(config: str, overrides: list[str], seeds: list[int], *, resume: str = "auto",

@@ -62,7 +62,7 @@ PROTOCOLS = ("mnist-square", "mnist-intensity", "mnist-noise", "mnist-blur", "ph
 PAPER = ["loss.lambda_fs=0.001", "loss.focus_eps=0.01", "loss.focus_warmup_steps=0",
          "loss.focus_warmup_terms=both", "loss.focus_size=image", "loss.lambda_id_out=0",
          "optim.lr_g=1e-4", "optim.lr_d=1e-4", "train.ema_decay=0", "data.hflip=false",
-         "eval.select_from=0", "eval.score=mean"]
+         "eval.select_from=0", "eval.score=mean", "eval.normalize_images=0"]
 # The synthetic-anomaly peer: the restoration lever (losses.foreign_patches) with the healthy set in
 # the mixed set's place, so that the table separates "synthetic anomalies help" from "the mixed set helps".
 SYNTH = ["loss.restore_prob=0.5"]
@@ -174,6 +174,13 @@ def image_and_pixel(labels, scores, maps=None, gt=None, has_mask=None) -> dict:
 # ---------------------------------------------------------------------------------------------
 # A2B-GAN
 
+def a2b_config_preset(args):
+    """The A2B-GAN preset as loaded (--config, --override): what the peers take their shared settings from."""
+    from a2b_dist.config import load_config
+
+    return load_config(args.config, list(args.override))
+
+
 def a2b_config(args, overrides: list[str], root: Path, run_dir: Path, seed: int):
     from a2b_dist.config import load_config
 
@@ -220,13 +227,16 @@ def run_a2b(args, method: str, root: Path, run_dir: Path, seed: int) -> dict:
     data_root = healthy_as_mixed(root, Path(args.work)) if healthy_only(method) else root
     cfg = a2b_config(args, overrides, data_root, run_dir, seed)
     result = train(cfg, resume="none", argv=["benchmarks/quality.py", method])
+    if result["stopped"]:     # a SIGTERM (or --until) ended training early: no cell from a partial run
+        raise SystemExit(f"{run_dir}: training stopped at step {result['step']} of {cfg.train.steps}; "
+                         "the cell is not recorded (run the benchmark again to redo it)")
     chosen = chosen_checkpoint(run_dir)
     G, loaded = ckpt.load_generator(chosen)
     cfg.eval.score = loaded.eval.score          # eval.score=auto: the kind chosen on validation
     with torch.no_grad():
         reader = EvalReader(batch_size=64, image_size=args.size)
         scored = score_role(G, root / "test", reader, topk_percent=cfg.eval.topk_percent,
-                            healthy_mean=healthy_mean_image(root / "healthy", reader))
+                            healthy_mean=healthy_mean_image(root / "healthy", reader), norm=ckpt.map_norm_of(G))
     summary = summarise_result(scored, score=cfg.eval.score)
     test = load_role(root / "test", args.size)
     scores = {k: v["auroc"] for k, v in summary["scores"].items()}
@@ -249,6 +259,7 @@ def run_a2b(args, method: str, root: Path, run_dir: Path, seed: int) -> dict:
 def a2b_fused(args, G, cfg, root: Path, seed: int, test: dict) -> dict:
     """pu_fused for an A2B-GAN generator, scored by the preset's eval.score."""
     from a2b_dist import losses as L
+    from a2b_dist.checkpoint import map_norm_of
 
     def own_score(x):
         out = []
@@ -257,7 +268,8 @@ def a2b_fused(args, G, cfg, root: Path, seed: int, test: dict) -> dict:
                 xb = x[i:i + 256]
                 b_int, m = G(xb)
                 diff = L.anomaly_map(xb, L.blend_healthy(xb, b_int, m))
-                out.append(L.anomaly_score(diff, cfg.eval.score, cfg.eval.topk_percent, m, L.anomaly_map(xb, b_int)))
+                out.append(L.anomaly_score(diff, cfg.eval.score, cfg.eval.topk_percent, m, L.anomaly_map(xb, b_int),
+                                           map_norm_of(G)))
         return torch.cat(out).numpy()
 
     budget = args.steps * cfg.optim.n_critic * 2 * args.batch
@@ -333,20 +345,24 @@ def ae_maps(models, x):
     return maps, maps.flatten(1).mean(1).numpy()
 
 
-MAP_KINDS = ("mean", "topk", "smooth_topk")   # the score kinds a plain difference map has (no mask)
+MAP_KINDS = ("mean", "topk", "smooth_topk", "healthy_z")   # the score kinds a plain difference map has (no mask)
 
 
-def map_kinds(test_maps: torch.Tensor, val_maps: torch.Tensor, val_labels) -> tuple[dict, str]:
+def map_kinds(test_maps: torch.Tensor, val_maps: torch.Tensor, val_labels, healthy_maps=None) -> tuple[dict, str]:
     """({kind: test scores}, the kind eval.score=auto's rule (scoring.chosen_kind) takes on
-    validation), with the preset's top-k share: for a method whose only map is |x - x^|."""
+    validation), with the preset's top-k share: for a method whose only map is |x - x^|;
+    ``healthy_maps``: its maps of the first healthy images (the preset's eval.normalize_images of
+    them), which add healthy_z (the map standardised per pixel by them) as A2B-GAN's statistics do."""
     from a2b_dist import losses as L
     from a2b_dist.config import EvalConfig
     from a2b_dist.scoring import chosen_kind
 
     topk = EvalConfig().topk_percent
-    chosen = chosen_kind({f"val_auc_{k}": image_and_pixel(val_labels, L.anomaly_score(val_maps, k, topk).numpy())["auroc"]
-                          for k in MAP_KINDS})
-    return {k: L.anomaly_score(test_maps, k, topk).numpy() for k in MAP_KINDS}, chosen
+    norm = None if healthy_maps is None else L.norm_from_moments(L.map_moments(healthy_maps, torch.ones_like(healthy_maps)))
+    kinds = [k for k in MAP_KINDS if norm is not None or k not in L.NORM_KINDS]
+    chosen = chosen_kind({f"val_auc_{k}": image_and_pixel(val_labels, L.anomaly_score(val_maps, k, topk, norm=norm).numpy())["auroc"]
+                          for k in kinds})
+    return {k: L.anomaly_score(test_maps, k, topk, norm=norm).numpy() for k in kinds}, chosen
 
 
 def ddad_maps(k: int):
@@ -462,7 +478,9 @@ def run_peer(args, method: str, root: Path, seed: int, budget: int) -> dict:
         models, best = train_autoencoders(args, [healthy], budget, seed, ae_maps, val)
         maps, scores = ae_maps(models, test["image"])
         # the same rule as eval.score=auto: selected by the mean, the kind then chosen on validation
-        by_kind, chosen = map_kinds(maps, ae_maps(models, val["image"])[0], val["label"])
+        count = a2b_config_preset(args).eval.normalize_images
+        by_kind, chosen = map_kinds(maps, ae_maps(models, val["image"])[0], val["label"],
+                                    ae_maps(models, healthy[:count])[0] if count else None)
         scores = by_kind[chosen]
         extra = {k: image_and_pixel(test["label"], v)["auroc"] for k, v in by_kind.items()}
         if args.fuse_pu:

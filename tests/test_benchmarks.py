@@ -105,12 +105,17 @@ def test_quality_prints_every_method(sim_shards, tmp_path, capsys):
     assert all({"mean", "topk", "mask", "smooth_topk", "intermediate", "critic"} <= set(r["scores"]) for r in a2b)
     assert all(r["images"] == 2 * 2 * 2 * 4 for r in a2b)        # steps x n_critic x roles x batch
     # eval.score=auto (the preset's): the kind chosen on validation is reported, and the paper's method keeps the mean
-    assert all(r["score"] in {"mean", "topk", "mask", "smooth_topk", "intermediate"} for r in a2b)
+    assert all(r["score"] in {"mean", "topk", "mask", "smooth_topk", "intermediate", "healthy_z", "healthy_z_mask"}
+               for r in a2b)
+    # the preset's eval.normalize_images: the healthy_z kinds for A2B-GAN, not for the paper's values
+    assert all({"healthy_z", "healthy_z_mask"} <= set(r["scores"]) for r in a2b if r["method"] != "a2b-paper")
+    assert all("healthy_z" not in r["scores"] for r in a2b if r["method"] == "a2b-paper")
     assert all(r["score"] == "mean" for r in a2b if r["method"] == "a2b-paper")
     for r in (r for r in rows if r["method"] == "a2b"):
         assert r["auroc"] == r["scores"][r["score"]]
     ae = [r for r in rows if r["method"] == "ae"]                  # the autoencoder gets the same rule
     assert all(r["score"] in quality.MAP_KINDS and r["auroc"] == r["scores"][r["score"]] for r in ae)
+    assert all("healthy_z" in r["scores"] for r in ae)
     assert "± " in out                                              # two seeds: mean and spread
     tag = "32-2"
     assert json.loads((work / f"results-{tag}.json").read_text()) == rows

@@ -243,3 +243,37 @@ def test_ema_equals_a_hand_computed_average():
         torch.testing.assert_close(averaged[name], value, rtol=1e-5, atol=1e-7)
     assert not torch.allclose(averaged["main.0.weight"], seen[-1]["main.0.weight"])
     assert models.G_eval is models.G_ema.module
+
+
+def test_map_moments_give_the_per_pixel_mean_and_spread_of_healthy_maps():
+    """healthy_map_norm's statistics, summed batch by batch, equal the mean and (population)
+    standard deviation at each pixel of |x - B'| and of M * |x - B'| over all the images."""
+    g = torch.Generator().manual_seed(0)
+    diff, mask = torch.rand(10, 1, 6, 5, generator=g), torch.rand(10, 1, 6, 5, generator=g)
+    moments = L.map_moments(diff[:4], mask[:4]) + L.map_moments(diff[4:], mask[4:])
+    norm = L.norm_from_moments(moments)
+    assert norm.shape == (2, 2, 6, 5)
+    for i, m in enumerate((diff, diff * mask)):
+        torch.testing.assert_close(norm[i, 0], m[:, 0].mean(0))
+        torch.testing.assert_close(norm[i, 1], m[:, 0].std(0, unbiased=False))
+
+
+def test_healthy_z_discounts_what_every_healthy_map_shows():
+    """A map equal to the healthy mean scores 0; the same bump scores higher where healthy maps are
+    quiet than where they always vary (an edge the translation blurs); the mask kind weighs by M."""
+    mean = torch.zeros(16, 16)
+    mean[:, :4] = 0.5                       # healthy maps are high and vary on the left edge
+    sd = torch.full((16, 16), 0.01)
+    sd[:, :4] = 0.2
+    norm = torch.stack([torch.stack([mean, sd]), torch.stack([mean, sd])])
+    quiet, edge = mean.clone()[None, None], mean.clone()[None, None]
+    quiet[..., 8:11, 8:11] += 0.3
+    edge[..., 8:11, 0:3] += 0.3
+    maps = torch.cat([mean[None, None], quiet, edge])
+    z = L.anomaly_score(maps, "healthy_z", 5.0, norm=norm)
+    assert z[0] == 0 and z[1] > 5 * z[2] > 0
+    ones, zeros = torch.ones_like(maps), torch.zeros_like(maps)
+    assert torch.equal(L.anomaly_score(maps, "healthy_z_mask", 5.0, ones, norm=norm), z)
+    assert torch.all(L.anomaly_score(maps, "healthy_z_mask", 5.0, zeros, norm=norm) == 0)
+    with pytest.raises(ValueError, match="healthy map statistics"):
+        L.anomaly_score(maps, "healthy_z")

@@ -87,3 +87,34 @@ def test_files_that_are_not_a2b_generators_are_refused_in_one_line(exported, tmp
     assert cli.main(["export", str(tmp / "gen.pt"), str(tmp_path / "g.onnx")]) == 2
     assert "add --format onnx" in capsys.readouterr().err
     assert not list(tmp_path.glob("g.*"))
+
+
+def test_healthy_map_statistics_travel_in_the_onnx_metadata(tmp_path):
+    """A generator with healthy map statistics (eval.normalize_images) keeps them through
+    `a2b export --format onnx`, and `a2b detect` gives the .pt file's healthy_z scores with it."""
+    from a2b_dist.checkpoint import MAP_NORM, load_generator
+
+    cfg = Config()
+    cfg.data.image_size, cfg.model.width, cfg.model.res_blocks, cfg.eval.normalize_images = 32, 8, 1, 4
+    pt = export_generator(tmp_path / "gen.pt", validate(cfg), seed=5)
+    blob = torch.load(pt, weights_only=True)
+    g = torch.Generator().manual_seed(1)
+    blob[MAP_NORM] = torch.rand(2, 2, 32, 32, generator=g) * 0.1
+    torch.save(blob, pt)
+    assert cli.main(["export", str(pt), str(tmp_path / "gen.onnx"), "--format", "onnx"]) == 0
+    onnx_gen, _ = load_generator(tmp_path / "gen.onnx")
+    assert torch.equal(onnx_gen.map_norm, blob[MAP_NORM])
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(5):
+        Image.fromarray(rng.integers(0, 256, (32, 32), dtype=np.uint8)).save(images / f"{i}.png")
+    scores = {}
+    for name, ckpt in (("pt", pt), ("onnx", tmp_path / "gen.onnx")):
+        assert detect.main(["--checkpoint", str(ckpt), "--images", str(images), "--out", str(tmp_path / name),
+                            "eval.score=healthy_z_mask"]) == 0
+        with open(tmp_path / name / "scores.csv") as f:
+            scores[name] = {r["path"]: float(r["score"]) for r in csv.DictReader(f)}
+    assert len(scores["pt"]) == 5 and any(v > 0 for v in scores["pt"].values())
+    for key, value in scores["pt"].items():
+        assert scores["onnx"][key] == pytest.approx(value, abs=1e-5)

@@ -196,7 +196,7 @@ def test_score_auto_picks_the_best_validated_kind_and_every_scorer_uses_it(sim_s
 
     run_dir = tmp_path / "run"
     run(train_cmd(1, f"data.root={sim_shards}", f"train.run_dir={run_dir}", "eval.every=2", "eval.select_from=2",
-                  "eval.score=auto"))
+                  "eval.score=auto", "eval.normalize_images=8"))
     evals = [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "eval/val_auc" in r]
     assert all(r["eval/val_auc"] == r["eval/val_auc_mean"] for r in evals)      # selection by the mean score
     best = evals[-1]["best"]
@@ -224,6 +224,45 @@ def test_score_auto_picks_the_best_validated_kind_and_every_scorer_uses_it(sim_s
     fid = run(train_cmd(1, f"data.root={sim_shards}", f"train.run_dir={tmp_path / 'r2'}", "eval.score=auto",
                         "eval.metric=fid"), check=False)
     assert fid.returncode == 2 and "eval.score=auto chooses the score kind on validation AUROC" in fid.stderr
+
+
+def test_healthy_map_statistics_travel_with_the_checkpoint_and_change_no_training(sim_shards, tmp_path):
+    """eval.normalize_images: at every evaluation the maps of the first healthy images give per-pixel
+    statistics, the healthy_z kinds are validated with them, and best/ keeps them; load_generator,
+    the .pt export and a2b evaluate use them. Training itself (weights, selection) is what it is
+    without them. A kind that needs them on a file without them is a one-line error."""
+    with_norm, without = tmp_path / "with", tmp_path / "without"
+    common = [f"data.root={sim_shards}", "eval.every=2", "eval.select_from=2"]
+    run(train_cmd(1, *common, f"train.run_dir={with_norm}", "eval.normalize_images=8"))
+    run(train_cmd(1, *common, f"train.run_dir={without}"))
+    assert_same_weights(final_weights(with_norm), final_weights(without))
+    evals = [r for r in map(json.loads, (with_norm / "metrics.jsonl").read_text().splitlines()) if "eval/val_auc" in r]
+    assert all("eval/val_auc_healthy_z" in r and "eval/val_auc_healthy_z_mask" in r for r in evals)
+    assert ckpt.read_meta(with_norm / "best")["selection"] == ckpt.read_meta(without / "best")["selection"]
+    _, _, _, tensors = ckpt.load_checkpoint(with_norm / "best", 0)
+    gen, cfg = ckpt.load_generator(with_norm / "best")
+    size = cfg.data.image_size
+    assert tensors[ckpt.MAP_NORM].shape == (2, 2, size, size) and torch.equal(gen.map_norm, tensors[ckpt.MAP_NORM])
+    assert (gen.map_norm[:, 1] >= 0).all() and gen.map_norm[0, 0].mean() > 0
+    assert ckpt.load_generator(without / "best")[0].map_norm is None
+    out = tmp_path / "g.pt"
+    run([sys.executable, "-m", "a2b_dist.cli", "export", str(with_norm / "best"), str(out)])
+    assert torch.equal(torch.load(out, weights_only=True)[ckpt.MAP_NORM], gen.map_norm)
+    ev = tmp_path / "eval"
+    run([sys.executable, "-m", "a2b_dist.cli", "evaluate", "--checkpoint", str(out), "--shards",
+         str(sim_shards / "test"), "--out", str(ev), "eval.score=healthy_z"])
+    metrics = json.loads((ev / "metrics.json").read_text())
+    assert metrics["score"] == "healthy_z" and {"healthy_z", "healthy_z_mask"} <= metrics["scores"].keys()
+    blob = torch.load(out, weights_only=True)
+    del blob[ckpt.MAP_NORM]
+    torch.save(blob, tmp_path / "bare.pt")
+    refused = run([sys.executable, "-m", "a2b_dist.cli", "evaluate", "--checkpoint", str(tmp_path / "bare.pt"),
+                   "--shards", str(sim_shards / "test"), "--out", str(tmp_path / "e2"), "eval.score=healthy_z_mask"],
+                  check=False)
+    assert refused.returncode == 2 and "holds no healthy map statistics" in refused.stderr
+    assert "Traceback" not in refused.stderr and not (tmp_path / "e2").exists()
+    bad = run(train_cmd(1, *common, f"train.run_dir={tmp_path / 'r3'}", "eval.score=healthy_z"), check=False)
+    assert bad.returncode == 2 and "set eval.normalize_images" in bad.stderr and not (tmp_path / "r3").exists()
 
 
 def test_export_loads_with_weights_only(sim_shards, tmp_path):
