@@ -75,9 +75,9 @@ def drop_rows_after(path: Path, step: int) -> int:
 
 
 def load_checkpoint(run: Run) -> None:
-    """Load ``run.start_from`` (checked by check_resumable) into a2b_dist.train's run: weights,
-    optimizers, step, selection, and (same world size) this rank's streams and random state; from another world size every rank's randomness is
-    reseeded from (seed, rank, step)."""
+    """Load ``run.start_from`` (checked by check_resumable) into a2b_dist.train's Run: weights,
+    optimizers, step, selection and, from the same world size, this rank's streams and random
+    state; from another world size every rank's randomness is reseeded from (seed, rank, step)."""
     if run.start_from is None:
         return
     cfg, rank = run.cfg, run.rank
