@@ -29,7 +29,7 @@ COMMANDS = {
     "build": ("a2b_dist.build", "WebDataset shards from images: folder, npz, dicom, split, nifti, simulated"),
     "upload": ("a2b_dist.build", "copy a built data root to object storage (s3://, gs://), manifests last"),
     "verify": ("a2b_dist.build", "check every shard against its manifest: size, sample count, sha256"),
-    "train": ("a2b_dist.train", "train A2B-GAN from shards"),
+    "train": ("a2b_dist.train_cli", "train A2B-GAN from shards"),
     "submit": ("a2b_dist.jobs.submit", "train on SLURM through submitit (or the same tasks on this machine)"),
     "status": ("a2b_dist.jobs.status", "a run's job state, last step, metrics, checkpoints and replicas"),
     "tune": ("a2b_dist.sweeps.tune", "search the loss weights with Ray Tune (pip install '.[sweeps]')"),

@@ -16,6 +16,7 @@ import csv
 import io
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -30,7 +31,8 @@ from a2b_dist.figures import panel_png, plot_panel, safe_name
 from a2b_dist.files import StagedFolder, write_atomic
 from a2b_dist.memory import bound_heap
 from a2b_dist.metrics import HIST_BINS, MAP_SCALE_PERCENTILE, hist_percentile, value_bins
-from a2b_dist.report import provenance, write_detection_report
+from a2b_dist.provenance import provenance
+from a2b_dist.report import write_detection_report
 from a2b_dist.scoring import scoring_overrides
 
 def find_images(folder: str | Path) -> list[Path]:
@@ -180,7 +182,8 @@ def _detect(args, argv, paths: list[Path], threshold: Optional[float], metrics: 
 
     require_map_norm(generator, score, args.checkpoint)    # before any image is scored
     with stage.writing() as out:
-        rows = _score_and_write(args, argv, paths, cfg, generator, device, score, topk, threshold, out, metrics)
+        spec = ScoreSpec(score, topk, threshold, metrics)
+        rows = _score_and_write(args, argv, paths, cfg, generator, device, spec, out)
     out = Path(args.out)
     flagged = sum(v >= threshold for _, v in rows) if threshold is not None else None
     print(f"scored {len(rows)} images ({score} score)"
@@ -207,13 +210,24 @@ def _translated(args, paths: list[Path], cfg, generator, device, score: str, top
         yield [p.relative_to(root).as_posix() for p in chunk], values, arrays
 
 
-def _score_and_write(args, argv, paths: list[Path], cfg, generator, device, score: str, topk: float,
-                     threshold: Optional[float], out: Path, metrics: Optional[dict] = None) -> list[tuple[str, float]]:
+@dataclass(frozen=True)
+class ScoreSpec:
+    """How detect scores and flags: the score kind and top-k share (the threshold's, when it came
+    from a metrics.json), the threshold, and that metrics.json (its map colour scale)."""
+    score: str
+    topk: float
+    threshold: Optional[float] = None
+    metrics: Optional[dict] = None
+
+
+def _score_and_write(args, argv, paths: list[Path], cfg, generator, device, spec: ScoreSpec,
+                     out: Path) -> list[tuple[str, float]]:
     """Score every image into ``out`` (the staging folder): panels, scores.csv, report.html.
 
     The heat maps share one colour scale: the evaluation's (metrics.json given as --threshold), else
     the MAP_SCALE_PERCENTILE-th percentile of this folder's maps; with --maps the panels are drawn in
     a second pass, once that scale is known."""
+    score, topk, threshold = spec.score, spec.topk, spec.threshold
     rows: list[tuple[str, float]] = []
     top: list[tuple[float, str, dict]] = []     # the report's panels: the highest scores so far
     map_hist = np.zeros(HIST_BINS)
@@ -226,7 +240,7 @@ def _score_and_write(args, argv, paths: list[Path], cfg, generator, device, scor
                 top.append((-float(values[i]), r, {k: None if v is None else v.copy() for k, v in arrays[i].items()}))
                 top.sort(key=lambda e: e[:2])
                 del top[args.report_panels:]
-    scale = (metrics or {}).get("map_scale")          # the evaluation's, so the two pictures compare
+    scale = (spec.metrics or {}).get("map_scale")          # the evaluation's, so the two pictures compare
     if not (isinstance(scale, dict) and isinstance(scale.get("value"), (int, float)) and scale["value"] > 0
             and isinstance(scale.get("percentile"), (int, float))):
         scale = {"percentile": MAP_SCALE_PERCENTILE, "value": hist_percentile(map_hist, MAP_SCALE_PERCENTILE)}
@@ -246,7 +260,7 @@ def _score_and_write(args, argv, paths: list[Path], cfg, generator, device, scor
     panels = {rel: panel_png(rel, None, -neg, arrays, scale) for neg, rel, arrays in top}
     write_detection_report(out / "report.html", rows=rows, score=score, threshold=threshold, panels=panels,
                            checkpoint=str(args.checkpoint),
-                           prov=provenance({}, ["a2b", "detect", *(argv if argv is not None else sys.argv[1:])]))
+                           prov=provenance(["a2b", "detect", *(argv if argv is not None else sys.argv[1:])], manifests={}))
     return rows
 
 

@@ -35,7 +35,8 @@ from a2b_dist.files import StagedFolder, write_atomic
 from a2b_dist.memory import bound_heap
 from a2b_dist.metrics import group_metrics
 from a2b_dist.references import healthy_mean_image
-from a2b_dist.report import provenance, write_evaluation_report
+from a2b_dist.provenance import provenance
+from a2b_dist.report import write_evaluation_report
 from a2b_dist.scoring import score_role, scoring_overrides, summarise_result
 
 
@@ -264,8 +265,8 @@ def _write_outputs(out: Path, args, argv, metrics: dict, result: dict, grouped, 
     if args.healthy:
         manifests["healthy"] = join(args.healthy, "manifest.json")
     write_evaluation_report(out / "report.html", metrics=metrics, result=result, config_yaml=to_yaml(cfg),
-                            prov=provenance(manifests, ["a2b", "evaluate", *(argv if argv is not None else sys.argv[1:])],
-                                            storage=reader.storage),
+                            prov=provenance(["a2b", "evaluate", *(argv if argv is not None else sys.argv[1:])],
+                                            manifests=manifests, storage=reader.storage),
                             group_table=grouped["table"] if grouped is not None else None,
                             group_field=args.group_by)
 

@@ -17,6 +17,14 @@ from a2b_dist.errors import UserError
 HIGHER_IS_BETTER = {"val_auc": True, "fid": False}   # the selection metrics (eval.metric)
 
 
+def improves(metric: str, value: float, best: Optional[dict]) -> bool:
+    """Whether ``value`` of the selection ``metric`` beats ``best`` ({"metric", "value", ...}; None,
+    or another metric's, is beaten by anything)."""
+    if best is None or best.get("metric") != metric:
+        return True
+    return value > best["value"] if HIGHER_IS_BETTER[metric] else value < best["value"]
+
+
 def _as_numpy(a: Any, dtype=np.float64) -> np.ndarray:
     if isinstance(a, torch.Tensor):
         a = a.detach().float().cpu().numpy()

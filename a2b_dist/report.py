@@ -7,11 +7,7 @@ the page opens from a laptop after ``scp`` and shows the same numbers as metrics
 from __future__ import annotations
 
 import base64
-import hashlib
 import html
-import platform
-import sys
-import time
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
@@ -61,28 +57,8 @@ def _page(title: str, body: str) -> str:
             f"<title>{html.escape(title)}</title><style>{STYLE}</style></head>\n<body>\n{body}\n</body></html>\n")
 
 
-def provenance(manifests: dict[str, str], argv: Optional[list[str]] = None, storage=None) -> dict:
-    """Versions, the command line, the time, and the SHA-256 of each shard role's manifest.json
-    (a path or a URL, read through ``storage``)."""
-    import accelerate
-    import torch
-
-    from a2b_dist.data.storage import DataError, Storage
-
-    def digest(location: str) -> Optional[str]:
-        try:
-            return hashlib.sha256((storage or Storage()).read_bytes(str(location))).hexdigest()
-        except (OSError, DataError):
-            return None
-
-    return {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "argv": list(sys.argv if argv is None else argv),
-            "host": platform.node(),
-            "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                         "accelerate": accelerate.__version__},
-            "manifests": {name: {"path": str(p), "sha256": digest(p)} for name, p in manifests.items()}}
-
-
 def _provenance_html(prov: dict) -> str:
+    """The provenance record (a2b_dist.provenance) as a table."""
     rows = [("time", prov["time"]), ("host", prov["host"]), ("command", " ".join(prov["argv"]))]
     rows += [(f"version {k}", v) for k, v in prov["versions"].items()]
     rows += [(f"manifest {name}", f"{m['path']} (sha256 {m['sha256']})") for name, m in prov["manifests"].items()]

@@ -41,7 +41,7 @@ def worker(args) -> None:
     sys.path.insert(0, str(HERE))
     from train_speed import make_config, time_run, toolkit_stepper
 
-    from a2b_dist.train import make_accelerator
+    from a2b_dist.steps import make_accelerator
 
     if args.threads:
         torch.set_num_threads(args.threads)

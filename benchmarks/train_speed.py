@@ -6,7 +6,7 @@
     python benchmarks/train_speed.py --size 256 --batch 16 --precision bf16 --device cuda \
         --width 64 --res-blocks 6 --critic-width 64 --channels-last --compile   # paper model on a GPU
 
-(a) toolkit: the trainer's own step function, a2b_dist.train.train_step (both learning rates from
+(a) toolkit: the trainer's own step function, a2b_dist.steps.train_step (both learning rates from
     the schedule, n_critic critic updates, one generator update), then StepAgreement (the loss
     vector's all-reduce when distributed, the finite check, the running sums), as train() runs them.
 (b) bare: plain PyTorch written here from the same networks (a2b_dist.nets) and the same maths:
@@ -34,8 +34,8 @@ import torch  # noqa: E402
 from a2b_dist import backends  # noqa: E402
 from a2b_dist.config import load_config  # noqa: E402
 from a2b_dist.nets import build_critic, build_generator  # noqa: E402
-from a2b_dist.train import (StepAgreement, build_models, derive_seed, make_accelerator,  # noqa: E402
-                            train_step)
+from a2b_dist.steps import (StepAgreement, build_models, derive_seed, make_accelerator,  # noqa: E402
+                           train_step)
 
 N_BATCHES = 4  # distinct in-memory batches cycled through (per role)
 
@@ -58,7 +58,7 @@ def make_batches(cfg, device: torch.device, world: int = 1) -> list[tuple[torch.
 
 
 def toolkit_stepper(cfg, accelerator=None, batches=None) -> tuple[Callable[[int], dict], object]:
-    """The trainer's own step (a2b_dist.train.train_step, then StepAgreement's all-reduce and finite
+    """The trainer's own step (a2b_dist.steps.train_step, then StepAgreement's all-reduce and finite
     check), fed from memory: ``batches`` (default make_batches) is a list of (A, B) pairs, each role
     drawing its next one in turn. step(i) returns that step's losses (LOSS_TERMS, as tensors)."""
     acc = accelerator if accelerator is not None else make_accelerator(cfg)

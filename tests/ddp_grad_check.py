@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from a2b_dist.config import load_config
-from a2b_dist.train import build_models, make_accelerator
+from a2b_dist.steps import build_models, make_accelerator
 from a2b_dist.updates import A2BUpdates
 
 from grad_batch import fixed_batch  # tests/, beside this script

@@ -17,7 +17,7 @@ from a2b_dist import ds_backend
 from a2b_dist.compat import LoadThrough
 from a2b_dist.config import load_config
 from a2b_dist.nets import build_critic, build_generator
-from a2b_dist.train import build_models, make_accelerator
+from a2b_dist.steps import build_models, make_accelerator
 from a2b_dist.updates import A2BUpdates, Models
 
 from grad_batch import fixed_batch  # tests/, beside this script

@@ -35,7 +35,8 @@ def test_benchmark_step_is_the_trainers_step(sim_shards, tmp_path):
     import train_speed
 
     from a2b_dist.config import load_config
-    from a2b_dist.train import LOSS_TERMS, _open_streams, train
+    from a2b_dist.steps import LOSS_TERMS
+    from a2b_dist.train import _open_streams, train
 
     cfg = load_config(ROOT / "configs" / "test.yaml", [
         f"data.root={sim_shards}", f"train.run_dir={tmp_path / 'run'}", "train.steps=1", "train.log_every=1",

@@ -56,7 +56,7 @@ def test_foreign_patch_comes_from_another_image():
 
 def _updates(overrides, n=4):
     from a2b_dist.config import load_config
-    from a2b_dist.train import build_models, make_accelerator
+    from a2b_dist.steps import build_models, make_accelerator
     from a2b_dist.updates import A2BUpdates
 
     cfg = load_config("configs/test.yaml", [f"train.batch_size={n}", *overrides])

@@ -122,7 +122,7 @@ def test_focus_ramp():
 def test_focus_warmup_terms_in_generator_loss(terms):
     """At step 0 of a warm-up, `both` drops the whole focus loss; `zero_one` keeps the size term."""
     from a2b_dist.config import load_config
-    from a2b_dist.train import build_models, make_accelerator
+    from a2b_dist.steps import build_models, make_accelerator
     from a2b_dist.updates import A2BUpdates
 
     cfg = load_config("configs/test.yaml", ["loss.focus_warmup_steps=100", f"loss.focus_warmup_terms={terms}",
@@ -192,7 +192,7 @@ def test_ema_decay_ramp():
 
 def _updates(overrides):
     from a2b_dist.config import load_config
-    from a2b_dist.train import build_models, make_accelerator
+    from a2b_dist.steps import build_models, make_accelerator
     from a2b_dist.updates import A2BUpdates
 
     cfg = load_config("configs/test.yaml", ["train.batch_size=2", *overrides])

@@ -15,6 +15,7 @@ import pytest
 
 from a2b_dist import checkpoint as ckpt
 from a2b_dist.jobs import launch, submit
+from a2b_dist.signals import StopOnSignal
 
 ROOT = Path(__file__).resolve().parents[1]
 SUBMIT = str(ROOT / "jobs" / "submit.py")
@@ -123,12 +124,12 @@ def test_stop_flag_hands_over_to_the_handler_it_replaced():
     calls = []
     previous = signal.signal(signal.SIGUSR2, lambda signum, frame: calls.append(signum))
     try:
-        stop = launch.StopOnSignal()
+        stop = StopOnSignal(launch.preempt_signal()).install()
         assert not stop()
         os.kill(os.getpid(), signal.SIGUSR2)
         time.sleep(0.05)
         assert stop() and calls == []          # the signal only raised the flag
-        stop.checkpoint_and_requeue()
+        stop.call_previous()
         assert calls == [signal.SIGUSR2]       # ... the old handler runs when the loop has saved
     finally:
         signal.signal(signal.SIGUSR2, previous)

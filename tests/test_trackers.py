@@ -60,7 +60,7 @@ def test_tracker_defaults_follow_each_run_but_keep_the_users(tmp_path, monkeypat
     """A process that trains twice (a sweep's reused Ray worker) logs each run into its own MLflow
     store; a MLFLOW_TRACKING_URI the user set is never replaced."""
     from a2b_dist.config import load_config
-    from a2b_dist.train import prepare_tracker_env
+    from a2b_dist.tracking import prepare_tracker_env
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     for run in ("a", "b"):

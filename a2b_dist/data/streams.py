@@ -163,7 +163,7 @@ def _in_worker(batches: Iterator[dict]) -> Iterator[dict]:
 def _ignore_sigterm(worker_id: int) -> None:
     """In a training loader worker: ignore SIGTERM. SLURM signals every process of a job on
     scancel or a time limit, and torch's worker handler would die of it mid-batch, failing the
-    trainer before it can save (a2b_dist.train.StopOnTerminate); the worker still ends when its
+    trainer before it can save (a2b_dist.signals.StopOnSignal); the worker still ends when its
     trainer stops it or exits."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 

@@ -11,10 +11,11 @@ gloo on CPUs.
 Preemption and time limits (shared/DESIGN.md rule 8; jobs/README.md has the whole story):
 submitit installs a USR2 handler that would call ``checkpoint()``, requeue the job and exit on the
 spot, in the middle of a step. The task replaces it, once training code is running, by a handler that
-only raises a flag. ``train`` polls the flag after every step and all-reduces it, so whichever rank got
-the signal, all ranks stop at the same step boundary and write one checkpoint together. Only then
-does rank 0 call submitit's original handler, which calls ``checkpoint()`` (a fresh task that resumes
-from disk), writes it as the job's new submission, runs ``scontrol requeue`` once and exits.
+only raises a flag (a2b_dist.signals.StopOnSignal, the class of the trainer's SIGTERM stop too).
+``train`` polls the flag after every step and all-reduces it, so whichever rank got the signal, all
+ranks stop at the same step boundary and write one checkpoint together. Only then does rank 0 call
+submitit's original handler, which calls ``checkpoint()`` (a fresh task that resumes from disk),
+writes it as the job's new submission, runs ``scontrol requeue`` once and exits.
 
 The run folder records what happened, for ``jobs/status.py`` and for tests: ``jobs.jsonl`` (one line
 per submission, start, stop, requeue, end) and ``replicas/rank-*.json`` (a digest of the weights each
@@ -38,6 +39,7 @@ from a2b_dist import checkpoint as ckpt
 from a2b_dist.config import from_dict
 from a2b_dist.errors import UserError
 from a2b_dist.files import append_jsonl, write_atomic
+from a2b_dist.signals import StopOnSignal
 
 JOBS_FILE = "jobs.jsonl"
 REPLICAS = "replicas"
@@ -69,33 +71,6 @@ def preempt_signal() -> signal.Signals:
     except KeyError:
         raise UserError(f"SUBMITIT_PREEMPT_SIGNAL={submitit.JobEnvironment.USR_SIG!r} is not a signal this "
                         "system has; unset it or use USR1/USR2") from None
-
-
-class StopOnSignal:
-    """A stop flag raised by the preemption signal, and the submitit handler it stands in for."""
-
-    def __init__(self) -> None:
-        self.signum = preempt_signal()
-        self.pid = os.getpid()   # forked data-loader workers inherit the handler; they only ignore it
-        self.received: Optional[float] = None
-        self.submitit_handler = signal.getsignal(self.signum)
-        signal.signal(self.signum, self._on_signal)
-
-    def _on_signal(self, signum: int, frame: Any = None) -> None:
-        if os.getpid() != self.pid:
-            return
-        if self.received is None:
-            print(f"a2b: caught {signal.Signals(signum).name}; all ranks save at the next step boundary",
-                  file=sys.stderr, flush=True)
-        self.received = time.time()
-
-    def __call__(self) -> bool:
-        return self.received is not None
-
-    def checkpoint_and_requeue(self) -> None:
-        """Hand the agreed stop to submitit: ``checkpoint()``, new submission, requeue, exit."""
-        if callable(self.submitit_handler):
-            self.submitit_handler(self.signum, None)
 
 
 def checkpoint_digest(path: str | Path) -> str:
@@ -130,7 +105,7 @@ class TrainingTask(submitit.helpers.Checkpointable):
         from a2b_dist.train import train
 
         dist_env = export_distributed_env()
-        stop = StopOnSignal()
+        stop = StopOnSignal(preempt_signal()).install()   # replaces submitit's handler, keeps it
         rank = dist_env.rank
         if "OMP_NUM_THREADS" not in os.environ and os.environ.get("SLURM_CPUS_PER_TASK"):
             torch.set_num_threads(int(os.environ["SLURM_CPUS_PER_TASK"]))
@@ -161,9 +136,9 @@ class TrainingTask(submitit.helpers.Checkpointable):
         by_sigterm = result["stop_signal"] == "SIGTERM" and stop.received is None
         if rank == 0:
             record_event(run_dir, "stopped", **attempt, step=result["step"],
-                         signal="SIGTERM" if by_sigterm else signal.Signals(stop.signum).name)
+                         signal="SIGTERM" if by_sigterm else stop.name)
             if not by_sigterm:
-                stop.checkpoint_and_requeue()   # on SLURM: requeues and exits; returns where nothing requeues
+                stop.call_previous()   # submitit's: checkpoint(), requeue and exit on SLURM; returns where nothing requeues
         return result
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> Optional[submitit.helpers.DelayedSubmission]:
