@@ -37,7 +37,7 @@ from a2b_dist.metrics import group_metrics
 from a2b_dist.references import healthy_mean_image
 from a2b_dist.provenance import provenance
 from a2b_dist.report import write_evaluation_report
-from a2b_dist.scoring import score_role, scoring_overrides, summarise_result
+from a2b_dist.scoring import Kept, score_role, scoring_overrides, summarise_result
 
 
 # Everything a2b evaluate writes into --out (an existing --out may hold these and nothing else).
@@ -215,8 +215,8 @@ def _evaluate(args, argv: Optional[list[str]], accelerator, stage: StagedFolder)
     # Score every sample once across ranks.
     generator.eval()
     result = score_role(generator, args.shards, reader, topk_percent=topk, device=device,
-                        healthy_mean=healthy_mean, num_panels=args.num_maps, seed=args.seed,
-                        extremes=args.report_panels, score=score, norm=norm)
+                        healthy_mean=healthy_mean, norm=norm,
+                        kept=Kept(panels=args.num_maps, extremes=args.report_panels, seed=args.seed, score=score))
     metrics = summarise_result(result, score=score)
     metrics = {"checkpoint": str(args.checkpoint), "step": checkpoint_step(args.checkpoint),
                "shards": str(args.shards), "role": manifest.get("role"), "processes": world,

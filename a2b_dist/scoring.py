@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import random
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import numpy as np
@@ -23,19 +24,29 @@ SCORE_KINDS = losses.SCORE_KINDS
 
 
 @torch.no_grad()
+@dataclass(frozen=True)
+class Kept:
+    """What score_role keeps with its arrays for pictures: ``panels`` samples per class chosen by key
+    hash (with ``seed``), and the ``extremes`` highest- and lowest-scored by the ``score`` kind."""
+    panels: int = 0
+    extremes: int = 0
+    seed: int = 0
+    score: str = "mean"
+
+
 def score_role(generator: torch.nn.Module, role_dir: str | os.PathLike, reader: EvalReader, *,
                topk_percent: float, device: str | torch.device = "cpu",
-               healthy_mean: Optional[torch.Tensor] = None, num_panels: int = 0, seed: int = 0,
-               extremes: int = 0, score: str = "mean", norm: Optional[torch.Tensor] = None) -> dict:
+               healthy_mean: Optional[torch.Tensor] = None, norm: Optional[torch.Tensor] = None,
+               kept: Kept = Kept()) -> dict:
     """Score every sample of a role once across ranks; every rank returns the gathered result.
 
     Returns {"key": [...], "label": int64 (N,), "scores": {kind: (N,)}, "references": {kind: (N,)},
     "mask_summary": summary, "panels": {0: [...], 1: [...]}, "extremes": {...}} sorted by key;
-    panels hold up to num_panels samples per class (x, B', M, difference map, ground truth) chosen
+    panels hold up to kept.panels samples per class (x, B', M, difference map, ground truth) chosen
     by key hash; ``norm``: healthy_map_norm's statistics, which add the healthy_z kinds (left out
-    without it); extremes the ``extremes`` highest-scored healthy images (false positives first),
+    without it); extremes the kept.extremes highest-scored healthy images (false positives first),
     the lowest-scored anomalous ones (missed first) and the highest-scored anomalous ones, by the
-    ``score`` kind, as [(key, score, arrays)].
+    kept.score kind, as [(key, score, arrays)].
     """
     keys: list[str] = []
     labels: list[np.ndarray] = []
@@ -63,10 +74,10 @@ def score_role(generator: torch.nn.Module, role_dir: str | os.PathLike, reader: 
             refs["healthy_distance"].append(healthy_distance(x, healthy_mean).cpu().numpy())
         part = summarise_masks(m, y, batch["mask"], batch["has_mask"], diff)
         summary = part if summary is None else add_mask_summary(summary, part)
-        if num_panels:
-            _keep_panels(panels, num_panels, seed, batch, x, b_prime, m, diff)
-        if extremes:
-            _keep_extremes(tails, extremes, scores[score][-1], batch, x, b_prime, m, diff)
+        if kept.panels:
+            _keep_panels(panels, kept.panels, kept.seed, batch, x, b_prime, m, diff)
+        if kept.extremes:
+            _keep_extremes(tails, kept.extremes, scores[kept.score][-1], batch, x, b_prime, m, diff)
 
     local = {
         "key": keys,
@@ -87,7 +98,7 @@ def score_role(generator: torch.nn.Module, role_dir: str | os.PathLike, reader: 
             packed[size:size + HIST_BINS] = summary["map_hist"]
         summary["hist"], summary["map_hist"], summary["regions"] = None, None, 0
     packed = all_reduce_sum(packed, reader.world_size, device)
-    merged = _merge_ranks(gather_objects(local, reader.world_size), num_panels, extremes)
+    merged = _merge_ranks(gather_objects(local, reader.world_size), kept.panels, kept.extremes)
     if merged["mask_summary"] is not None:
         if packed[:size].any():
             merged["mask_summary"]["hist"] = packed[:size].reshape(2, 3, HIST_BINS)

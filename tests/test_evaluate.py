@@ -229,7 +229,7 @@ def test_extremes_are_the_highest_and_lowest_scores(sim_shards, eval_config):
     gen = build_generator(eval_config.model, 1).eval()
     with torch.no_grad():
         res = scoring.score_role(gen, sim_shards / "test", EvalReader(batch_size=16, image_size=32), topk_percent=5,
-                                 extremes=3, score="topk")
+                                 kept=scoring.Kept(extremes=3, score="topk"))
     values = dict(zip(res["key"], res["scores"]["topk"]))
     healthy = sorted((k for k, y in zip(res["key"], res["label"]) if y == 0), key=lambda k: (-values[k], k))
     anomalous = sorted((k for k, y in zip(res["key"], res["label"]) if y > 0), key=lambda k: (values[k], k))
