@@ -38,9 +38,9 @@ import time
 from pathlib import Path
 
 from a2b_dist.data.manifest import ROLES, DataError, verify_roles
-from a2b_dist.data.medical import SliceRule, dicom_roles, listed_roles, nifti_roles, parse_window, write_skipped
-from a2b_dist.data.simulate import ANOMALIES, SOURCES, simulated_roles
-from a2b_dist.data.sources import folder_role, npz_roles
+from a2b_dist.sources.medical import SliceRule, dicom_roles, listed_roles, nifti_roles, parse_window, write_skipped
+from a2b_dist.sources.simulate import ANOMALIES, SOURCES, simulated_roles
+from a2b_dist.sources.folders import folder_role, npz_roles
 from a2b_dist.data.storage import Storage, check_location, is_url, join
 from a2b_dist.data.write import check_upload_target, upload_roles, write_roles
 from a2b_dist.errors import number_arg

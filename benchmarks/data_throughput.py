@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from a2b_dist.data import TrainStream, eval_batches, prepare_image, read_manifest  # noqa: E402
 from a2b_dist.data.storage import Storage  # noqa: E402
-from a2b_dist.data.simulate import load_source  # noqa: E402
+from a2b_dist.sources.simulate import load_source  # noqa: E402
 from a2b_dist.data.write import RoleSpec, Sample, write_roles  # noqa: E402
 
 

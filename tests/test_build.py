@@ -13,8 +13,8 @@ import pytest
 from PIL import Image
 
 from a2b_dist.data import DataError, eval_batches, load_image, read_manifest, to_tensor
-from a2b_dist.data.simulate import role_counts
-from a2b_dist.data.sources import path_key
+from a2b_dist.sources.simulate import role_counts
+from a2b_dist.sources.folders import path_key
 from conftest import BUILD, build_module, tar_members
 
 build = build_module()

@@ -32,10 +32,11 @@ from typing import Iterator, Optional
 
 import numpy as np
 
-from .images import prepare_image, prepare_mask
-from .manifest import DataError
-from .sources import find_files, parse_split, path_key, read_label_csv
-from .write import RoleSpec, Sample
+from a2b_dist.data.images import prepare_image, prepare_mask
+from a2b_dist.data.manifest import DataError
+from a2b_dist.data.write import RoleSpec, Sample
+
+from .folders import find_files, parse_split, path_key, read_label_csv
 
 DICOM_SUFFIXES = (".dcm", ".dicom")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -169,7 +170,7 @@ def read_dicom(path: Path, window: Optional[tuple[float, float]] = None, bit_dep
             top = float(2 ** int(ds.get("BitsStored", stored.dtype.itemsize * 8)) - 1)
         if rgb.ndim != 3 or rgb.shape[2] != 3:
             raise DicomSkip(path, "unexpected pixel layout", f"{photometric} pixels of shape {rgb.shape}, expected (H, W, 3)")
-        from .images import LUMA
+        from a2b_dist.data.images import LUMA
 
         unit = np.clip((rgb.astype(np.float64) @ LUMA) / top, 0.0, 1.0)
         window, source = None, f"colour: {photometric} to grey by luminance (0.299 R + 0.587 G + 0.114 B) / {top:g}"
@@ -447,7 +448,7 @@ def write_skipped(out_root: Path, scan: DicomScan) -> Optional[Path]:
 def _dicom_samples(images_dir, rows, role, size, channels, window, bit_depth) -> Iterator[Sample]:
     import warnings
 
-    from .images import load_mask
+    from a2b_dist.data.images import load_mask
 
     for row in rows:
         with warnings.catch_warnings():
@@ -487,7 +488,7 @@ def listed_roles(
     Images follow the ``folder`` rule (shards/README.md, Preprocessing): the role set is 16-bit when
     any listed file is, 8-bit files then scaled by 257.
     """
-    from .images import image_bit_depth, load_image, load_mask
+    from a2b_dist.data.images import image_bit_depth, load_image, load_mask
 
     images_dir = Path(images_dir)
     if not images_dir.is_dir():

@@ -9,9 +9,9 @@ from typing import Iterator, Optional
 
 import numpy as np
 
-from .images import IMAGE_SUFFIXES, image_bit_depth, load_image, load_mask, prepare_image
-from .manifest import ROLES, DataError
-from .write import RoleSpec, Sample
+from a2b_dist.data.images import IMAGE_SUFFIXES, image_bit_depth, load_image, load_mask, prepare_image
+from a2b_dist.data.manifest import ROLES, DataError
+from a2b_dist.data.write import RoleSpec, Sample
 
 
 def find_files(root: Path, suffixes: tuple[str, ...]) -> list[str]:

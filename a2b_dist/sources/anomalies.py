@@ -18,7 +18,7 @@ import numpy as np
 from scipy.ndimage import gaussian_filter
 from scipy.signal import fftconvolve
 
-from .manifest import DataError
+from a2b_dist.data.manifest import DataError
 
 MAX_DRAWS = 1000
 MIN_AXIS_PX = 1.5            # semi-axes below this (small images) are raised to it: a region of one pixel is no shape

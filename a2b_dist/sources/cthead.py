@@ -48,7 +48,7 @@ from PIL import Image, ImageDraw
 from scipy import ndimage
 from scipy.spatial import ConvexHull, QhullError
 
-from .manifest import DataError
+from a2b_dist.data.manifest import DataError
 
 PACKAGE = "invesalius-examples"
 PACKAGE_FILE = Path("/usr/share/doc/invesalius-examples/examples/Cranium.inv3")

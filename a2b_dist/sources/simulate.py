@@ -20,12 +20,13 @@ from typing import Iterator, Optional
 
 import numpy as np
 
+from a2b_dist.data.images import prepare_image
+from a2b_dist.data.manifest import DataError
+from a2b_dist.data.write import RoleSpec, Sample
+
 from . import cthead, phantom
 from .anomalies import KINDS, MAX_DRAWS, MIN_CHANGED_FRACTION, Square, draw_square, square_side  # noqa: F401
 from .anomalies import SQUARE_RULE as RULE
-from .images import prepare_image
-from .manifest import DataError
-from .write import RoleSpec, Sample
 
 SOURCES = ("mnist5k", "digits", "phantom", "cthead")
 HEADS = ("phantom", "cthead")  # sources with regions ('head', 'brain'): generated per image, not loaded
