@@ -25,7 +25,7 @@ import webdataset as wds
 from .images import encode_png
 from .manifest import (FORMAT, MANIFEST, ROLES, DataError, read_manifest, role_exists, sha256_file, shard_name,
                        shared_groups)
-from .storage import Storage, check_location, is_url, join
+from .storage import FieldError, Storage, check_location, is_url, join
 
 KEY_PATTERN = re.compile(r"^[A-Za-z0-9_-]+$")  # no dots (WebDataset splits the key at the first dot)
 
@@ -70,7 +70,7 @@ def write_roles(
         if role not in ROLES:
             raise DataError(f"role {role!r} is not one of {', '.join(ROLES)}")
         if (out_root / role).exists() and not overwrite:
-            raise DataError(f"{out_root / role} already exists; remove it, or pass --overwrite")
+            raise FieldError("{path} already exists; remove it, or pass {overwrite=True}", path=out_root / role)
     created = not out_root.exists()
     out_root.mkdir(parents=True, exist_ok=True)
 
@@ -247,15 +247,16 @@ def check_upload_target(url: str, roles: Iterable[str], *, overwrite: bool, stor
     ``overwrite``, or when ``url`` cannot take uploads. Called before a build, and by upload_roles."""
     check_location(url, "upload target")
     if not is_url(url):
-        raise DataError(f"{url}: not a URL; upload to s3://bucket/prefix or gs://bucket/prefix "
-                        "(a local --out is written in place)")
+        raise FieldError("{url=}: not a URL; upload to s3://bucket/prefix or gs://bucket/prefix (a local "
+                         "{@out_root} is written in place)", url=url)
     if url.lower().startswith(("http://", "https://")):
         raise DataError(f"{url}: an HTTP server cannot take uploads through fsspec; copy the built folder to "
                         "the folder the server serves, or upload to s3:// or gs://")
     present = {role: role_exists(url, role, storage) for role in roles}
     for role, there in present.items():
         if there and not overwrite:
-            raise DataError(f"{join(url, role)} already holds a {MANIFEST}; pass --overwrite to replace it")
+            raise FieldError("{path} already holds a {manifest}; pass {overwrite=True} to replace it",
+                             path=join(url, role), manifest=MANIFEST)
     return present
 
 
