@@ -42,7 +42,7 @@ from a2b_dist.sources.medical import SliceRule, dicom_roles, listed_roles, nifti
 from a2b_dist.sources.simulate import ANOMALIES, SOURCES, simulated_roles
 from a2b_dist.sources.folders import folder_role, npz_roles
 from a2b_dist.data.storage import FieldError, Storage, check_location, is_url, join
-from a2b_dist.data.write import check_upload_target, upload_roles, write_roles
+from a2b_dist.data.write import WriteSpec, check_upload_target, upload_roles, write_roles
 from a2b_dist.errors import number_arg
 
 
@@ -328,10 +328,9 @@ def main(argv: list[str] | None = None, prog: str = "a2b build") -> int:
             bit_depth, channels = 8, 1
         if remote:   # fail before the build when the target already holds a role
             check_upload_target(args.out, roles, overwrite=args.overwrite, storage=storage)
-        manifests = write_roles(
-            out, roles, image_size=args.size, channels=channels, bit_depth=bit_depth, source=source,
-            seed=args.seed, command=command, maxcount=args.maxcount, maxsize=args.maxsize, overwrite=args.overwrite,
-        )
+        spec = WriteSpec(image_size=args.size, channels=channels, bit_depth=bit_depth, source=source, seed=args.seed,
+                         command=command, maxcount=args.maxcount, maxsize=args.maxsize, overwrite=args.overwrite)
+        manifests = write_roles(out, roles, spec)
         notes = []
         if args.command == "dicom":
             listed = write_skipped(out, scan)

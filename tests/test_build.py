@@ -274,14 +274,14 @@ def test_library_errors_name_the_argument_and_the_command_its_flag(tmp_path):
     """The sources and the writer name their arguments (``images_dir=X``, ``overwrite=True``), never
     a flag; `a2b build` says its flags for the same errors, in one place (build.message)."""
     from a2b_dist.data.storage import FieldError
-    from a2b_dist.data.write import RoleSpec, write_roles
+    from a2b_dist.data.write import RoleSpec, WriteSpec, write_roles
     from a2b_dist.sources.folders import parse_split
     from a2b_dist.sources.medical import SliceRule, parse_window
     from a2b_dist.sources.simulate import simulated_roles
 
     missing = tmp_path / "nope"
     (tmp_path / "out" / "healthy").mkdir(parents=True)
-    spec = dict(image_size=8, channels=1, bit_depth=8, source={}, seed=0, command="test")
+    spec = WriteSpec(image_size=8, channels=1, bit_depth=8, source={}, seed=0, command="test")
     cases = [
         (lambda: build.folder_role(missing, role="healthy", size=8, channels=1), "images_dir",
          f"images_dir={missing}: no such folder", f"--images {missing}: no such folder"),
@@ -296,7 +296,7 @@ def test_library_errors_name_the_argument_and_the_command_its_flag(tmp_path):
         (lambda: parse_window("12"), "window", "window='12': expected CENTRE,WIDTH", "--window '12': expected"),
         (lambda: SliceRule((5.0, 1.0), 0.1, 0.05), "percentiles", "percentiles=5.0,1.0: need 0 <= low",
          "--percentiles 5.0,1.0: need 0 <= low"),
-        (lambda: write_roles(tmp_path / "out", {"healthy": RoleSpec([])}, **spec), "overwrite",
+        (lambda: write_roles(tmp_path / "out", {"healthy": RoleSpec([])}, spec), "overwrite",
          f"{tmp_path / 'out' / 'healthy'} already exists; remove it, or pass overwrite=True",
          f"{tmp_path / 'out' / 'healthy'} already exists; remove it, or pass --overwrite"),
     ]
