@@ -38,11 +38,11 @@ import time
 from pathlib import Path
 
 from a2b_dist.data.manifest import ROLES, DataError, verify_roles
-from a2b_dist.data.medical import SliceRule, dicom_roles, listed_roles, nifti_roles, parse_window, write_skipped
-from a2b_dist.data.simulate import ANOMALIES, SOURCES, simulated_roles
-from a2b_dist.data.sources import folder_role, npz_roles
-from a2b_dist.data.storage import Storage, check_location, is_url, join
-from a2b_dist.data.write import check_upload_target, upload_roles, write_roles
+from a2b_dist.sources.medical import SliceRule, dicom_roles, listed_roles, nifti_roles, parse_window, write_skipped
+from a2b_dist.sources.simulate import ANOMALIES, SOURCES, simulated_roles
+from a2b_dist.sources.folders import folder_role, npz_roles
+from a2b_dist.data.storage import FieldError, Storage, check_location, is_url, join
+from a2b_dist.data.write import WriteSpec, check_upload_target, upload_roles, write_roles
 from a2b_dist.errors import number_arg
 
 
@@ -53,6 +53,26 @@ def local_path(text: str) -> Path:
         return Path(check_location(text, "", local="this command reads local files; build from a local copy"))
     except DataError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+# The library names its arguments (a2b_dist.data.storage.FieldError); this command says its flags.
+# An argument missing here is its flag with - for _ (group_column: --group-column); None: a
+# positional argument, said by its value alone.
+FLAGS = {"images_dir": "--images", "labels_csv": "--labels", "volumes_dir": "--volumes", "out_root": "--out",
+         "url": None}
+
+
+def flag_name(argument: str, value: str | None) -> str:
+    """How this command names a library argument in a message: ``--images X``, ``--overwrite``."""
+    flag = FLAGS.get(argument, "--" + argument.replace("_", "-"))
+    if flag is None:
+        return argument if value is None else value
+    return flag if value in (None, "True") else f"{flag} {value}"   # a switch (overwrite=True) is its flag
+
+
+def message(exc: DataError) -> str:
+    """A library error as this command's users read it: its arguments named by their flags."""
+    return exc.render(flag_name) if isinstance(exc, FieldError) else str(exc)
 
 
 positive_int = number_arg(1, None, integer=True)
@@ -210,7 +230,7 @@ def upload(source: Path, target: str, overwrite: bool, prog: str = "a2b") -> int
         check_location(target, "upload URL")   # credentials refused before anything is read
         upload_roles(source, target, overwrite=overwrite, storage=Storage(), report=print)
     except DataError as exc:
-        print(f"{prog} upload: error: {exc}", file=sys.stderr)
+        print(f"{prog} upload: error: {message(exc)}", file=sys.stderr)
         return 2
     return 0
 
@@ -223,7 +243,7 @@ def verify(folders: list[str], prog: str = "a2b") -> int:
             check_location(folder, "verify DIR")   # credentials in a URL refused, never echoed
             results = verify_roles(folder)
         except DataError as exc:
-            print(f"{prog} verify: error: {exc}", file=sys.stderr)
+            print(f"{prog} verify: error: {message(exc)}", file=sys.stderr)
             return 2
         for role_dir, manifest, problems in results:
             if problems:
@@ -262,7 +282,7 @@ def main(argv: list[str] | None = None, prog: str = "a2b build") -> int:
     try:
         check_location(args.out, "--out")
     except DataError as exc:
-        print(f"{prog} {args.command}: error: {exc}", file=sys.stderr)
+        print(f"{prog} {args.command}: error: {message(exc)}", file=sys.stderr)
         return 2
     remote, storage = is_url(args.out), Storage()
     out = Path(tempfile.mkdtemp(prefix="a2b-build-")) / "data" if remote else Path(args.out)
@@ -308,10 +328,9 @@ def main(argv: list[str] | None = None, prog: str = "a2b build") -> int:
             bit_depth, channels = 8, 1
         if remote:   # fail before the build when the target already holds a role
             check_upload_target(args.out, roles, overwrite=args.overwrite, storage=storage)
-        manifests = write_roles(
-            out, roles, image_size=args.size, channels=channels, bit_depth=bit_depth, source=source,
-            seed=args.seed, command=command, maxcount=args.maxcount, maxsize=args.maxsize, overwrite=args.overwrite,
-        )
+        spec = WriteSpec(image_size=args.size, channels=channels, bit_depth=bit_depth, source=source, seed=args.seed,
+                         command=command, maxcount=args.maxcount, maxsize=args.maxsize, overwrite=args.overwrite)
+        manifests = write_roles(out, roles, spec)
         notes = []
         if args.command == "dicom":
             listed = write_skipped(out, scan)
@@ -323,7 +342,7 @@ def main(argv: list[str] | None = None, prog: str = "a2b build") -> int:
                 storage.upload(listed, join(args.out, listed.name))
                 notes = [n.replace(str(listed), join(args.out, listed.name)) for n in notes]
     except DataError as exc:
-        print(f"{prog} {args.command}: error: {exc}", file=sys.stderr)
+        print(f"{prog} {args.command}: error: {message(exc)}", file=sys.stderr)
         return 2
     except OSError as exc:  # unwritable --out, disk full: the message names the file
         print(f"{prog} {args.command}: error: {exc.strerror if exc.filename is None and exc.strerror else exc}",

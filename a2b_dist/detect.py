@@ -37,7 +37,7 @@ from a2b_dist.scoring import scoring_overrides
 
 def find_images(folder: str | Path) -> list[Path]:
     """Image files under ``folder`` as the folder builder finds them (recursive, by suffix, any case)."""
-    from a2b_dist.data.sources import find_images as find_relative
+    from a2b_dist.sources.folders import find_images as find_relative
 
     folder = Path(folder)
     if not folder.is_dir():

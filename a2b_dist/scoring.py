@@ -23,7 +23,6 @@ from a2b_dist.references import greyness, healthy_distance
 SCORE_KINDS = losses.SCORE_KINDS
 
 
-@torch.no_grad()
 @dataclass(frozen=True)
 class Kept:
     """What score_role keeps with its arrays for pictures: ``panels`` samples per class chosen by key
@@ -34,6 +33,7 @@ class Kept:
     score: str = "mean"
 
 
+@torch.no_grad()
 def score_role(generator: torch.nn.Module, role_dir: str | os.PathLike, reader: EvalReader, *,
                topk_percent: float, device: str | torch.device = "cpu",
                healthy_mean: Optional[torch.Tensor] = None, norm: Optional[torch.Tensor] = None,

@@ -317,7 +317,7 @@ def _evaluate(run: Run, log: MetricsLog) -> tuple[Optional[dict], bool]:
 def _open_streams(cfg: Config, rank: int, world: int):
     """The two training streams of this rank; their shards checked on open (data.verify). With
     sha256 on several processes rank 0 alone reads every shard, once, and all ranks share its verdict."""
-    from a2b_dist.data import TrainStream
+    from a2b_dist.data import StreamSpec, TrainStream
     from a2b_dist.data.manifest import build_hint, role_exists
     from a2b_dist.data.storage import Storage, join
     from a2b_dist.distributed import verified_once
@@ -333,10 +333,8 @@ def _open_streams(cfg: Config, rank: int, world: int):
                 raise UserError(f"no {role} shards at {role_dir} (data.root={cfg.data.root}). "
                                 f"{build_hint(cfg.data.root, cfg.data.image_size)}")
             streams[role] = TrainStream(   # checks the shards (damaged ones skipped with data.skip_corrupt)
-                role_dir, batch_size=per_rank, image_size=cfg.data.image_size, channels=cfg.data.channels,
-                seed=derive_seed(cfg.train.seed, tag), rank=rank, world_size=world,
-                num_workers=cfg.data.num_workers, shuffle_buffer=cfg.data.shuffle_buffer,
-                skip_corrupt=cfg.data.skip_corrupt, verify=verify, storage=storage)
+                role_dir, StreamSpec.from_config(cfg.data, batch_size=per_rank, seed=derive_seed(cfg.train.seed, tag),
+                                                 rank=rank, world_size=world, verify=verify), storage=storage)
         return streams
 
     return verified_once(open_all, cfg.data.verify, rank, world)

@@ -33,17 +33,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from a2b_dist.data import TrainStream, eval_batches, prepare_image, read_manifest  # noqa: E402
+from a2b_dist.data import StreamSpec, TrainStream, eval_batches, prepare_image, read_manifest  # noqa: E402
 from a2b_dist.data.storage import Storage  # noqa: E402
-from a2b_dist.data.simulate import load_source  # noqa: E402
-from a2b_dist.data.write import RoleSpec, Sample, write_roles  # noqa: E402
+from a2b_dist.sources.simulate import load_source  # noqa: E402
+from a2b_dist.data.write import RoleSpec, Sample, WriteSpec, write_roles  # noqa: E402
 
 
 def build(root: Path, size: int, count: int) -> Path:
     images, _, _ = load_source("mnist5k")
     samples = (Sample(key=f"b{i:06d}", image=prepare_image(images[i % len(images)], size, 1)) for i in range(count))
-    write_roles(root, {"healthy": RoleSpec(samples)}, image_size=size, channels=1, bit_depth=8,
-                source={"kind": "benchmark"}, seed=0, command="benchmarks/data_throughput.py", maxcount=256)
+    write_roles(root, {"healthy": RoleSpec(samples)}, WriteSpec(image_size=size, channels=1, bit_depth=8,
+                source={"kind": "benchmark"}, seed=0, command="benchmarks/data_throughput.py", maxcount=256))
     return root / "healthy"
 
 
@@ -71,8 +71,8 @@ def http_server(folder: Path):
 
 
 def rate(role_dir: str, size: int, workers: int, batch_size: int, batches: int, storage: Storage) -> float:
-    stream = TrainStream(role_dir, batch_size=batch_size, image_size=size, channels=1, seed=0, num_workers=workers,
-                         storage=storage)
+    spec = StreamSpec(batch_size=batch_size, image_size=size, channels=1, seed=0, num_workers=workers)
+    stream = TrainStream(role_dir, spec, storage=storage)
     it = iter(stream)
     for _ in range(max(2, workers * 2)):  # warm-up: worker start-up and first shard reads
         next(it)

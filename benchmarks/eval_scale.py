@@ -157,7 +157,7 @@ def repeat_role(source: Path, out: Path, images: int) -> Path:
     so that `a2b evaluate` reads a set of any size through the real reader. Built once."""
     from a2b_dist.data.images import decode_png
     from a2b_dist.data.manifest import read_manifest
-    from a2b_dist.data.write import RoleSpec, Sample, write_roles
+    from a2b_dist.data.write import RoleSpec, Sample, WriteSpec, write_roles
 
     if (out / "test" / "manifest.json").is_file():
         return out / "test"
@@ -179,9 +179,10 @@ def repeat_role(source: Path, out: Path, images: int) -> Path:
                       mask=mask, origin={**json.loads(fields["json"]), "repeat": rep})
 
     t0 = time.perf_counter()
-    write_roles(out, {"test": RoleSpec(samples())}, image_size=size, channels=channels,
-                bit_depth=manifest["bit_depth"], source={"kind": "repeated", "from": str(source)}, seed=None,
-                command=f"benchmarks/eval_scale.py: {images} samples of {source}, repeated", overwrite=True)
+    spec = WriteSpec(image_size=size, channels=channels, bit_depth=manifest["bit_depth"],
+                     source={"kind": "repeated", "from": str(source)}, seed=None,
+                     command=f"benchmarks/eval_scale.py: {images} samples of {source}, repeated", overwrite=True)
+    write_roles(out, {"test": RoleSpec(samples())}, spec)
     print(f"wrote {out / 'test'} ({images} images) in {time.perf_counter() - t0:.0f} s", flush=True)
     return out / "test"
 

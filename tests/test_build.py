@@ -13,8 +13,8 @@ import pytest
 from PIL import Image
 
 from a2b_dist.data import DataError, eval_batches, load_image, read_manifest, to_tensor
-from a2b_dist.data.simulate import role_counts
-from a2b_dist.data.sources import path_key
+from a2b_dist.sources.simulate import role_counts
+from a2b_dist.sources.folders import path_key
 from conftest import BUILD, build_module, tar_members
 
 build = build_module()
@@ -268,3 +268,41 @@ def test_bad_csv_label_names_the_line(tmp_path):
     (tmp_path / "l.csv").write_text("path,label\na.png,2\n")
     with pytest.raises(DataError, match=r"line 2: label '2'"):
         build.folder_role(tmp_path / "images", role="test", size=8, channels=1, labels_csv=tmp_path / "l.csv")
+
+
+def test_library_errors_name_the_argument_and_the_command_its_flag(tmp_path):
+    """The sources and the writer name their arguments (``images_dir=X``, ``overwrite=True``), never
+    a flag; `a2b build` says its flags for the same errors, in one place (build.message)."""
+    from a2b_dist.data.storage import FieldError
+    from a2b_dist.data.write import RoleSpec, WriteSpec, write_roles
+    from a2b_dist.sources.folders import parse_split
+    from a2b_dist.sources.medical import SliceRule, parse_window
+    from a2b_dist.sources.simulate import simulated_roles
+
+    missing = tmp_path / "nope"
+    (tmp_path / "out" / "healthy").mkdir(parents=True)
+    spec = WriteSpec(image_size=8, channels=1, bit_depth=8, source={}, seed=0, command="test")
+    cases = [
+        (lambda: build.folder_role(missing, role="healthy", size=8, channels=1), "images_dir",
+         f"images_dir={missing}: no such folder", f"--images {missing}: no such folder"),
+        (lambda: build.folder_role(tmp_path, role="test", size=8, channels=1), "role",
+         "role=test needs labels_csv=CSV with columns", "--role test needs --labels CSV with columns"),
+        (lambda: parse_split("healthy=abc", 10), "split",
+         "split='healthy=abc': 'abc' for healthy is neither", "--split 'healthy=abc': 'abc' for healthy is neither"),
+        (lambda: simulated_roles("digits", 32, 0, anomaly="lesion"), "anomaly",
+         "anomaly=lesion needs a head: source=phantom or cthead", "--anomaly lesion needs a head: --source phantom"),
+        (lambda: simulated_roles("digits", 32, 0, mixed_fraction=2.0), "mixed_fraction",
+         "mixed_fraction must be in [0, 1], not 2.0", "--mixed-fraction must be in [0, 1], not 2.0"),
+        (lambda: parse_window("12"), "window", "window='12': expected CENTRE,WIDTH", "--window '12': expected"),
+        (lambda: SliceRule((5.0, 1.0), 0.1, 0.05), "percentiles", "percentiles=5.0,1.0: need 0 <= low",
+         "--percentiles 5.0,1.0: need 0 <= low"),
+        (lambda: write_roles(tmp_path / "out", {"healthy": RoleSpec([])}, spec), "overwrite",
+         f"{tmp_path / 'out' / 'healthy'} already exists; remove it, or pass overwrite=True",
+         f"{tmp_path / 'out' / 'healthy'} already exists; remove it, or pass --overwrite"),
+    ]
+    for call, field, library, command in cases:
+        with pytest.raises(FieldError) as caught:
+            call()
+        assert isinstance(caught.value, DataError) and caught.value.field == field
+        assert str(caught.value).startswith(library) and "--" not in str(caught.value), str(caught.value)
+        assert build.message(caught.value).startswith(command), build.message(caught.value)

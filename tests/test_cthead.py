@@ -19,9 +19,9 @@ import pytest
 from PIL import Image
 
 from a2b_dist.data import DataError, read_manifest
-from a2b_dist.data import cthead
-from a2b_dist.data.anomalies import KINDS
-from a2b_dist.data.simulate import render_clean
+from a2b_dist.sources import cthead
+from a2b_dist.sources.anomalies import KINDS
+from a2b_dist.sources.simulate import render_clean
 from conftest import BUILD, build_module, tar_members
 
 build = build_module()

@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from a2b_dist.data import DataError, TrainStream, eval_batches, load_image, prepare_image, read_manifest, to_tensor
+from a2b_dist.data import (DataError, StreamSpec, TrainStream, eval_batches, load_image, prepare_image, read_manifest,
+                           to_tensor)
 from a2b_dist.data.manifest import count_samples, sha256_file
-from a2b_dist.data.write import RoleSpec, Sample, write_roles
+from a2b_dist.data.write import RoleSpec, Sample, WriteSpec, write_roles
 
 
 def make_role(root: Path, n: int, maxcount: int, role: str = "test", size: int = 8) -> Path:
@@ -27,8 +28,8 @@ def make_role(root: Path, n: int, maxcount: int, role: str = "test", size: int =
                mask=np.eye(size, dtype=np.uint8) if i % 2 and role in ("val", "test") else None, origin={"i": i})
         for i in range(n)
     ]
-    write_roles(root, {role: RoleSpec(samples)}, image_size=size, channels=1, bit_depth=8, source={},
-                seed=0, command="test", maxcount=maxcount)
+    spec = WriteSpec(image_size=size, channels=1, bit_depth=8, source={}, seed=0, command="test", maxcount=maxcount)
+    write_roles(root, {role: RoleSpec(samples)}, spec)
     return root / role
 
 
@@ -57,6 +58,30 @@ def keys_of(batches) -> list[str]:
 def take(stream: TrainStream, n: int) -> list[torch.Tensor]:
     it = iter(stream)
     return [next(it) for _ in range(n)]
+
+
+# Layers.
+
+def test_the_shard_format_imports_no_source():
+    """a2b_dist/data/ is the shard format; a2b_dist/sources/ (where images come from) imports it,
+    never the reverse (issue 28)."""
+    import ast
+
+    data = Path(__file__).resolve().parents[1] / "a2b_dist" / "data"
+    found = []
+    for path in sorted(data.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                modules = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = "a2b_dist.data".rsplit(".", node.level - 1)[0] if node.level else ""
+                module = ".".join(part for part in (base, node.module or "") if part)
+                modules = [module] + [f"{module}.{alias.name}" for alias in node.names]
+            else:
+                continue
+            found += [f"{path.name}: {m}" for m in modules if m.split(".")[:2] == ["a2b_dist", "sources"]]
+    assert not found, found
+    assert len(list(data.glob("*.py"))) >= 6   # the scan saw the package
 
 
 # Manifest checks on open.
@@ -97,7 +122,7 @@ def test_size_mismatch(role):
     with pytest.raises(DataError, match=r"manifest\.json: the shards hold 8x8 images, but image_size=64"):
         read_manifest(role, image_size=64)
     with pytest.raises(DataError, match="image_size=64"):
-        TrainStream(role, batch_size=2, image_size=64, channels=1, seed=0)
+        TrainStream(role, StreamSpec(batch_size=2, image_size=64, channels=1, seed=0))
 
 
 def test_channel_mismatch(role):
@@ -156,7 +181,7 @@ def test_eval_batch_fields(sim_shards):
 def test_stream_reproducible_and_different_per_rank_and_seed(sim_shards):
     def first(**kw):
         args = dict(batch_size=8, image_size=32, channels=1, seed=0) | kw
-        return torch.stack(take(TrainStream(sim_shards / "healthy", **args), 3))
+        return torch.stack(take(TrainStream(sim_shards / "healthy", StreamSpec(**args)), 3))
 
     a = first()
     assert a.shape == (3, 8, 1, 32, 32) and a.min() >= -1 and a.max() <= 1
@@ -166,14 +191,15 @@ def test_stream_reproducible_and_different_per_rank_and_seed(sim_shards):
 
 
 def test_stream_differs_per_worker(sim_shards):
-    stream = TrainStream(sim_shards / "healthy", batch_size=8, image_size=32, channels=1, seed=0, num_workers=2)
+    stream = TrainStream(sim_shards / "healthy",
+                         StreamSpec(batch_size=8, image_size=32, channels=1, seed=0, num_workers=2))
     batches = take(stream, 4)  # round-robin: worker 0, 1, 0, 1
     assert not torch.equal(batches[0], batches[1]) and not torch.equal(batches[2], batches[3])
     assert [p[1] for p in stream.state_dict()["positions"]] == [16, 16]
 
 
 def test_stream_is_shuffled_and_covers_the_role(sim_shards):
-    stream = TrainStream(sim_shards / "healthy", batch_size=10, image_size=32, channels=1, seed=0)
+    stream = TrainStream(sim_shards / "healthy", StreamSpec(batch_size=10, image_size=32, channels=1, seed=0))
     seen = torch.cat(take(stream, 16)).flatten(1)  # 160 draws from 80 samples in 3 shards
     distinct = torch.unique(seen, dim=0)
     assert len(distinct) > 60
@@ -187,11 +213,11 @@ def test_stream_resume_is_exact(sim_shards, num_workers):
     args = dict(batch_size=7, image_size=32, channels=1, seed=3, rank=1, world_size=2, num_workers=num_workers,
                 shuffle_buffer=16)
     n = 5  # odd: the resumed run must start with worker 1's turn
-    straight = take(TrainStream(sim_shards / "healthy", **args), 2 * n)
-    first = TrainStream(sim_shards / "healthy", **args)
+    straight = take(TrainStream(sim_shards / "healthy", StreamSpec(**args)), 2 * n)
+    first = TrainStream(sim_shards / "healthy", StreamSpec(**args))
     assert all(torch.equal(a, b) for a, b in zip(take(first, n), straight[:n]))
     state = json.loads(json.dumps(first.state_dict()))  # survives a JSON checkpoint
-    resumed = TrainStream(sim_shards / "healthy", **args)
+    resumed = TrainStream(sim_shards / "healthy", StreamSpec(**args))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         resumed.load_state_dict(state, step=n)
@@ -200,17 +226,17 @@ def test_stream_resume_is_exact(sim_shards, num_workers):
 
 def test_stream_resume_on_another_layout_reseeds_with_a_warning(sim_shards):
     args = dict(batch_size=4, image_size=32, channels=1, seed=0)
-    two = TrainStream(sim_shards / "healthy", rank=0, world_size=2, **args)
+    two = TrainStream(sim_shards / "healthy", StreamSpec(rank=0, world_size=2, **args))
     take(two, 3)
     state = two.state_dict()
 
     def resumed():
-        one = TrainStream(sim_shards / "healthy", **args)
+        one = TrainStream(sim_shards / "healthy", StreamSpec(**args))
         with pytest.warns(UserWarning, match=r"world_size 2 -> 1.*reseeding.*step=3"):
             one.load_state_dict(state, step=3)
         return torch.stack(take(one, 2))
 
-    fresh = torch.stack(take(TrainStream(sim_shards / "healthy", **args), 2))
+    fresh = torch.stack(take(TrainStream(sim_shards / "healthy", StreamSpec(**args)), 2))
     assert torch.equal(resumed(), resumed()) and not torch.equal(resumed(), fresh)
 
 
@@ -222,9 +248,9 @@ def test_bad_png_fails_naming_shard_and_key(tmp_path):
     with pytest.raises(DataError, match=r"healthy-000000\.tar: sample 's004': png does not decode"):
         list(eval_batches(role_dir, batch_size=4))
     with pytest.raises(DataError, match=r"healthy-000000\.tar: sample 's004'"):
-        take(TrainStream(role_dir, batch_size=4, image_size=8, channels=1, seed=0), 5)
+        take(TrainStream(role_dir, StreamSpec(batch_size=4, image_size=8, channels=1, seed=0)), 5)
     with pytest.raises(DataError, match=r"healthy-000000\.tar: sample 's004'"):  # re-raised from a worker
-        take(TrainStream(role_dir, batch_size=4, image_size=8, channels=1, seed=0, num_workers=1), 5)
+        take(TrainStream(role_dir, StreamSpec(batch_size=4, image_size=8, channels=1, seed=0, num_workers=1)), 5)
 
 
 def test_bad_png_skipped_and_counted(tmp_path):
@@ -234,7 +260,7 @@ def test_bad_png_skipped_and_counted(tmp_path):
     with pytest.warns(UserWarning, match="skipped 1"):
         keys = keys_of(batches)
     assert batches.skipped == 1 and len(keys) == 9 and "s004" not in keys
-    stream = TrainStream(role_dir, batch_size=4, image_size=8, channels=1, seed=0, skip_corrupt=True)
+    stream = TrainStream(role_dir, StreamSpec(batch_size=4, image_size=8, channels=1, seed=0, skip_corrupt=True))
     take(stream, 5)  # 20 draws from one shard of 10: the bad sample came by twice
     assert stream.skipped == 2 and stream.state_dict()["skipped"] == 2
 
@@ -247,7 +273,7 @@ def test_truncated_tar_fails_naming_shard_and_key(role):
     with pytest.raises(DataError, match=r"test-000001\.tar.*key 's00\d'"):
         eval_batches(role, batch_size=4)
     with pytest.raises(DataError, match=r"test-000001\.tar.*skip_corrupt"):
-        TrainStream(role, batch_size=4, image_size=8, channels=1, seed=0)
+        TrainStream(role, StreamSpec(batch_size=4, image_size=8, channels=1, seed=0))
 
 
 def test_truncated_tar_skipped_and_counted(role):
@@ -259,7 +285,7 @@ def test_truncated_tar_skipped_and_counted(role):
         keys = keys_of(batches)
     assert batches.skipped > 0 and len(keys) + batches.skipped == 10 and len(set(keys)) == len(keys)
     with pytest.warns(UserWarning, match="test-000001.tar"):
-        stream = TrainStream(role, batch_size=4, image_size=8, channels=1, seed=0, skip_corrupt=True)
+        stream = TrainStream(role, StreamSpec(batch_size=4, image_size=8, channels=1, seed=0, skip_corrupt=True))
     take(stream, 10)
     assert stream.skipped > 0
 
@@ -279,7 +305,7 @@ def test_pickles_in_a_shard_are_never_loaded(tmp_path):
 
     rewrite_shard(role_dir, 0, add_pickles)
     assert len(keys_of(eval_batches(role_dir, batch_size=4))) == 6
-    take(TrainStream(role_dir, batch_size=4, image_size=8, channels=1, seed=0), 3)
+    take(TrainStream(role_dir, StreamSpec(batch_size=4, image_size=8, channels=1, seed=0)), 3)
     assert not marker.exists()
 
 

@@ -25,7 +25,7 @@ def run_without(mods: list[str], code: str) -> subprocess.CompletedProcess:
     (["ray"], "import sys\nsys.argv = ['sweeps/tune.py', '--config', 'configs/test.yaml', '--metric', 'val_auc']\n"
               "from a2b_dist.cli import script\nsys.exit(script('tune', 'sweeps/tune.py'))",
      "pip install 'a2b_dist[sweeps]'"),
-    (["pydicom"], "from a2b_dist.data import medical\nmedical._require('pydicom')", "pip install 'a2b_dist[medical]'"),
+    (["pydicom"], "from a2b_dist.sources import medical\nmedical._require('pydicom')", "pip install 'a2b_dist[medical]'"),
     (["mlflow"], "from a2b_dist.config import load_config\nfrom a2b_dist.tracking import prepare_tracker_env\n"
                  "prepare_tracker_env(load_config('configs/test.yaml', ['train.log_with=tensorboard,mlflow']))",
      "pip install 'a2b_dist[mlflow]'"),

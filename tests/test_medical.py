@@ -1,4 +1,4 @@
-"""Medical inputs (a2b_dist/data/medical.py): DICOM and NIfTI written here, built by shards/build.py,
+"""Medical inputs (a2b_dist/sources/medical.py): DICOM and NIfTI written here, built by shards/build.py,
 checked pixel by pixel by hand, split by patient, then trained on and evaluated per patient."""
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from pydicom.uid import JPEGLSLossless, ExplicitVRLittleEndian, SecondaryCapture
 from a2b_dist.data import eval_batches, read_manifest  # noqa: E402
 from a2b_dist.errors import UserError  # noqa: E402
 from a2b_dist.data.manifest import DataError, sample_origins  # noqa: E402
-from a2b_dist.data.medical import (DicomSkip, SliceRule, kept_slices, normalise_volume, read_dicom,  # noqa: E402
+from a2b_dist.sources.medical import (DicomSkip, SliceRule, kept_slices, normalise_volume, read_dicom,  # noqa: E402
                                    split_groups)
 from conftest import BUILD, ROOT, build_module  # noqa: E402
 

@@ -14,9 +14,9 @@ import pytest
 from PIL import Image
 
 from a2b_dist.data import read_manifest
-from a2b_dist.data.anomalies import KINDS
-from a2b_dist.data.phantom import render
-from a2b_dist.data.simulate import role_counts, render_clean
+from a2b_dist.sources.anomalies import KINDS
+from a2b_dist.sources.phantom import render
+from a2b_dist.sources.simulate import role_counts, render_clean
 from conftest import BUILD, build_module, tar_members
 
 build = build_module()

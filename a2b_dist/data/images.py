@@ -23,6 +23,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .manifest import DataError
+from .storage import FieldError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 # The most pixels an image file may claim in its header (Pillow's own bomb threshold, about 9,500 x
@@ -111,7 +112,7 @@ def encode_png(array: np.ndarray) -> bytes:
     if array.ndim != 3 or array.shape[0] not in (1, 3):
         raise DataError(f"expected a (C, H, W) image with C 1 or 3, found shape {array.shape}")
     if array.dtype == np.uint16 and array.shape[0] == 3:
-        raise DataError("16-bit RGB cannot be stored (Pillow writes no 48-bit PNG); use --channels 1 or 8-bit images")
+        raise FieldError("16-bit RGB cannot be stored (Pillow writes no 48-bit PNG); use {channels=1} or 8-bit images")
     if array.dtype not in (np.uint8, np.uint16):
         raise DataError(f"images must be uint8 or uint16, not {array.dtype}")
     plane = array[0] if array.shape[0] == 1 else array.transpose(1, 2, 0)

@@ -35,6 +35,7 @@ import fcntl
 import hashlib
 import os
 import re
+import string
 import tempfile
 import time
 import uuid
@@ -52,6 +53,76 @@ T = TypeVar("T")
 
 class DataError(UserError, ValueError):
     """A data problem a user has to fix; the message names the file, URL or field and what differs."""
+
+
+class FieldError(DataError):
+    """A bad argument of a library call; the message names the argument, never a command-line flag.
+
+    ``template`` is a ``str.format`` string (constant: what varies comes in ``values``) in which
+    ``{name=}`` is the argument ``name`` with its value from ``values`` (``{name=!r}``: its repr),
+    ``{name=TEXT}`` the argument with the placeholder TEXT, ``{@name}`` the argument alone, and
+    ``{key}`` a plain value. ``field`` is the first argument named. ``str()`` is the library's
+    wording (``images_dir=scans: no such folder``); ``render(name)`` names each argument through
+    ``name(argument, value or None)``: that is how a command line says its own flags, in one place
+    (``--images scans: no such folder``, a2b_dist/build.py).
+    """
+
+    def __init__(self, template: str, **values: object):
+        self.template, self.values = template, values
+        named = [_argument(f) for _, f, _, _ in string.Formatter().parse(template) if f]
+        fields = [found[0] for found in named if found]
+        if not fields:
+            raise ValueError(f"FieldError template names no argument: {template!r}")
+        self.field = fields[0]
+        super().__init__(self.render())
+
+    def render(self, name: Optional[Callable[[str, Optional[str]], str]] = None) -> str:
+        """The message with each argument named by ``name(argument, value)`` (default: the
+        library's ``argument`` alone, ``argument=value`` with a value)."""
+        return _FieldFormatter(name or _library_name).format(self.template, **self.values)
+
+
+def _library_name(argument: str, value: Optional[str]) -> str:
+    return argument if value is None else f"{argument}={value}"
+
+
+def _argument(field: str) -> Optional[tuple[str, Optional[str]]]:
+    """'@name' -> (name, None); 'name=' -> (name, ''); 'name=TEXT' -> (name, 'TEXT'); else None."""
+    if field.startswith("@"):
+        return field[1:], None
+    argument, eq, literal = field.partition("=")
+    return (argument, literal) if eq else None
+
+
+@dataclass(frozen=True)
+class _Named:
+    """An argument met in a FieldError template, with its value (None: the argument alone)."""
+    argument: str
+    value: object
+
+
+class _FieldFormatter(string.Formatter):
+    def __init__(self, name: Callable[[str, Optional[str]], str]):
+        self.name = name
+
+    def get_value(self, key, args, kwargs):
+        found = _argument(key) if isinstance(key, str) else None
+        if found is None:
+            return super().get_value(key, args, kwargs)
+        argument, literal = found
+        return _Named(argument, kwargs[argument] if literal == "" else literal)
+
+    def convert_field(self, value, conversion):
+        if isinstance(value, _Named):
+            converted = value.value if value.value is None or not conversion else super().convert_field(
+                value.value, conversion)
+            return _Named(value.argument, converted)
+        return super().convert_field(value, conversion)
+
+    def format_field(self, value, format_spec):
+        if isinstance(value, _Named):
+            return self.name(value.argument, None if value.value is None else str(value.value))
+        return super().format_field(value, format_spec)
 
 
 class CacheError(DataError):

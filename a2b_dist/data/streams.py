@@ -181,51 +181,102 @@ def _check_int(name: str, value: Any, minimum: int) -> int:
     return int(value)
 
 
+@dataclass(frozen=True)
+class StreamSpec:
+    """How one rank reads a training role: built once (``from_config``), checked on construction.
+
+    ``seed``, ``rank`` and ``world_size`` fix the sample order (with the worker and its position);
+    ``num_workers`` loader processes (0: in-process), each holding ``shuffle_buffer`` samples;
+    ``skip_corrupt`` skips and counts undecodable samples and damaged shards; ``verify`` is the
+    check of each shard on open (size, count or sha256)."""
+
+    batch_size: int
+    image_size: int
+    channels: int
+    seed: int
+    rank: int = 0
+    world_size: int = 1
+    num_workers: int = 0
+    shuffle_buffer: int = 256
+    skip_corrupt: bool = False
+    verify: str = "count"
+
+    def __post_init__(self) -> None:
+        for name, minimum in (("batch_size", 1), ("seed", 0), ("world_size", 1), ("rank", 0)):
+            object.__setattr__(self, name, _check_int(name, getattr(self, name), minimum))
+        if self.rank >= self.world_size:
+            raise DataError(f"rank {self.rank} is outside world_size {self.world_size}")
+        for name, minimum in (("num_workers", 0), ("shuffle_buffer", 1)):
+            object.__setattr__(self, name, _check_int(name, getattr(self, name), minimum))
+
+    @classmethod
+    def from_config(cls, data, *, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
+                    verify: Optional[str] = None) -> "StreamSpec":
+        """data.image_size, data.channels, data.num_workers, data.shuffle_buffer, data.skip_corrupt
+        and data.verify (``verify`` overrides it: the trainer may check on one rank only); the
+        batch (per rank) and the seed are the trainer's."""
+        return cls(batch_size=batch_size, image_size=data.image_size, channels=data.channels, seed=seed, rank=rank,
+                   world_size=world_size, num_workers=data.num_workers, shuffle_buffer=data.shuffle_buffer,
+                   skip_corrupt=data.skip_corrupt, verify=data.verify if verify is None else verify)
+
+
+@dataclass(frozen=True, eq=False)
+class _Plan:
+    """What every worker of one TrainStream reads, fixed when the stream opens."""
+
+    spec: StreamSpec
+    role_dir: str
+    storage: Storage
+    shards: list              # (path, samples, bytes, sha256) per shard
+    weights: np.ndarray       # a block draws its shard with these probabilities (samples per shard)
+    streams: int              # logical worker streams: max(1, num_workers)
+
+
 class _WorkerStream:
     """One worker's infinite sequence of blocks; yields (array, block, offset after it)."""
 
-    def __init__(self, plan: dict, worker: int):
-        self.plan, self.worker = plan, worker
+    def __init__(self, plan: _Plan, origin: int, worker: int):
+        self.plan, self.origin, self.worker = plan, origin, worker
         self.skipped = 0
 
     def block_rng(self, block: int) -> tuple[int, np.random.Generator]:
         p = self.plan
-        rng = np.random.default_rng([p["seed"], p["rank"], self.worker, p["origin"], block])
-        return int(rng.choice(len(p["shards"]), p=p["weights"])), rng
+        rng = np.random.default_rng([p.spec.seed, p.spec.rank, self.worker, self.origin, block])
+        return int(rng.choice(len(p.shards), p=p.weights)), rng
 
     def samples(self, block: int, offset: int) -> Iterator[tuple[np.ndarray, int, int]]:
-        p = self.plan
+        p, spec = self.plan, self.plan.spec
         idle_blocks = 0
         while True:
             shard, rng = self.block_rng(block)
-            path, expected, size, sha256 = p["shards"][shard]
+            path, expected, size, sha256 = p.shards[shard]
             delivered, good = 0, 0
             missing = 0
 
             def read():
                 nonlocal delivered, missing
                 try:
-                    for item in _shard_samples(path, p["storage"], size, sha256):
+                    for item in _shard_samples(path, p.storage, size, sha256):
                         delivered += 1
                         yield item
                 except _BrokenShard as exc:
-                    if not p["skip_corrupt"]:
+                    if not spec.skip_corrupt:
                         raise DataError(f"{exc} (skip_corrupt=True skips and counts the lost samples)") from None
                     missing = max(0, expected - delivered)
                     return
                 if delivered != expected:   # checked on open for local shards, here for streamed ones
-                    if not p["skip_corrupt"]:
+                    if not spec.skip_corrupt:
                         raise DataError(f"{path}: holds {delivered} samples, its manifest lists {expected} "
                                         "(skip_corrupt=True skips and counts the lost samples)")
                     missing = max(0, expected - delivered)
 
-            for n, (key, fields) in enumerate(_shuffled(read(), p["shuffle_buffer"], rng), start=1):
+            for n, (key, fields) in enumerate(_shuffled(read(), spec.shuffle_buffer, rng), start=1):
                 if n <= offset:
                     continue  # resuming: replay the block's order without decoding
                 try:
-                    array = _decode_image(fields, p["image_size"], p["channels"])
+                    array = _decode_image(fields, spec.image_size, spec.channels)
                 except _CorruptSample as exc:
-                    if not p["skip_corrupt"]:
+                    if not spec.skip_corrupt:
                         raise _corrupt(path, key, exc) from None
                     self.skipped += 1
                     continue
@@ -233,17 +284,17 @@ class _WorkerStream:
                 yield array, block, n
             self.skipped += missing
             idle_blocks = idle_blocks + 1 if good == 0 and offset == 0 else 0
-            if idle_blocks >= 10 * len(p["shards"]) + 10:
-                raise DataError(f"{p['role_dir']}: no decodable sample in {idle_blocks} shard reads in a row")
+            if idle_blocks >= 10 * len(p.shards) + 10:
+                raise DataError(f"{p.role_dir}: no decodable sample in {idle_blocks} shard reads in a row")
             block, offset = block + 1, 0
 
 
 class _TrainWorkers(IterableDataset):
     """Runs in each DataLoader worker (or in-process): batches of one logical worker stream."""
 
-    def __init__(self, plan: dict):
+    def __init__(self, plan: _Plan, origin: int, positions: list[list[int]], first_worker: int):
         super().__init__()
-        self.plan = plan
+        self.plan, self.origin, self.positions, self.first_worker = plan, origin, positions, first_worker
 
     def __iter__(self):
         return _in_worker(self._batches())
@@ -253,13 +304,13 @@ class _TrainWorkers(IterableDataset):
         info = get_worker_info()
         # Logical worker ids are rotated so that, after a resume, the first batch comes from the
         # worker whose turn it was; the DataLoader always starts its round-robin at worker 0.
-        worker = ((info.id if info else 0) + p["first_worker"]) % p["streams"]
-        stream = _WorkerStream(p, worker)
-        block, offset = p["positions"][worker]
+        worker = ((info.id if info else 0) + self.first_worker) % p.streams
+        stream = _WorkerStream(p, self.origin, worker)
+        block, offset = self.positions[worker]
         images = []
         for array, block, offset in stream.samples(block, offset):
             images.append(to_float(array))
-            if len(images) == p["batch_size"]:
+            if len(images) == p.spec.batch_size:
                 batch = torch.from_numpy(np.stack(images))  # (B, C, H, W)
                 yield {"image": batch, "worker": worker, "position": [block, offset], "skipped": stream.skipped}
                 images = []
@@ -268,43 +319,21 @@ class _TrainWorkers(IterableDataset):
 class TrainStream:
     """Infinite shuffled batches (batch_size, C, H, W) float32 in [-1, 1] for one rank; resumable.
 
-    Different per rank and per worker, reproducible from (seed, rank, worker, position).
+    ``spec`` (a StreamSpec) says how: the batch, the images, the seed and rank, the workers, the
+    checks. Different per rank and per worker, reproducible from (seed, rank, worker, position).
     ``state_dict()`` is the position after the last batch yielded; ``load_state_dict(state, step)``
     continues exactly from it, or reseeds from (seed, rank, worker, step) with a warning when the
     state was saved under another layout (world size, rank, workers, shards, shuffle buffer).
     """
 
-    def __init__(
-        self,
-        role_dir: str | os.PathLike,
-        *,
-        batch_size: int,
-        image_size: int,
-        channels: int,
-        seed: int,
-        rank: int = 0,
-        world_size: int = 1,
-        num_workers: int = 0,
-        shuffle_buffer: int = 256,
-        skip_corrupt: bool = False,
-        verify: str = "count",
-        storage: Optional[Storage] = None,
-    ):
-        batch_size = _check_int("batch_size", batch_size, 1)
-        seed = _check_int("seed", seed, 0)
-        world_size = _check_int("world_size", world_size, 1)
-        rank = _check_int("rank", rank, 0)
-        if rank >= world_size:
-            raise DataError(f"rank {rank} is outside world_size {world_size}")
-        num_workers = _check_int("num_workers", num_workers, 0)
-        shuffle_buffer = _check_int("shuffle_buffer", shuffle_buffer, 1)
+    def __init__(self, role_dir: str | os.PathLike, spec: StreamSpec, *, storage: Optional[Storage] = None):
         role_dir = str(role_dir)
         storage = storage or Storage()
         started = time.perf_counter()
-        self.manifest = open_role(role_dir, image_size=image_size, channels=channels, skip_corrupt=skip_corrupt,
-                                  verify=verify, storage=storage)
+        self.manifest = open_role(role_dir, image_size=spec.image_size, channels=spec.channels,
+                                  skip_corrupt=spec.skip_corrupt, verify=spec.verify, storage=storage)
         # What was checked on open, for the run's log: remote checks and sha256 take real time.
-        self.checked = {"location": role_dir, "remote": is_url(role_dir), "verify": verify,
+        self.checked = {"location": role_dir, "remote": is_url(role_dir), "verify": spec.verify,
                         "shards": len(self.manifest["shards"]),
                         "bytes": sum(s["bytes"] for s in self.manifest["shards"]),
                         "seconds": round(time.perf_counter() - started, 3)}
@@ -312,23 +341,10 @@ class TrainStream:
         counts = np.array([s[1] for s in shards], dtype=np.float64)
         if counts.sum() == 0:
             raise DataError(f"{join(role_dir, MANIFEST)}: the role holds no samples")
-        self.num_workers = num_workers
-        self.streams = max(1, num_workers)
-        self._plan = {
-            "role_dir": role_dir,
-            "storage": storage,
-            "shards": shards,
-            "weights": counts / counts.sum(),
-            "batch_size": batch_size,
-            "image_size": image_size,
-            "channels": channels,
-            "seed": seed,
-            "rank": rank,
-            "world_size": world_size,
-            "streams": self.streams,
-            "shuffle_buffer": shuffle_buffer,
-            "skip_corrupt": skip_corrupt,
-        }
+        self.spec = spec
+        self.num_workers = spec.num_workers
+        self.streams = max(1, spec.num_workers)
+        self._plan = _Plan(spec, role_dir, storage, shards, counts / counts.sum(), self.streams)
         listing = json.dumps([[s["name"], s["samples"], s["sha256"]] for s in self.manifest["shards"]])
         self._shards_id = hashlib.sha256(listing.encode()).hexdigest()[:16]
         self._reset(origin=0, skipped=0)
@@ -347,9 +363,7 @@ class TrainStream:
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         self._skipped_before, self._skipped_now = self.skipped, [0] * self.streams
-        dataset = _TrainWorkers(
-            dict(self._plan, origin=self._origin, positions=[list(p) for p in self._positions], first_worker=self._next_worker)
-        )
+        dataset = _TrainWorkers(self._plan, self._origin, [list(p) for p in self._positions], self._next_worker)
         if self.num_workers == 0:
             batches = iter(dataset)
         else:
@@ -364,14 +378,14 @@ class TrainStream:
             yield batch["image"]  # (B, C, H, W)
 
     def _layout(self) -> dict:
-        p = self._plan
+        spec = self.spec
         return {
             "format": STATE_FORMAT,
-            "seed": p["seed"],
-            "rank": p["rank"],
-            "world_size": p["world_size"],
+            "seed": spec.seed,
+            "rank": spec.rank,
+            "world_size": spec.world_size,
             "streams": self.streams,
-            "shuffle_buffer": p["shuffle_buffer"],
+            "shuffle_buffer": spec.shuffle_buffer,
             "shards": self._shards_id,
         }
 
@@ -403,7 +417,7 @@ class TrainStream:
         if differs or not valid:
             reason = "no saved state" if not state else ", ".join(differs) if differs else "malformed positions"
             warnings.warn(
-                f"TrainStream for {self._plan['role_dir']}: the saved stream state does not fit ({reason}); "
+                f"TrainStream for {self._plan.role_dir}: the saved stream state does not fit ({reason}); "
                 f"reseeding from (seed, rank, worker, step={step}), so the sample order differs from an "
                 f"uninterrupted run",
                 stacklevel=2,

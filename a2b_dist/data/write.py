@@ -25,7 +25,7 @@ import webdataset as wds
 from .images import encode_png
 from .manifest import (FORMAT, MANIFEST, ROLES, DataError, read_manifest, role_exists, sha256_file, shard_name,
                        shared_groups)
-from .storage import Storage, check_location, is_url, join
+from .storage import FieldError, Storage, check_location, is_url, join
 
 KEY_PATTERN = re.compile(r"^[A-Za-z0-9_-]+$")  # no dots (WebDataset splits the key at the first dot)
 
@@ -46,31 +46,38 @@ class RoleSpec:
     info: dict = field(default_factory=dict)  # extra manifest entries for this role
 
 
-def write_roles(
-    out_root: str | os.PathLike,
-    roles: Mapping[str, RoleSpec],
-    *,
-    image_size: int,
-    channels: int,
-    bit_depth: int,
-    source: dict,
-    seed: Optional[int],
-    command: str,
-    maxcount: int = 1000,
-    maxsize: int = 1_000_000_000,
-    overwrite: bool = False,
-) -> dict[str, dict]:
+@dataclass(frozen=True)
+class WriteSpec:
+    """How a build writes its roles, fixed once per build: the images (``image_size``,
+    ``channels``, ``bit_depth`` 8 or 16), what each manifest records of the build (``source``,
+    ``seed``, ``command``), the shard limits (``maxcount`` samples, ``maxsize`` bytes) and whether
+    existing role folders are replaced (``overwrite``)."""
+
+    image_size: int
+    channels: int
+    bit_depth: int
+    source: dict
+    seed: Optional[int]
+    command: str
+    maxcount: int = 1000
+    maxsize: int = 1_000_000_000
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        if self.maxcount < 1:
+            raise DataError(f"maxcount must be at least 1, not {self.maxcount}")
+        if self.maxsize < 1:
+            raise DataError(f"maxsize must be at least 1 byte, not {self.maxsize}")
+
+
+def write_roles(out_root: str | os.PathLike, roles: Mapping[str, RoleSpec], spec: WriteSpec) -> dict[str, dict]:
     """Write each role to ``out_root/<role>/``; returns the manifests by role."""
-    if maxcount < 1:
-        raise DataError(f"maxcount must be at least 1, not {maxcount}")
-    if maxsize < 1:
-        raise DataError(f"maxsize must be at least 1 byte, not {maxsize}")
     out_root = Path(out_root)
     for role in roles:
         if role not in ROLES:
             raise DataError(f"role {role!r} is not one of {', '.join(ROLES)}")
-        if (out_root / role).exists() and not overwrite:
-            raise DataError(f"{out_root / role} already exists; remove it, or pass --overwrite")
+        if (out_root / role).exists() and not spec.overwrite:
+            raise FieldError("{path} already exists; remove it, or pass {overwrite=True}", path=out_root / role)
     created = not out_root.exists()
     out_root.mkdir(parents=True, exist_ok=True)
 
@@ -79,14 +86,14 @@ def write_roles(
     seen_keys: set[str] = set()
     writer = None
     try:
-        for role, spec in roles.items():
+        for role, role_spec in roles.items():
             staged[role] = Path(tempfile.mkdtemp(prefix=f".{role}.partial-", dir=out_root))
             os.chmod(staged[role], 0o777 & ~_umask())  # mkdtemp makes 0700; shards are shared data
-            writer = _RoleWriter(staged[role], role, image_size, channels, bit_depth, maxcount, maxsize, seen_keys)
-            for sample in spec.samples:
+            writer = _RoleWriter(staged[role], role, spec, seen_keys)
+            for sample in role_spec.samples:
                 writer.add(sample)
             manifest = writer.finish()
-            manifest.update(source=source, seed=seed, command=command, **spec.info)
+            manifest.update(source=spec.source, seed=spec.seed, command=spec.command, **role_spec.info)
             (staged[role] / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
             manifests[role] = manifest
         shared = shared_groups({role: m.get("groups", []) for role, m in manifests.items()})
@@ -127,14 +134,14 @@ def _replace(staged: Path, target: Path) -> None:
 class _RoleWriter:
     """Rotates shards by sample count and byte size; checks each sample against the role."""
 
-    def __init__(self, folder, role, image_size, channels, bit_depth, maxcount, maxsize, seen_keys):
+    def __init__(self, folder: Path, role: str, spec: WriteSpec, seen_keys: set[str]):
         self.folder, self.role = folder, role
-        self.shape = (channels, image_size, image_size)
-        self.dtype = {8: np.uint8, 16: np.uint16}.get(bit_depth)
+        self.shape = (spec.channels, spec.image_size, spec.image_size)
+        self.dtype = {8: np.uint8, 16: np.uint16}.get(spec.bit_depth)
         if self.dtype is None:
-            raise DataError(f"bit depth must be 8 or 16, not {bit_depth}")
-        self.image_size, self.channels, self.bit_depth = image_size, channels, bit_depth
-        self.maxcount, self.maxsize = maxcount, maxsize
+            raise DataError(f"bit depth must be 8 or 16, not {spec.bit_depth}")
+        self.image_size, self.channels, self.bit_depth = spec.image_size, spec.channels, spec.bit_depth
+        self.maxcount, self.maxsize = spec.maxcount, spec.maxsize
         self.seen_keys = seen_keys
         self.shards: list[dict] = []
         self.labels: Counter = Counter()
@@ -247,15 +254,16 @@ def check_upload_target(url: str, roles: Iterable[str], *, overwrite: bool, stor
     ``overwrite``, or when ``url`` cannot take uploads. Called before a build, and by upload_roles."""
     check_location(url, "upload target")
     if not is_url(url):
-        raise DataError(f"{url}: not a URL; upload to s3://bucket/prefix or gs://bucket/prefix "
-                        "(a local --out is written in place)")
+        raise FieldError("{url=}: not a URL; upload to s3://bucket/prefix or gs://bucket/prefix (a local "
+                         "{@out_root} is written in place)", url=url)
     if url.lower().startswith(("http://", "https://")):
         raise DataError(f"{url}: an HTTP server cannot take uploads through fsspec; copy the built folder to "
                         "the folder the server serves, or upload to s3:// or gs://")
     present = {role: role_exists(url, role, storage) for role in roles}
     for role, there in present.items():
         if there and not overwrite:
-            raise DataError(f"{join(url, role)} already holds a {MANIFEST}; pass --overwrite to replace it")
+            raise FieldError("{path} already holds a {manifest}; pass {overwrite=True} to replace it",
+                             path=join(url, role), manifest=MANIFEST)
     return present
 
 

@@ -48,7 +48,8 @@ from PIL import Image, ImageDraw
 from scipy import ndimage
 from scipy.spatial import ConvexHull, QhullError
 
-from .manifest import DataError
+from a2b_dist.data.manifest import DataError
+from a2b_dist.data.storage import FieldError
 
 PACKAGE = "invesalius-examples"
 PACKAGE_FILE = Path("/usr/share/doc/invesalius-examples/examples/Cranium.inv3")
@@ -79,7 +80,7 @@ RANGES = {
     "window_level_hu": [22.0, 38.0],         # this scanner's brain is about 15..35 HU
     "window_width_hu": [72.0, 108.0],
 }
-REGION_COVER = 0.999      # a region's pixel at --size: its warped mask covers it (up to rounding)
+REGION_COVER = 0.999      # a region's pixel at the built size: its warped mask covers it (up to rounding)
 
 
 @dataclass(frozen=True)
@@ -107,8 +108,9 @@ def locate() -> Path:
     path = Path(env) if env else PACKAGE_FILE
     if not path.is_file():
         where = f"{ENV}={env} is not a file" if env else f"{path} not found"
-        raise DataError(f"--source cthead needs the head CT of Debian's {PACKAGE}: apt-get install {PACKAGE} "
-                        f"({where}; set {ENV}=PATH to use a Cranium.inv3 elsewhere)")
+        raise FieldError("{source=cthead} needs the head CT of Debian's {package}: apt-get install {package} "
+                         "({where}; set {env}=PATH to use a Cranium.inv3 elsewhere)", package=PACKAGE, where=where,
+                         env=ENV)
     return path
 
 

@@ -5,15 +5,15 @@ The rules (shards/README.md, "dicom" and "nifti"):
 DICOM, per file, in this order, all in float64 on the stored integers (16-bit data is never
 narrowed before step 3):
 1. modality values: ``v = stored * RescaleSlope + RescaleIntercept`` (1 and 0 when absent);
-2. window: centre C and width W from ``--window C,W``, else the file's first WindowCenter and
+2. window: centre C and width W from ``window=(C, W)``, else the file's first WindowCenter and
    WindowWidth, else the image's own min..max; DICOM's linear VOI function (PS3.3 C.11.2.1.2.1)
    ``y = clip((v - (C - 0.5)) / (W - 1) + 0.5, 0, 1)``;
 3. MONOCHROME1 (white is low) is inverted: ``y = 1 - y``;
-4. stored as ``round(y * 65535)`` (16-bit, default) or ``round(y * 255)`` (``--bit-depth 8``).
+4. stored as ``round(y * 65535)`` (16-bit, default) or ``round(y * 255)`` (``bit_depth=8``).
 
 NIfTI, per volume: reoriented to the closest canonical (RAS) orientation, normalised by its own
 percentiles ``y = clip((v - P_lo) / (P_hi - P_lo), 0, 1)`` (default P0.5 and P99.5), cut into
-2-D slices along ``--axis``; a slice is kept when at least ``min_foreground`` of its pixels have
+2-D slices along ``axis``; a slice is kept when at least ``min_foreground`` of its pixels have
 ``y > foreground_level`` (defaults 0.05 and 0.1: a threshold on the percentile scale of the volume
 itself, not on a data set's raw intensities).
 
@@ -32,10 +32,12 @@ from typing import Iterator, Optional
 
 import numpy as np
 
-from .images import prepare_image, prepare_mask
-from .manifest import DataError
-from .sources import find_files, parse_split, path_key, read_label_csv
-from .write import RoleSpec, Sample
+from a2b_dist.data.images import prepare_image, prepare_mask
+from a2b_dist.data.manifest import DataError
+from a2b_dist.data.storage import FieldError
+from a2b_dist.data.write import RoleSpec, Sample
+
+from .folders import find_files, parse_split, path_key, read_label_csv
 
 DICOM_SUFFIXES = (".dcm", ".dicom")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -85,9 +87,9 @@ def parse_window(text: Optional[str]) -> Optional[tuple[float, float]]:
     try:
         centre, width = (float(v) for v in text.split(","))
     except ValueError:
-        raise DataError(f"--window {text!r}: expected CENTRE,WIDTH, e.g. 40,400") from None
+        raise FieldError("{window=!r}: expected CENTRE,WIDTH, e.g. 40,400", window=text) from None
     if width < 1:
-        raise DataError(f"--window {text!r}: the width must be at least 1")
+        raise FieldError("{window=!r}: the width must be at least 1", window=text)
     return centre, width
 
 
@@ -100,7 +102,7 @@ def _decoder_hint(syntax) -> str:
 
 
 class DicomSkip(DataError):
-    """A file the dicom builder skips by default and stops at with ``--strict``; ``reason`` is the
+    """A file the dicom builder skips by default and stops at with ``strict=True``; ``reason`` is the
     short category counted in the build's summary, the message the whole story."""
 
     def __init__(self, path: Path, reason: str, detail: str):
@@ -169,7 +171,7 @@ def read_dicom(path: Path, window: Optional[tuple[float, float]] = None, bit_dep
             top = float(2 ** int(ds.get("BitsStored", stored.dtype.itemsize * 8)) - 1)
         if rgb.ndim != 3 or rgb.shape[2] != 3:
             raise DicomSkip(path, "unexpected pixel layout", f"{photometric} pixels of shape {rgb.shape}, expected (H, W, 3)")
-        from .images import LUMA
+        from a2b_dist.data.images import LUMA
 
         unit = np.clip((rgb.astype(np.float64) @ LUMA) / top, 0.0, 1.0)
         window, source = None, f"colour: {photometric} to grey by luminance (0.299 R + 0.587 G + 0.114 B) / {top:g}"
@@ -234,7 +236,8 @@ def split_groups(groups: dict[str, list[Optional[int]]], split: str, seed: int) 
     normal = [g for g in order if all(label == 0 or (label is None and not any_labels) for label in groups[g])]
     need = counts.get("healthy", 0)
     if need > len(normal):
-        raise DataError(f"--split healthy={need}: only {len(normal)} groups have every image labelled 0")
+        raise FieldError("{@split} healthy={need}: only {normal} groups have every image labelled 0", need=need,
+                         normal=len(normal))
     picked = {"healthy": normal[:need]}
     taken = set(picked["healthy"])
     rest = [g for g in order if g not in taken]
@@ -244,7 +247,7 @@ def split_groups(groups: dict[str, list[Optional[int]]], split: str, seed: int) 
     for role in ("mixed", "val", "test"):
         n = counts.get(role, 0)
         if n > len(anomalous) + len(others):
-            raise DataError(f"--split {split!r}: not enough groups left for {role}={n}")
+            raise FieldError("{split=!r}: not enough groups left for {role}={n}", split=split, role=role, n=n)
         k = round(n * rate)
         if role in ("val", "test") and n >= 2 and anomalous and others:
             k = min(max(k, 1), n - 1)  # both classes, so that the role's AUROC is defined
@@ -252,7 +255,8 @@ def split_groups(groups: dict[str, list[Optional[int]]], split: str, seed: int) 
         picked[role] = anomalous[:k] + others[: n - k]
         anomalous, others = anomalous[k:], others[n - k :]
         if role in ("val", "test") and n and any(label is None for g in picked[role] for label in groups[g]):
-            raise DataError(f"--split {role}={n}: the {role} role needs a label for every image; pass --labels CSV")
+            raise FieldError("{@split} {role}={n}: the {role} role needs a label for every image; pass "
+                             "{labels_csv=CSV}", role=role, n=n)
     return {role: sorted(g) for role, g in picked.items() if g}
 
 
@@ -349,13 +353,14 @@ def dicom_roles(
     """
     images_dir = Path(images_dir)
     if not images_dir.is_dir():
-        raise DataError(f"--images {images_dir}: no such folder")
+        raise FieldError("{images_dir=}: no such folder", images_dir=images_dir)
     if bit_depth == 16 and channels == 3:
-        raise DataError("16-bit images can be stored with --channels 1 only; pass --bit-depth 8 for 3 channels")
+        raise FieldError("16-bit images can be stored with {channels=1} only; pass {bit_depth=8} for 3 channels")
     if labels_csv is None:
         rows = [_Row(rel) for rel in find_files(images_dir, DICOM_SUFFIXES)]
         if not rows:
-            raise DataError(f"--images {images_dir}: no DICOM files found ({', '.join(DICOM_SUFFIXES)})")
+            raise FieldError("{images_dir=}: no DICOM files found ({suffixes})", images_dir=images_dir,
+                             suffixes=", ".join(DICOM_SUFFIXES))
     else:
         rows = _read_csv(Path(labels_csv), images_dir, group_column)
     _require("pydicom")
@@ -369,16 +374,17 @@ def dicom_roles(
                 _, facts = read_dicom(images_dir / row.rel, window, bit_depth)
             except DicomSkip as exc:
                 if strict:
-                    raise DataError(f"{exc} (--strict stops at the first file that is skipped otherwise)") from None
+                    raise FieldError("{skip} ({strict=True} stops at the first file that is skipped otherwise)",
+                                     skip=exc) from None
                 scan.skipped.append((row.rel, exc.reason, str(exc)))
                 continue
             if row.group is None:
                 if facts["patient"]:
                     row.group, origin = facts["patient"], "PatientID"
                 elif strict:
-                    raise DataError(f"{images_dir / row.rel}: no PatientID in the header; give each image's patient "
-                                    "in a CSV column with --labels CSV --group-column NAME (--strict; without it "
-                                    "such files are grouped by study)")
+                    raise FieldError("{file}: no PatientID in the header; give each image's patient in a CSV column "
+                                     "with {labels_csv=CSV} {group_column=NAME} ({strict=True}; without it such "
+                                     "files are grouped by study)", file=images_dir / row.rel)
                 elif facts["study"]:
                     row.group, origin = f"study-{facts['study']}", "StudyInstanceUID"
                 else:
@@ -388,8 +394,9 @@ def dicom_roles(
             scan.groups_from[origin] = scan.groups_from.get(origin, 0) + 1
             readable.append(row)
     if not readable:
-        raise DataError(f"--images {images_dir}: none of the {len(rows)} DICOM files is a readable single-frame image "
-                        f"({'; '.join(sorted({m for _, _, m in scan.skipped}))[:600]})")
+        raise FieldError("{images_dir=}: none of the {n} DICOM files is a readable single-frame image ({why})",
+                         images_dir=images_dir, n=len(rows),
+                         why="; ".join(sorted({m for _, _, m in scan.skipped}))[:600])
     rows = readable
     by_group: dict[str, list[Optional[int]]] = {}
     for row in rows:
@@ -447,7 +454,7 @@ def write_skipped(out_root: Path, scan: DicomScan) -> Optional[Path]:
 def _dicom_samples(images_dir, rows, role, size, channels, window, bit_depth) -> Iterator[Sample]:
     import warnings
 
-    from .images import load_mask
+    from a2b_dist.data.images import load_mask
 
     for row in rows:
         with warnings.catch_warnings():
@@ -487,11 +494,11 @@ def listed_roles(
     Images follow the ``folder`` rule (shards/README.md, Preprocessing): the role set is 16-bit when
     any listed file is, 8-bit files then scaled by 257.
     """
-    from .images import image_bit_depth, load_image, load_mask
+    from a2b_dist.data.images import image_bit_depth, load_image, load_mask
 
     images_dir = Path(images_dir)
     if not images_dir.is_dir():
-        raise DataError(f"--images {images_dir}: no such folder")
+        raise FieldError("{images_dir=}: no such folder", images_dir=images_dir)
     rows = _read_csv(Path(labels_csv), images_dir, group_column)
     by_group: dict[str, list[Optional[int]]] = {}
     for row in rows:
@@ -500,7 +507,8 @@ def listed_roles(
     depths = {image_bit_depth(images_dir / row.rel) for row in rows}
     bit_depth = max(depths)
     if bit_depth == 16 and channels == 3:
-        raise DataError(f"--images {images_dir} holds 16-bit images, which can be stored with --channels 1 only")
+        raise FieldError("{images_dir=} holds 16-bit images, which can be stored with {channels=1} only",
+                         images_dir=images_dir)
 
     def samples(role: str, chosen: list[_Row]) -> Iterator[Sample]:
         for row in chosen:
@@ -550,11 +558,11 @@ class SliceRule:
     def __post_init__(self) -> None:
         lo, hi = self.percentiles
         if not 0 <= lo < hi <= 100:
-            raise DataError(f"--percentiles {lo},{hi}: need 0 <= low < high <= 100")
+            raise FieldError("{percentiles=}: need 0 <= low < high <= 100", percentiles=f"{lo},{hi}")
         if not 0 <= self.foreground_level < 1:
-            raise DataError(f"--foreground-level {self.foreground_level}: must be in [0, 1)")
+            raise FieldError("{foreground_level=}: must be in [0, 1)", foreground_level=self.foreground_level)
         if not 0 <= self.min_foreground <= 1:
-            raise DataError(f"--min-foreground {self.min_foreground}: must be in [0, 1]")
+            raise FieldError("{min_foreground=}: must be in [0, 1]", min_foreground=self.min_foreground)
 
 
 def normalise_volume(volume: np.ndarray, rule: SliceRule) -> np.ndarray:
@@ -609,15 +617,16 @@ def nifti_roles(
     """
     volumes_dir = Path(volumes_dir)
     if axis not in (0, 1, 2):
-        raise DataError(f"--axis {axis}: must be 0, 1 or 2")
+        raise FieldError("{axis=}: must be 0, 1 or 2", axis=axis)
     if not volumes_dir.is_dir():
-        raise DataError(f"--volumes {volumes_dir}: no such folder")
+        raise FieldError("{volumes_dir=}: no such folder", volumes_dir=volumes_dir)
     if bit_depth == 16 and channels == 3:
-        raise DataError("16-bit images can be stored with --channels 1 only; pass --bit-depth 8 for 3 channels")
+        raise FieldError("16-bit images can be stored with {channels=1} only; pass {bit_depth=8} for 3 channels")
     if labels_csv is None:
         rows = [_Row(rel) for rel in find_files(volumes_dir, NIFTI_SUFFIXES)]
         if not rows:
-            raise DataError(f"--volumes {volumes_dir}: no NIfTI files found ({', '.join(NIFTI_SUFFIXES)})")
+            raise FieldError("{volumes_dir=}: no NIfTI files found ({suffixes})", volumes_dir=volumes_dir,
+                             suffixes=", ".join(NIFTI_SUFFIXES))
     else:
         rows = _read_csv(Path(labels_csv), volumes_dir, None)
     by_group = {r.rel: [r.label] for r in rows}  # the volume's label; a mask then labels each slice
@@ -650,7 +659,7 @@ def nifti_roles(
 
 
 def _nifti_samples(volumes_dir, rows, role, size, channels, axis, rule, bit_depth, seed) -> Iterator[Sample]:
-    # Every kept slice of the role is prepared (at --size) before the shuffle, so each shard mixes
+    # Every kept slice of the role is prepared (at ``size``) before the shuffle, so each shard mixes
     # volumes; memory holds the role's resized slices, not its volumes.
     slices = []
     for row in rows:

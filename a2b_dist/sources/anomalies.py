@@ -18,7 +18,8 @@ import numpy as np
 from scipy.ndimage import gaussian_filter
 from scipy.signal import fftconvolve
 
-from .manifest import DataError
+from a2b_dist.data.manifest import DataError
+from a2b_dist.data.storage import FieldError
 
 MAX_DRAWS = 1000
 MIN_AXIS_PX = 1.5            # semi-axes below this (small images) are raised to it: a region of one pixel is no shape
@@ -64,7 +65,7 @@ def draw_square(image: np.ndarray, side: int, rng: np.random.Generator,
         boxes = table[side:, side:] - table[:-side, side:] - table[side:, :-side] + table[:-side, :-side]
         corners = np.flatnonzero(boxes == 0)
         if not len(corners):
-            raise DataError(f"no square of side {side} fits inside its region at --size {h}")
+            raise FieldError("no square of side {side} fits inside its region at {size=}", side=side, size=h)
     for _ in range(MAX_DRAWS):
         if corners is None:
             y, x = int(rng.integers(h - side + 1)), int(rng.integers(w - side + 1))
@@ -146,7 +147,8 @@ def locate(rng: np.random.Generator, shape: tuple[int, int], e: Ellipse, allowed
     h, w = shape
     hy, hx = e.half
     if 2 * hy + 1 > h or 2 * hx + 1 > w:
-        raise DataError(f"--size {h} is too small for the {kind} anomaly's region ({2 * hy + 1}x{2 * hx + 1} px)")
+        raise FieldError("{size=} is too small for the {kind} anomaly's region ({rows}x{columns} px)", size=h,
+                         kind=kind, rows=2 * hy + 1, columns=2 * hx + 1)
     inside = e.r < 1
     centres = None
     if allowed is not None:
@@ -159,7 +161,8 @@ def locate(rng: np.random.Generator, shape: tuple[int, int], e: Ellipse, allowed
         valid[hy : h - hy, hx : w - hx] = ~blocked[hy : h - hy, hx : w - hx]
         centres = np.flatnonzero(valid)
         if not len(centres):
-            raise DataError(f"no {kind} anomaly of {int(inside.sum())} px fits inside its region at --size {h}")
+            raise FieldError("no {kind} anomaly of {pixels} px fits inside its region at {size=}", kind=kind,
+                             pixels=int(inside.sum()), size=h)
     for _ in range(MAX_DRAWS):
         if centres is None:
             cy, cx = int(rng.integers(hy, h - hy)), int(rng.integers(hx, w - hx))

@@ -1,7 +1,7 @@
 """A procedural CT-like head: nested ellipses in the manner of the Shepp-Logan phantom.
 
 Head ``index`` depends only on ``index`` (its anatomy is drawn from a numpy Generator seeded by
-(PHANTOM_TAG, index)), so the phantom is a fixed population like a data set, and ``--seed`` only
+(PHANTOM_TAG, index)), so the phantom is a fixed population like a data set, and ``seed`` only
 assigns roles and anomalies. Its anatomy is jittered per head: centre, rotation, head axes, skull
 thickness, grey levels, ventricle sizes, and which of the small inner structures are present.
 Each image is rendered directly at the requested size with analytically anti-aliased edges

