@@ -225,12 +225,12 @@ class EvalConfig:
     every: int = bounded(0, 0, None)              # evaluate (model selection) every N steps and at the end; 0 = never
     metric: str = one_of("val_auc", ("val_auc", "fid"))
     select_from: int = bounded(0, 0, None)        # evaluations before this step are logged but never become best/
-    # mean (the paper's) | topk | mask | smooth_topk | intermediate | healthy_z | healthy_z_mask
+    # mean (the paper's) | topk | mask | smooth_topk | intermediate | healthy_z | healthy_z_mask | healthy_z_int
     # (losses.anomaly_score) | auto: the kind with the best validation AUROC at the selected
     # checkpoint (selection itself by the mean score), recorded with the checkpoint and used by
     # a2b evaluate, detect and export
     score: str = one_of("mean", ("mean", "topk", "mask", "smooth_topk", "intermediate", "healthy_z",
-                                 "healthy_z_mask", "auto"))
+                                 "healthy_z_mask", "healthy_z_int", "auto"))
     # healthy images (the first of the healthy role) whose maps give the per-pixel statistics of the
     # healthy_z kinds, taken at every evaluation and kept with the checkpoint; 0 = none (those kinds off)
     normalize_images: int = bounded(0, 0, None)
@@ -312,7 +312,7 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"eval.score=auto chooses the score kind on validation AUROC, which eval.metric="
                           f"{cfg.eval.metric} does not compute; set eval.metric=val_auc or name a kind "
                           "(mean, topk, mask, smooth_topk, intermediate)")
-    if cfg.eval.score in ("healthy_z", "healthy_z_mask") and not (cfg.eval.normalize_images
+    if cfg.eval.score in ("healthy_z", "healthy_z_mask", "healthy_z_int") and not (cfg.eval.normalize_images
                                                                   and cfg.eval.metric == "val_auc"):
         raise ConfigError(f"eval.score={cfg.eval.score} standardises maps by healthy images' statistics, taken "
                           "with the validation AUROC: set eval.normalize_images (e.g. 256) with eval.metric=val_auc, "

@@ -119,9 +119,10 @@ def anomaly_map(x: torch.Tensor, b_prime: torch.Tensor) -> torch.Tensor:
     return (x.float() - b_prime.float()).abs().mean(dim=1, keepdim=True)
 
 
-SCORE_KINDS = ("mean", "topk", "mask", "smooth_topk", "intermediate", "healthy_z", "healthy_z_mask")
+SCORE_KINDS = ("mean", "topk", "mask", "smooth_topk", "intermediate", "healthy_z", "healthy_z_mask", "healthy_z_int")
 # Kinds that read the maps standardised per pixel by healthy images' maps (healthy_map_norm's output).
-NORM_KINDS = ("healthy_z", "healthy_z_mask")
+NORM_KINDS = ("healthy_z", "healthy_z_mask", "healthy_z_int")
+NORM_MAPS = 3     # |x - B'|, M * |x - B'|, |x - B_int|: the maps healthy_map_norm keeps statistics of
 
 
 def standardise_map(diff: torch.Tensor, mean: torch.Tensor, sd: torch.Tensor) -> torch.Tensor:
@@ -133,18 +134,18 @@ def standardise_map(diff: torch.Tensor, mean: torch.Tensor, sd: torch.Tensor) ->
     return ((diff.float() - mean) / (sd + sd.median())).clamp_min(0)
 
 
-def map_moments(diff: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """(2, 3, H, W) float64 sums for healthy_map_norm over a batch: for |x - B'| and M * |x - B'|,
-    the count, sum and sum of squares at each pixel."""
+def map_moments(diff: torch.Tensor, mask: torch.Tensor, intermediate: torch.Tensor) -> torch.Tensor:
+    """(3, 3, H, W) float64 sums for healthy_map_norm over a batch: for |x - B'|, M * |x - B'| and
+    |x - B_int| (``intermediate``), the count, sum and sum of squares at each pixel."""
     out = []
-    for m in (diff.double(), (diff * mask).double()):
+    for m in (diff.double(), (diff * mask).double(), intermediate.double()):
         m = m[:, 0]
         out.append(torch.stack([torch.full_like(m[0], m.shape[0]), m.sum(0), (m * m).sum(0)]))
     return torch.stack(out)
 
 
 def norm_from_moments(moments: torch.Tensor) -> torch.Tensor:
-    """(2, 2, H, W) float32: [map kind (|x - B'|, M * |x - B'|)][per-pixel mean, sd] from map_moments' sums."""
+    """(3, 2, H, W) float32: [map (|x - B'|, M * |x - B'|, |x - B_int|)][per-pixel mean, sd] from map_moments' sums."""
     n, s, ss = moments[:, 0], moments[:, 1], moments[:, 2]
     mean = s / n
     sd = (ss / n - mean * mean).clamp_min(0).sqrt()
@@ -171,8 +172,9 @@ def anomaly_score(diff: torch.Tensor, kind: str = "mean", topk_percent: float = 
     generator changed (needs ``intermediate``, the map ``anomaly_map(x, B_int)``).
     ``healthy_z`` is ``smooth_topk`` of the map standardised per pixel by healthy images' maps
     (standardise_map), so that what every healthy image shows at a place (an edge the translation
-    always blurs) no longer counts; ``healthy_z_mask`` the same for M * |x - B'| (both need ``norm``,
-    healthy_map_norm's (2, 2, H, W) statistics, and ``healthy_z_mask`` the mask).
+    always blurs) no longer counts; ``healthy_z_mask`` the same for M * |x - B'|, ``healthy_z_int``
+    for |x - B_int| (each needs ``norm``, healthy_map_norm's (3, 2, H, W) statistics, and the mask or
+    the intermediate map as its plain counterpart does).
     """
     if kind in NORM_KINDS:
         if norm is None:
@@ -181,6 +183,10 @@ def anomaly_score(diff: torch.Tensor, kind: str = "mean", topk_percent: float = 
             if mask is None:
                 raise ValueError("score kind 'healthy_z_mask' needs the mask")
             diff, stats = diff.float() * mask.float(), norm[1]
+        elif kind == "healthy_z_int":
+            if intermediate is None:
+                raise ValueError("score kind 'healthy_z_int' needs the map |x - B_int|")
+            diff, stats = intermediate, norm[2]
         else:
             stats = norm[0]
         return anomaly_score(standardise_map(diff, stats[0], stats[1]), "smooth_topk", topk_percent)

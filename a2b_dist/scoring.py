@@ -50,7 +50,8 @@ def score_role(generator: torch.nn.Module, role_dir: str | os.PathLike, reader: 
     """
     keys: list[str] = []
     labels: list[np.ndarray] = []
-    kinds = [k for k in SCORE_KINDS if norm is not None or k not in losses.NORM_KINDS]
+    with_norm = norm is not None and norm.shape[0] == losses.NORM_MAPS
+    kinds = [k for k in SCORE_KINDS if with_norm or k not in losses.NORM_KINDS]
     scores: dict[str, list[np.ndarray]] = {k: [] for k in kinds}
     refs: dict[str, list[np.ndarray]] = {"greyness": []}
     if healthy_mean is not None:
@@ -206,8 +207,8 @@ def summarise_result(result: dict, *, score: str) -> dict:
 @torch.no_grad()
 def healthy_map_norm(generator, role_dir: str | os.PathLike, reader: EvalReader, count: int, *,
                      device: str | torch.device = "cpu") -> torch.Tensor:
-    """(2, 2, H, W) float32: per-pixel mean and standard deviation of |x - B'| and of M * |x - B'|
-    over the first ``count`` images of a healthy role (in key order; every rank reads the same
+    """(3, 2, H, W) float32: per-pixel mean and standard deviation of |x - B'|, M * |x - B'| and
+    |x - B_int| over the first ``count`` images of a healthy role (in key order; every rank reads the same
     images, so every rank gets the same statistics without a collective). The healthy_z score
     kinds standardise a map by them (losses.standardise_map)."""
     from dataclasses import replace
@@ -217,7 +218,8 @@ def healthy_map_norm(generator, role_dir: str | os.PathLike, reader: EvalReader,
     for batch in reader.batches(role_dir):
         x = batch["image"][: count - seen].to(device)
         b_int, m = generator(x)
-        part = losses.map_moments(losses.anomaly_map(x, losses.blend_healthy(x, b_int, m)), m).cpu()
+        diff = losses.anomaly_map(x, losses.blend_healthy(x, b_int, m))
+        part = losses.map_moments(diff, m, losses.anomaly_map(x, b_int)).cpu()
         moments = part if moments is None else moments + part
         seen += len(x)
         if seen >= count:

@@ -217,10 +217,6 @@ def critic_scores(run_dir: Path, cfg, x: torch.Tensor) -> dict[str, np.ndarray]:
 
 
 def run_a2b(args, method: str, root: Path, run_dir: Path, seed: int) -> dict:
-    from a2b_dist import checkpoint as ckpt
-    from a2b_dist.data import EvalReader
-    from a2b_dist.references import healthy_mean_image
-    from a2b_dist.scoring import score_role, summarise_result
     from a2b_dist.train import train
 
     overrides = {**A2B_METHODS, **args.variants}[method]
@@ -230,13 +226,35 @@ def run_a2b(args, method: str, root: Path, run_dir: Path, seed: int) -> dict:
     if result["stopped"]:     # a SIGTERM (or --until) ended training early: no cell from a partial run
         raise SystemExit(f"{run_dir}: training stopped at step {result['step']} of {cfg.train.steps}; "
                          "the cell is not recorded (run the benchmark again to redo it)")
+    return score_a2b(args, method, root, run_dir, seed, (result["best"] or {}).get("value"))
+
+
+def score_a2b(args, method: str, root: Path, run_dir: Path, seed: int, best_val_auc, rescore: bool = False) -> dict:
+    """A trained run's cell: its chosen checkpoint scored on the test role by every kind, by the one
+    eval.score=auto recorded. ``rescore``: with the current code's score kinds instead, the auto
+    choice made again on validation at the same checkpoint (training and selection do not depend on
+    the kinds, so this is the cell the current code would give, without training again)."""
+    from a2b_dist import checkpoint as ckpt
+    from a2b_dist.data import EvalReader
+    from a2b_dist.references import healthy_mean_image
+    from a2b_dist.scoring import chosen_kind, score_role, selection_metric, selection_norm, summarise_result
+
+    data_root = healthy_as_mixed(root, Path(args.work)) if healthy_only(method) else root
+    cfg = a2b_config(args, {**A2B_METHODS, **args.variants}[method], data_root, run_dir, seed)
     chosen = chosen_checkpoint(run_dir)
     G, loaded = ckpt.load_generator(chosen)
-    cfg.eval.score = loaded.eval.score          # eval.score=auto: the kind chosen on validation
+    norm = ckpt.map_norm_of(G)
+    if rescore:
+        norm = selection_norm(G, cfg, device="cpu")
+        if cfg.eval.score == "auto":
+            cfg.eval.score = chosen_kind(selection_metric(G, cfg, device="cpu", norm=norm))
+    else:
+        cfg.eval.score = loaded.eval.score          # eval.score=auto: the kind chosen on validation
+    G.map_norm = norm
     with torch.no_grad():
         reader = EvalReader(batch_size=64, image_size=args.size)
         scored = score_role(G, root / "test", reader, topk_percent=cfg.eval.topk_percent,
-                            healthy_mean=healthy_mean_image(root / "healthy", reader), norm=ckpt.map_norm_of(G))
+                            healthy_mean=healthy_mean_image(root / "healthy", reader), norm=norm)
     summary = summarise_result(scored, score=cfg.eval.score)
     test = load_role(root / "test", args.size)
     scores = {k: v["auroc"] for k, v in summary["scores"].items()}
@@ -252,8 +270,7 @@ def run_a2b(args, method: str, root: Path, run_dir: Path, seed: int) -> dict:
             "mask": {k: mask.get(k) for k in ("mask_inside_outside_ratio", "mask_pixel_std", "mask_pixel_auroc",
                                               "mask_mean_healthy", "mask_mean_anomalous")},
             "selected_step": ckpt.read_meta(chosen)["step"], "val_curve": curve, "score": cfg.eval.score,
-            "best_val_auc": (result["best"] or {}).get("value"),
-            "images": args.steps * cfg.optim.n_critic * 2 * args.batch}
+            "best_val_auc": best_val_auc, "images": args.steps * cfg.optim.n_critic * 2 * args.batch}
 
 
 def a2b_fused(args, G, cfg, root: Path, seed: int, test: dict) -> dict:
@@ -358,7 +375,7 @@ def map_kinds(test_maps: torch.Tensor, val_maps: torch.Tensor, val_labels, healt
     from a2b_dist.scoring import chosen_kind
 
     topk = EvalConfig().topk_percent
-    norm = None if healthy_maps is None else L.norm_from_moments(L.map_moments(healthy_maps, torch.ones_like(healthy_maps)))
+    norm = None if healthy_maps is None else L.norm_from_moments(L.map_moments(healthy_maps, torch.ones_like(healthy_maps), healthy_maps))
     kinds = [k for k in MAP_KINDS if norm is not None or k not in L.NORM_KINDS]
     chosen = chosen_kind({f"val_auc_{k}": image_and_pixel(val_labels, L.anomaly_score(val_maps, k, topk, norm=norm).numpy())["auroc"]
                           for k in kinds})
@@ -530,7 +547,15 @@ def run_cell(args, spec: str, method: str, seed: int, fraction: float | None = N
         cached = json.loads(out.read_text())
         run_dir = work / "runs" / f"{tag}-{args.steps}" / method / f"seed-{seed}"
         is_a2b = method in A2B_METHODS or method in args.variants
-        stale_ae = method == "ae" and "score" not in cached     # from before the ae chose its kind on validation
+        # an autoencoder cell from before it chose its kind on validation, or before the healthy_z kind
+        stale_ae = method == "ae" and ("score" not in cached or (a2b_config_preset(args).eval.normalize_images
+                                                                 and "healthy_z" not in cached.get("scores", {})))
+        if is_a2b and args.rescore and run_dir.is_dir():
+            res = {**cached, **score_a2b(args, method, root, run_dir, seed, cached.get("best_val_auc"), rescore=True)}
+            write_atomic(out, json.dumps(res, indent=1))
+            print(f"{tag:>20} {method:>14} seed {seed}: image AUROC {res['auroc']:.3f} (rescored: {res['score']})",
+                  flush=True)
+            return {**res, "fraction": mixed_fraction(root)}
         if not stale_ae and not (args.fuse_pu and "fused_pu_sel" not in cached.get("scores", {})
                                  and (method == "ae" or is_a2b)):
             return {**cached, "fraction": mixed_fraction(root)}
@@ -731,6 +756,9 @@ def main(argv=None) -> list[dict]:
                         "peer's (both standardised on healthy validation images, summed): fused_pu (test) and "
                         "fused_pu_val; fused_pu_sel: the pu score's weight chosen on validation "
                         "(fused_pu_w); finished cells get them added from their kept run folders")
+    p.add_argument("--rescore", action="store_true",
+                   help="score finished A2B-GAN cells again from their kept run folders with the current score "
+                        "kinds (eval.score=auto chosen again on validation at the same checkpoint; nothing retrained)")
     p.add_argument("--data-scale", type=float, default=1.0,
                    help="build the protocols with every role shrunk by this factor (quick checks; give such "
                         "a run a --work of its own, since folders are named by protocol and size only)")

@@ -106,10 +106,10 @@ def test_quality_prints_every_method(sim_shards, tmp_path, capsys):
     assert all({"mean", "topk", "mask", "smooth_topk", "intermediate", "critic"} <= set(r["scores"]) for r in a2b)
     assert all(r["images"] == 2 * 2 * 2 * 4 for r in a2b)        # steps x n_critic x roles x batch
     # eval.score=auto (the preset's): the kind chosen on validation is reported, and the paper's method keeps the mean
-    assert all(r["score"] in {"mean", "topk", "mask", "smooth_topk", "intermediate", "healthy_z", "healthy_z_mask"}
-               for r in a2b)
+    assert all(r["score"] in {"mean", "topk", "mask", "smooth_topk", "intermediate", "healthy_z", "healthy_z_mask",
+                              "healthy_z_int"} for r in a2b)
     # the preset's eval.normalize_images: the healthy_z kinds for A2B-GAN, not for the paper's values
-    assert all({"healthy_z", "healthy_z_mask"} <= set(r["scores"]) for r in a2b if r["method"] != "a2b-paper")
+    assert all({"healthy_z", "healthy_z_mask", "healthy_z_int"} <= set(r["scores"]) for r in a2b if r["method"] != "a2b-paper")
     assert all("healthy_z" not in r["scores"] for r in a2b if r["method"] == "a2b-paper")
     assert all(r["score"] == "mean" for r in a2b if r["method"] == "a2b-paper")
     for r in (r for r in rows if r["method"] == "a2b"):

@@ -247,25 +247,26 @@ def test_ema_equals_a_hand_computed_average():
 
 def test_map_moments_give_the_per_pixel_mean_and_spread_of_healthy_maps():
     """healthy_map_norm's statistics, summed batch by batch, equal the mean and (population)
-    standard deviation at each pixel of |x - B'| and of M * |x - B'| over all the images."""
+    standard deviation at each pixel of |x - B'|, M * |x - B'| and |x - B_int| over all the images."""
     g = torch.Generator().manual_seed(0)
-    diff, mask = torch.rand(10, 1, 6, 5, generator=g), torch.rand(10, 1, 6, 5, generator=g)
-    moments = L.map_moments(diff[:4], mask[:4]) + L.map_moments(diff[4:], mask[4:])
+    diff, mask, inter = (torch.rand(10, 1, 6, 5, generator=g) for _ in range(3))
+    moments = L.map_moments(diff[:4], mask[:4], inter[:4]) + L.map_moments(diff[4:], mask[4:], inter[4:])
     norm = L.norm_from_moments(moments)
-    assert norm.shape == (2, 2, 6, 5)
-    for i, m in enumerate((diff, diff * mask)):
+    assert norm.shape == (L.NORM_MAPS, 2, 6, 5)
+    for i, m in enumerate((diff, diff * mask, inter)):
         torch.testing.assert_close(norm[i, 0], m[:, 0].mean(0))
         torch.testing.assert_close(norm[i, 1], m[:, 0].std(0, unbiased=False))
 
 
 def test_healthy_z_discounts_what_every_healthy_map_shows():
     """A map equal to the healthy mean scores 0; the same bump scores higher where healthy maps are
-    quiet than where they always vary (an edge the translation blurs); the mask kind weighs by M."""
+    quiet than where they always vary (an edge the translation blurs); the mask kind weighs by M,
+    the intermediate kind reads |x - B_int| with its own statistics."""
     mean = torch.zeros(16, 16)
     mean[:, :4] = 0.5                       # healthy maps are high and vary on the left edge
     sd = torch.full((16, 16), 0.01)
     sd[:, :4] = 0.2
-    norm = torch.stack([torch.stack([mean, sd]), torch.stack([mean, sd])])
+    norm = torch.stack([torch.stack([mean, sd])] * L.NORM_MAPS)
     quiet, edge = mean.clone()[None, None], mean.clone()[None, None]
     quiet[..., 8:11, 8:11] += 0.3
     edge[..., 8:11, 0:3] += 0.3
@@ -275,5 +276,8 @@ def test_healthy_z_discounts_what_every_healthy_map_shows():
     ones, zeros = torch.ones_like(maps), torch.zeros_like(maps)
     assert torch.equal(L.anomaly_score(maps, "healthy_z_mask", 5.0, ones, norm=norm), z)
     assert torch.all(L.anomaly_score(maps, "healthy_z_mask", 5.0, zeros, norm=norm) == 0)
+    assert torch.equal(L.anomaly_score(zeros, "healthy_z_int", 5.0, intermediate=maps, norm=norm), z)
     with pytest.raises(ValueError, match="healthy map statistics"):
         L.anomaly_score(maps, "healthy_z")
+    with pytest.raises(ValueError, match="B_int"):
+        L.anomaly_score(maps, "healthy_z_int", norm=norm)

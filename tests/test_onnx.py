@@ -99,7 +99,7 @@ def test_healthy_map_statistics_travel_in_the_onnx_metadata(tmp_path):
     pt = export_generator(tmp_path / "gen.pt", validate(cfg), seed=5)
     blob = torch.load(pt, weights_only=True)
     g = torch.Generator().manual_seed(1)
-    blob[MAP_NORM] = torch.rand(2, 2, 32, 32, generator=g) * 0.1
+    blob[MAP_NORM] = torch.rand(3, 2, 32, 32, generator=g) * 0.1
     torch.save(blob, pt)
     assert cli.main(["export", str(pt), str(tmp_path / "gen.onnx"), "--format", "onnx"]) == 0
     onnx_gen, _ = load_generator(tmp_path / "gen.onnx")

@@ -237,12 +237,12 @@ def test_healthy_map_statistics_travel_with_the_checkpoint_and_change_no_trainin
     run(train_cmd(1, *common, f"train.run_dir={without}"))
     assert_same_weights(final_weights(with_norm), final_weights(without))
     evals = [r for r in map(json.loads, (with_norm / "metrics.jsonl").read_text().splitlines()) if "eval/val_auc" in r]
-    assert all("eval/val_auc_healthy_z" in r and "eval/val_auc_healthy_z_mask" in r for r in evals)
+    assert all(f"eval/val_auc_{k}" in r for r in evals for k in ("healthy_z", "healthy_z_mask", "healthy_z_int"))
     assert ckpt.read_meta(with_norm / "best")["selection"] == ckpt.read_meta(without / "best")["selection"]
     _, _, _, tensors = ckpt.load_checkpoint(with_norm / "best", 0)
     gen, cfg = ckpt.load_generator(with_norm / "best")
     size = cfg.data.image_size
-    assert tensors[ckpt.MAP_NORM].shape == (2, 2, size, size) and torch.equal(gen.map_norm, tensors[ckpt.MAP_NORM])
+    assert tensors[ckpt.MAP_NORM].shape == (3, 2, size, size) and torch.equal(gen.map_norm, tensors[ckpt.MAP_NORM])
     assert (gen.map_norm[:, 1] >= 0).all() and gen.map_norm[0, 0].mean() > 0
     assert ckpt.load_generator(without / "best")[0].map_norm is None
     out = tmp_path / "g.pt"
@@ -252,7 +252,7 @@ def test_healthy_map_statistics_travel_with_the_checkpoint_and_change_no_trainin
     run([sys.executable, "-m", "a2b_dist.cli", "evaluate", "--checkpoint", str(out), "--shards",
          str(sim_shards / "test"), "--out", str(ev), "eval.score=healthy_z"])
     metrics = json.loads((ev / "metrics.json").read_text())
-    assert metrics["score"] == "healthy_z" and {"healthy_z", "healthy_z_mask"} <= metrics["scores"].keys()
+    assert metrics["score"] == "healthy_z" and {"healthy_z", "healthy_z_mask", "healthy_z_int"} <= metrics["scores"].keys()
     blob = torch.load(out, weights_only=True)
     del blob[ckpt.MAP_NORM]
     torch.save(blob, tmp_path / "bare.pt")
