@@ -127,6 +127,16 @@ def test_quality_prints_every_method(sim_shards, tmp_path, capsys):
     # a rerun reuses every finished cell
     again = quality.main(args)
     assert again == rows
+    # --rescore: the A2B-GAN cells scored again from their kept runs (same checkpoint, the kind chosen
+    # again on validation), the same figures when the score kinds have not changed; nothing retrained
+    before = {p: p.stat().st_mtime_ns for p in (work / "runs").rglob("*.safetensors")}
+    rescored = {(r["method"], r["seed"]): r for r in quality.main([*args, "--rescore"])}
+    for r in rows:
+        again = rescored[(r["method"], r["seed"])]
+        if r["method"] in ("a2b", "a2b-paper", "a2b-healthy", "ema"):
+            assert again["selected_step"] == r["selected_step"] and again["score"] == r["score"]
+            assert again["auroc"] == pytest.approx(r["auroc"], abs=1e-9)
+    assert {p: p.stat().st_mtime_ns for p in (work / "runs").rglob("*.safetensors")} == before
 
 
 def test_quality_thesis_curve_retrains_only_what_reads_the_mixed_set(tmp_path, capsys):

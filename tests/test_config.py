@@ -179,6 +179,7 @@ eval:
   every: 33
   metric: val_auc
   select_from: 333
+  normalize_images: 512    # added with the healthy_z score kinds (small.yaml, so the demo too)
   score: auto
 """
 
