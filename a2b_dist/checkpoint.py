@@ -49,7 +49,7 @@ from safetensors.torch import save_file
 from a2b_dist.config import Config, from_dict, to_dict
 from a2b_dist.errors import UserError
 from a2b_dist.files import atomic_path, sha256_file, write_atomic
-from a2b_dist.losses import NORM_KINDS, NORM_MAPS, SCORE_KINDS
+from a2b_dist.losses import NORM_KINDS, SCORE_KINDS
 
 class CheckpointError(UserError):
     """A checkpoint that cannot be read or written; the message names the folder or file."""
@@ -424,9 +424,9 @@ def map_norm_of(generator) -> Optional[torch.Tensor]:
 def require_map_norm(generator, score: str, source) -> Optional[torch.Tensor]:
     """The generator's healthy map statistics; a one-line error when ``score`` needs them and it has none."""
     norm = map_norm_of(generator)
-    if score in NORM_KINDS and (norm is None or norm.shape[0] < NORM_MAPS):
+    if score in NORM_KINDS and norm is None:
         raise UserError(f"{source} holds no healthy map statistics, which eval.score={score} needs (a checkpoint "
-                        "trained with eval.normalize_images=0, saved at a step without an evaluation, or by an earlier version); "
+                        "trained with eval.normalize_images=0, or saved at a step without an evaluation); "
                         f"name another kind with eval.score=...")
     return norm
 

@@ -50,8 +50,7 @@ def score_role(generator: torch.nn.Module, role_dir: str | os.PathLike, reader: 
     """
     keys: list[str] = []
     labels: list[np.ndarray] = []
-    with_norm = norm is not None and norm.shape[0] == losses.NORM_MAPS
-    kinds = [k for k in SCORE_KINDS if with_norm or k not in losses.NORM_KINDS]
+    kinds = [k for k in SCORE_KINDS if norm is not None or k not in losses.NORM_KINDS]
     scores: dict[str, list[np.ndarray]] = {k: [] for k in kinds}
     refs: dict[str, list[np.ndarray]] = {"greyness": []}
     if healthy_mean is not None:
@@ -208,8 +207,8 @@ def summarise_result(result: dict, *, score: str) -> dict:
 def healthy_map_norm(generator, role_dir: str | os.PathLike, reader: EvalReader, count: int, *,
                      device: str | torch.device = "cpu") -> torch.Tensor:
     """(3, 2, H, W) float32: per-pixel mean and standard deviation of |x - B'|, M * |x - B'| and
-    |x - B_int| over the first ``count`` images of a healthy role (in key order; every rank reads the same
-    images, so every rank gets the same statistics without a collective). The healthy_z score
+    |x - B_int| over the first ``count`` images of a healthy role (in its shards' order; every rank
+    reads the same images, so every rank gets the same statistics without a collective). The healthy_z score
     kinds standardise a map by them (losses.standardise_map)."""
     from dataclasses import replace
 
