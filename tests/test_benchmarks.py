@@ -244,3 +244,21 @@ def test_report_heatmaps_photographs_a_reports_sections(tmp_path, capsys):
     assert "PASS" in out and "0 to " in out and "| Highest-scored healthy images | 3 |" in out
     flat = _page(tmp_path, "flat", result, healthy, anomalous, None)   # the old fixed 0-1 scale: nothing lights up
     assert report_heatmaps.main([str(flat)]) == 1
+
+
+def test_paper_column_holds_the_papers_loss_and_optimiser_values():
+    """quality.py's a2b-paper method on the small preset is the paper's section 4.4 values, whatever the
+    preset moves (it sets lambda_id 10 and lambda_fz 0, which the paper column must not inherit)."""
+    import quality
+
+    from a2b_dist.config import load_config
+
+    preset = load_config(ROOT / "configs" / "small.yaml")
+    assert (preset.loss.lambda_id, preset.loss.lambda_fz) != (1.0, 1.0)   # else this test checks nothing
+    cfg = load_config(ROOT / "configs" / "small.yaml", quality.PAPER)
+    loss, optim = cfg.loss, cfg.optim
+    assert (loss.lambda_gp, loss.lambda_id, loss.lambda_rec, loss.lambda_f, loss.lambda_fz, loss.lambda_fs) == (
+        10.0, 1.0, 1.0, 0.1, 1.0, 0.001)
+    assert loss.lambda_id_out == 0 and loss.restore_prob == 0 and loss.pseudo_fraction == 0
+    assert loss.critic_mixed == 0 and loss.lambda_cls == 0
+    assert (optim.lr_g, optim.lr_d) == (1e-4, 1e-4) and cfg.eval.score == "mean"
