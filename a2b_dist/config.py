@@ -140,6 +140,9 @@ class ModelConfig:
     upsample: str = one_of("transpose", ("transpose", "nearest", "bilinear"))
     # sigmoid | tanh ((tanh + 1) / 2, as the authors' code)
     mask_activation: str = one_of("sigmoid", ("sigmoid", "tanh"))
+    # 0: off (the paper). Else M starts near this value on every pixel instead of near 0.5 (a learnt
+    # bias on the mask's logit, nets.Generator), so the mask grows only where the losses ask for it.
+    mask_prior: float = bounded(0.0, 0.0, 0.99)
 
 
 @dataclass

@@ -41,10 +41,12 @@ class Generator(nn.Module):
     """x (B, C, H, W) in [-1, 1] -> (B_int (B, C, H, W) in [-1, 1], M (B, 1, H, W) in [0, 1])."""
 
     def __init__(self, channels: int = 1, width: int = 64, res_blocks: int = 6,
-                 upsample: str = "transpose", mask_activation: str = "sigmoid"):
+                 upsample: str = "transpose", mask_activation: str = "sigmoid", mask_prior: float = 0.0):
         super().__init__()
         if mask_activation not in ("sigmoid", "tanh"):
             raise ValueError(f"mask_activation={mask_activation!r}; choose sigmoid or tanh")
+        if not 0.0 <= mask_prior < 1.0:
+            raise ValueError(f"mask_prior={mask_prior!r}; choose 0 (off) or a value in (0, 1)")
         self.channels = channels
         self.mask_activation = mask_activation
         w = width
@@ -57,11 +59,20 @@ class Generator(nn.Module):
             layers += [_upsample(w * mult, w * mult // 2, upsample), _norm(w * mult // 2), nn.ReLU(inplace=True)]
         layers += [nn.Conv2d(w, channels + 1, 7, 1, 3, bias=False)]  # C image channels + 1 mask channel
         self.main = nn.Sequential(*layers)
+        # mask_prior > 0: a learnt bias on the mask's logit, set so that M starts near mask_prior on
+        # every pixel (the network's own logits start near 0, M near 0.5) and grows only where the
+        # losses ask for it. The same bias for sigmoid and (tanh + 1) / 2, whose logit is half as steep.
+        self.mask_bias = None
+        if mask_prior > 0:
+            logit = float(torch.logit(torch.tensor(mask_prior, dtype=torch.float64)))
+            self.mask_bias = nn.Parameter(torch.tensor(logit if mask_activation == "sigmoid" else logit / 2))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         out = self.main(x)                                    # (B, C+1, H, W)
         b_int = torch.tanh(out[:, : self.channels])          # intermediate healthy image
         logit = out[:, self.channels:]
+        if self.mask_bias is not None:
+            logit = logit + self.mask_bias.to(logit.dtype)
         if self.mask_activation == "sigmoid":
             mask = torch.sigmoid(logit)
         else:
@@ -106,7 +117,7 @@ class Critic(nn.Module):
 
 def build_generator(model_cfg, channels: int) -> Generator:
     return Generator(channels, model_cfg.width, model_cfg.res_blocks, model_cfg.upsample,
-                     model_cfg.mask_activation)
+                     model_cfg.mask_activation, model_cfg.mask_prior)
 
 
 def build_critic(model_cfg, channels: int, image_size: int, domain_head: bool = False) -> Critic:

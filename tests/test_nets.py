@@ -69,3 +69,36 @@ def test_builders_read_the_config():
     assert not any(isinstance(m, torch.nn.ConvTranspose2d) for m in gen.modules())
     critic = build_critic(cfg.model, cfg.data.channels, cfg.data.image_size)
     assert critic(torch.zeros(1, 1, 32, 32)).shape == (1, 1, 2, 2)
+
+
+@pytest.mark.parametrize("activation", ["sigmoid", "tanh"])
+def test_mask_prior_starts_the_mask_small_and_off_changes_nothing(activation):
+    """model.mask_prior: M starts near the prior instead of near 0.5, through one learnt bias that
+    takes a gradient; at 0 the network, its state and its outputs are the paper's."""
+    torch.manual_seed(0)
+    plain = Generator(1, width=4, res_blocks=1, mask_activation=activation)
+    torch.manual_seed(0)
+    off = Generator(1, width=4, res_blocks=1, mask_activation=activation, mask_prior=0.0)
+    torch.manual_seed(0)
+    on = Generator(1, width=4, res_blocks=1, mask_activation=activation, mask_prior=0.05)
+    assert off.state_dict().keys() == plain.state_dict().keys()
+    assert set(on.state_dict()) - set(plain.state_dict()) == {"mask_bias"}
+    x = torch.rand(4, 1, 32, 32) * 2 - 1
+    assert torch.equal(off(x)[1], plain(x)[1])
+    assert 0.3 < plain(x)[1].mean() < 0.7
+    b_int, mask = on(x)
+    assert torch.equal(b_int, plain(x)[0])                   # the image head is untouched
+    logit = plain.main(x)[:, 1:]                              # the same weights: only the bias differs
+    shift = torch.logit(torch.tensor(0.05)) * (1 if activation == "sigmoid" else 0.5)
+    expected = torch.sigmoid(logit + shift) if activation == "sigmoid" else (torch.tanh(logit + shift) + 1) / 2
+    assert torch.allclose(mask, expected, atol=1e-6)
+    mask.mean().backward()
+    assert on.mask_bias.grad is not None and on.mask_bias.grad > 0
+
+
+def test_mask_prior_is_read_from_the_config_and_checked():
+    cfg = load_config("configs/test.yaml", ["model.mask_prior=0.05"])
+    gen = build_generator(cfg.model, cfg.data.channels)
+    assert gen.mask_bias is not None
+    with pytest.raises(ValueError, match="mask_prior"):
+        Generator(1, width=4, res_blocks=1, mask_prior=1.0)
