@@ -20,10 +20,11 @@ onnx = pytest.importorskip("onnx", reason="the [onnx] extra is not installed")
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    """A tiny generator at 32 px as .pt and as .onnx (through the `a2b export` command)."""
+    """A tiny generator at 32 px as .pt and as .onnx (through the `a2b export` command), with the
+    mask's learnt bias (model.mask_prior), so the graph and the .pt round trip must carry it too."""
     tmp = tmp_path_factory.mktemp("onnx")
     cfg = Config()
-    cfg.data.image_size, cfg.model.width, cfg.model.res_blocks = 32, 8, 1
+    cfg.data.image_size, cfg.model.width, cfg.model.res_blocks, cfg.model.mask_prior = 32, 8, 1, 0.05
     pt = export_generator(tmp / "gen.pt", validate(cfg), seed=3)
     assert cli.main(["export", str(pt), str(tmp / "gen.onnx"), "--format", "onnx"]) == 0
     return pt, tmp / "gen.onnx", tmp
