@@ -574,6 +574,9 @@ def run_cell(args, spec: str, method: str, seed: int, fraction: float | None = N
                 a2b_fused(args, G, cfg, data_root, seed, load_role(root / "test", args.size)))
             write_atomic(out, json.dumps(cached, indent=1))
             return {**cached, "fraction": mixed_fraction(root)}
+    if args.cached:        # report only: a cell not finished yet is left out, nothing is trained
+        print(f"{tag:>20} {method:>14} seed {seed}: not run yet (--cached)", flush=True)
+        return None
     t0 = time.time()
     budget = args.steps * 2 * 2 * args.batch          # n_critic 2 x roles 2 x batch per A2B step
     if method in A2B_METHODS or method in args.variants:
@@ -762,6 +765,9 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--rescore", action="store_true",
                    help="score finished A2B-GAN cells again from their kept run folders with the current score "
                         "kinds (eval.score=auto chosen again on validation at the same checkpoint; nothing retrained)")
+    p.add_argument("--cached", action="store_true",
+                   help="train nothing: the table (and the thesis curve) from the cells already finished in "
+                        "--work, listing the ones that are not (e.g. to read a long run's table part way through)")
     p.add_argument("--data-scale", type=float, default=1.0,
                    help="build the protocols with every role shrunk by this factor (quick checks; give such "
                         "a run a --work of its own, since folders are named by protocol and size only)")
@@ -789,7 +795,12 @@ def main(argv=None) -> list[dict]:
         if args.fractions:
             p.error("--fractions rebuilds a simulated protocol's mixed set; it does not apply to --data")
     specs = [parse_protocol(spec, args.size) for spec in args.protocols]
-    for (protocol, size) in specs:
+    if args.cached:
+        unbuilt = [spec for spec, (protocol, size) in zip(args.protocols, specs)
+                   if not (protocol_dir(work, protocol, size) / "mixed" / "manifest.json").is_file()]
+        if unbuilt:
+            p.error(f"--cached: {', '.join(unbuilt)} not built in {work}; run without --cached first")
+    for (protocol, size) in ([] if args.cached else specs):
         root = ensure_shards(work, protocol, size, scale=args.data_scale)
         for f in args.fractions:
             if abs(f - mixed_fraction(root)) > 0.005:      # the protocol's own share is its own build
@@ -806,6 +817,8 @@ def main(argv=None) -> list[dict]:
             results = list(pool.map(run_cell, *zip(*[(args, *c) for c in cells])))
     else:
         results = [run_cell(args, *c) for c in cells]
+    cells = [c for r, c in zip(results, cells) if r is not None]
+    results = [r for r in results if r is not None]
     own = [r for r, c in zip(results, cells) if c[3] is None]
     text = table(own, args.protocols, args.methods, args)
     sizes = "-".join(sorted({str(size) for _, size in specs}))

@@ -137,6 +137,14 @@ def test_quality_prints_every_method(sim_shards, tmp_path, capsys):
             assert again["selected_step"] == r["selected_step"] and again["score"] == r["score"]
             assert again["auroc"] == pytest.approx(r["auroc"], abs=1e-9)
     assert {p: p.stat().st_mtime_ns for p in (work / "runs").rglob("*.safetensors")} == before
+    # --cached: the table of the finished cells, a cell not run yet listed and left out, nothing trained
+    capsys.readouterr()
+    cached = quality.main([*args[:-9], "a2b", "ae", "synth-healthy", "--seeds", "0", "--cached"])
+    out = capsys.readouterr().out
+    assert sorted((r["method"], r["seed"]) for r in cached) == [("a2b", 0), ("ae", 0)]
+    assert re.search(r"synth-healthy seed 0: not run yet", out) and "| synth-healthy |" not in out
+    assert not list((work / "runs").rglob("synth-healthy"))
+    assert {p: p.stat().st_mtime_ns for p in (work / "runs").rglob("*.safetensors")} == before
 
 
 def test_quality_thesis_curve_retrains_only_what_reads_the_mixed_set(tmp_path, capsys):
