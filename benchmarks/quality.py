@@ -619,7 +619,7 @@ def table(results: list[dict], protocols, methods, args) -> str:
     lines = [f"A2B-GAN {args.steps} steps x batch {args.batch}, {args.size} px (NAME@SIZE: SIZE px), image budget "
              f"{args.steps * 4 * args.batch} per method, seeds {' '.join(map(str, args.seeds))}; "
              "test AUROC mean ± sd over seeds (val: best validation AUROC, the only figure used to choose)", "",
-             "| protocol | method | image AUROC | pixel AUROC | val AUROC | other scores (image AUROC) | mask in/out, std, pixel AUROC |",
+             "| protocol | method | image AUROC | pixel AUROC | val AUROC | other scores (image AUROC) | mask: mean M on healthy test images, in/out, pixel AUROC |",
              "|---|---|---|---|---|---|---|"]
     for p in protocols:
         for m in methods:
@@ -631,7 +631,7 @@ def table(results: list[dict], protocols, methods, args) -> str:
             masks = "-"
             if rs[0].get("mask"):
                 masks = " / ".join(mean_sd([(r["mask"] or {}).get(k) for r in rs]) for k in
-                                   ("mask_inside_outside_ratio", "mask_pixel_std", "mask_pixel_auroc"))
+                                   ("mask_mean_healthy", "mask_inside_outside_ratio", "mask_pixel_auroc"))
             lines.append(f"| {p} | {m} | {mean_sd([r['auroc'] for r in rs])} | "
                          f"{mean_sd([r.get('pixel_auroc') for r in rs])} | {mean_sd([r.get('best_val_auc') for r in rs])} "
                          f"| {other} | {masks} |")
