@@ -574,7 +574,7 @@ def run_cell(args, spec: str, method: str, seed: int, fraction: float | None = N
                 a2b_fused(args, G, cfg, data_root, seed, load_role(root / "test", args.size)))
             write_atomic(out, json.dumps(cached, indent=1))
             return {**cached, "fraction": mixed_fraction(root)}
-    if args.cached:        # report only: a cell not finished yet is left out, nothing is trained
+    if args.cached:        # report only: a cell not finished (with the current code) is left out, nothing trained
         print(f"{tag:>20} {method:>14} seed {seed}: not run yet (--cached)", flush=True)
         return None
     t0 = time.time()
@@ -796,6 +796,8 @@ def main(argv=None) -> list[dict]:
             p.error("--fractions rebuilds a simulated protocol's mixed set; it does not apply to --data")
     specs = [parse_protocol(spec, args.size) for spec in args.protocols]
     if args.cached:
+        if args.rescore or args.fuse_pu:
+            p.error("--cached reads finished cells only; --rescore and --fuse-pu compute on them: run those without --cached")
         unbuilt = [spec for spec, (protocol, size) in zip(args.protocols, specs)
                    if not (protocol_dir(work, protocol, size) / "mixed" / "manifest.json").is_file()]
         if unbuilt:

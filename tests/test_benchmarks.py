@@ -139,12 +139,15 @@ def test_quality_prints_every_method(sim_shards, tmp_path, capsys):
     assert {p: p.stat().st_mtime_ns for p in (work / "runs").rglob("*.safetensors")} == before
     # --cached: the table of the finished cells, a cell not run yet listed and left out, nothing trained
     capsys.readouterr()
-    cached = quality.main([*args[:-9], "a2b", "ae", "synth-healthy", "--seeds", "0", "--cached"])
+    methods_at = args.index("--methods")
+    cached = quality.main([*args[:methods_at], "--methods", "a2b", "ae", "synth-healthy", "--seeds", "0", "--cached"])
     out = capsys.readouterr().out
     assert sorted((r["method"], r["seed"]) for r in cached) == [("a2b", 0), ("ae", 0)]
     assert re.search(r"synth-healthy seed 0: not run yet", out) and "| synth-healthy |" not in out
     assert not list((work / "runs").rglob("synth-healthy"))
     assert {p: p.stat().st_mtime_ns for p in (work / "runs").rglob("*.safetensors")} == before
+    with pytest.raises(SystemExit):                     # --cached computes nothing, so it refuses what would
+        quality.main([*args, "--cached", "--fuse-pu"])
 
 
 def test_quality_thesis_curve_retrains_only_what_reads_the_mixed_set(tmp_path, capsys):
