@@ -616,7 +616,7 @@ def table(results: list[dict], protocols, methods, args) -> str:
     by = {}
     for r in results:
         by.setdefault((r["protocol"], r["method"]), []).append(r)
-    lines = [f"A2B-GAN {args.steps} steps x batch {args.batch}, {args.size} px (NAME@SIZE: SIZE px), image budget "
+    lines = [f"A2B-GAN {args.steps} steps x batch {args.batch}, {args.size} px (a protocol named NAME@SIZE: SIZE px), image budget "
              f"{args.steps * 4 * args.batch} per method, seeds {' '.join(map(str, args.seeds))}; "
              "test AUROC mean ± sd over seeds (val: best validation AUROC, the only figure used to choose)", "",
              "| protocol | method | image AUROC | pixel AUROC | val AUROC | other scores (image AUROC) | mask: mean M on healthy test images, in/out, pixel AUROC |",

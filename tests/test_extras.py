@@ -58,10 +58,22 @@ def test_setup_keeps_the_optional_packages_out_of_the_core():
     assert any(r.startswith("ray[tune,train]==") for r in extras_require["sweeps"])
 
 
-def test_core_install_trains_evaluates_and_detects(sim_shards, tmp_path):
+@pytest.fixture
+def venv_path(tmp_path):
+    """Where the core-install test puts its venv, removed when the test ends whatever its outcome:
+    with torch it holds several GB, which on a CI machine with a small /tmp left the later tests no
+    room to create their folders."""
+    import shutil
+
+    venv = tmp_path / "venv"
+    yield venv
+    shutil.rmtree(venv, ignore_errors=True)
+
+
+def test_core_install_trains_evaluates_and_detects(sim_shards, tmp_path, venv_path):
     """A fresh venv with `pip install .` and no extras (real pip, the package registry this machine
     has): a2b train, evaluate and detect run on the test preset; the sweep names its extra."""
-    venv = tmp_path / "venv"
+    venv = venv_path
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
     py = venv / "bin" / "python"
     proc = subprocess.run([str(py), "-m", "pip", "install", "-q", str(ROOT)], capture_output=True, text=True,
