@@ -8,6 +8,8 @@ Layouts follow shared/DESIGN.md ("Model"). Two deliberate differences from the a
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -64,8 +66,10 @@ class Generator(nn.Module):
         # losses ask for it. The same bias for sigmoid and (tanh + 1) / 2, whose logit is half as steep.
         self.mask_bias = None
         if mask_prior > 0:
-            logit = float(torch.logit(torch.tensor(mask_prior, dtype=torch.float64)))
-            self.mask_bias = nn.Parameter(torch.tensor(logit if mask_activation == "sigmoid" else logit / 2))
+            # math, not torch: the networks may be built on the meta device (shapes only), where a
+            # tensor has no value to read back
+            logit = math.log(mask_prior / (1.0 - mask_prior))
+            self.mask_bias = nn.Parameter(torch.full((), logit if mask_activation == "sigmoid" else logit / 2))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         out = self.main(x)                                    # (B, C+1, H, W)
