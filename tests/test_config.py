@@ -147,7 +147,7 @@ def test_an_oversized_config_is_refused_unread(tmp_path):
 # Presets that extend another (issue 28)
 
 # configs/demo.yaml as it was written out in full before it extended small.yaml (its comments cut),
-# with eval.score=auto, which the presets took later.
+# with eval.score=auto and model.mask_prior, which the presets took later.
 OLD_DEMO = """\
 data:
   root: data/demo
@@ -158,6 +158,7 @@ model:
   width: 32
   res_blocks: 3
   critic_width: 32
+  mask_prior: 0.05         # added with the mask prior (small.yaml, so the demo too)
 loss:
   lambda_id: 10.0
   lambda_id_out: 10.0
