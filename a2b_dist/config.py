@@ -173,6 +173,13 @@ class LossConfig:
     # takes the identity terms as healthy images do; the rest are judged adversarially only (plus Eq. 7).
     pseudo_fraction: float = bounded(0.0, 0.0, 1.0)
     pseudo_after: float = bounded(0.2, 0.0, 1.0)
+    # The mask trained on the mixed set as a positive-unlabelled classifier (0: off, the paper): every
+    # healthy pixel's M pulled towards 0, every mixed pixel's towards 1 with this weight (losses.
+    # pu_mask_loss, in the generator's loss with weight lambda_mask). What both sets share settles
+    # near M = pu_mask; what only the mixed set has (its anomalies) is pulled up alone, so M learns
+    # where a mixed image differs from every healthy one, and B' replaces exactly that. No label and
+    # no anomalous share is read; at share 0 nothing sets the sets apart and M stays flat.
+    pu_mask: float = bounded(0.0, 0.0, 1.0)
     # The critic told what the mixed set looks like (0: off, the paper): this share of each critic
     # batch's fakes are the mixed images as they are instead of their translations B', so the critic
     # keeps rating what sets the mixed set apart from the healthy one (its anomalies: learning from

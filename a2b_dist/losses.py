@@ -286,6 +286,19 @@ def mask_supervision(mask: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.binary_cross_entropy(m, target.float())
 
 
+def pu_mask_loss(mask_mixed: torch.Tensor, mask_healthy: torch.Tensor, weight: float) -> torch.Tensor:
+    """The mask as a positive-unlabelled classifier, pixel by pixel: binary cross-entropy towards 0 on
+    every healthy pixel, plus ``weight`` x cross-entropy towards 1 on every mixed pixel. Content that
+    both sets share settles where the two pulls balance (M near weight x r / (1 + weight x r), r the
+    mixed set's share of such content against the healthy set's: about ``weight``); content that only
+    the mixed set has (its anomalies) meets only the pull towards 1. The ranking of a classifier of
+    unlabelled against labelled data is that of the true one (Elkan and Noto, 2008), so ``weight``
+    sets how large M is on healthy images, not where it is large. fp32."""
+    m_a = mask_mixed.float().clamp(1e-6, 1 - 1e-6)
+    m_b = mask_healthy.float().clamp(1e-6, 1 - 1e-6)
+    return -torch.log1p(-m_b).mean() - weight * torch.log(m_a).mean()
+
+
 def lowest_scored(scores: torch.Tensor, fraction: float) -> torch.Tensor:
     """Indices of the round(fraction * B) lowest of (B,) ``scores``: the mixed images the current
     model finds most healthy (ties broken by position, so the choice is deterministic)."""

@@ -27,7 +27,7 @@ from a2b_dist.updates import A2BUpdates, Models
 # many in a row is a real divergence.
 MAX_FP16_OVERFLOWS = 20
 LOSS_TERMS = ("loss_d", "wasserstein", "gp", "cls_d", "loss_g", "adv_g", "rec", "idt", "idt_out", "focus",
-              "mask_sup", "pseudo", "cls")
+              "mask_sup", "pseudo", "cls", "pu")
 
 
 class NonFiniteLoss(UserError):

@@ -159,6 +159,10 @@ class A2BUpdates:
         if target is not None:
             mask_sup = L.mask_supervision(m_b, target)
             loss = loss + cfg.lambda_mask * mask_sup
+        pu = zero
+        if cfg.pu_mask > 0:
+            pu = L.pu_mask_loss(m_a, m_b, cfg.pu_mask)
+            loss = loss + cfg.lambda_mask * pu
         cls = zero
         if cfg.lambda_cls:              # StarGAN's classification of fakes: B' of a mixed image is healthy
             cls = L.domain_loss(d_a[:, 1:], False)
@@ -172,7 +176,7 @@ class A2BUpdates:
                 loss = loss + pseudo
         return loss, {"loss_g": loss.detach(), "adv_g": adv.detach(), "rec": rec.detach(),
                       "idt": idt.detach(), "idt_out": idt_out.detach(), "focus": focus.detach(),
-                      "mask_sup": mask_sup.detach(), "pseudo": pseudo.detach(), "cls": cls.detach()}
+                      "mask_sup": mask_sup.detach(), "pseudo": pseudo.detach(), "cls": cls.detach(), "pu": pu.detach()}
 
     def generator_update(self, a: torch.Tensor, b: torch.Tensor, step: int) -> dict:
         requires_grad(self.m.D, False)
