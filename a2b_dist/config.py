@@ -180,6 +180,8 @@ class LossConfig:
     # where a mixed image differs from every healthy one, and B' replaces exactly that. No label and
     # no anomalous share is read; at share 0 nothing sets the sets apart and M stays flat.
     pu_mask: float = bounded(0.0, 0.0, 1.0)
+    # 0: every pixel an example; else each image one, its M the mean of its top pu_topk percent pixels
+    pu_topk: float = bounded(2.0, 0.0, 100.0)
     # The critic told what the mixed set looks like (0: off, the paper): this share of each critic
     # batch's fakes are the mixed images as they are instead of their translations B', so the critic
     # keeps rating what sets the mixed set apart from the healthy one (its anomalies: learning from

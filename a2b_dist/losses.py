@@ -286,17 +286,28 @@ def mask_supervision(mask: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.binary_cross_entropy(m, target.float())
 
 
-def pu_mask_loss(mask_mixed: torch.Tensor, mask_healthy: torch.Tensor, weight: float) -> torch.Tensor:
-    """The mask as a positive-unlabelled classifier, pixel by pixel: binary cross-entropy towards 0 on
-    every healthy pixel, plus ``weight`` x cross-entropy towards 1 on every mixed pixel. Content that
-    both sets share settles where the two pulls balance (M near weight x r / (1 + weight x r), r the
-    mixed set's share of such content against the healthy set's: about ``weight``); content that only
-    the mixed set has (its anomalies) meets only the pull towards 1. The ranking of a classifier of
-    unlabelled against labelled data is that of the true one (Elkan and Noto, 2008), so ``weight``
-    sets how large M is on healthy images, not where it is large. fp32."""
-    m_a = mask_mixed.float().clamp(1e-6, 1 - 1e-6)
-    m_b = mask_healthy.float().clamp(1e-6, 1 - 1e-6)
-    return -torch.log1p(-m_b).mean() - weight * torch.log(m_a).mean()
+def pu_mask_loss(mask_mixed: torch.Tensor, mask_healthy: torch.Tensor, weight: float,
+                 topk_percent: float = 0.0) -> torch.Tensor:
+    """The mask as a positive-unlabelled classifier: binary cross-entropy towards 0 on healthy images,
+    plus ``weight`` x cross-entropy towards 1 on mixed images. Content that both sets share settles
+    where the two pulls balance (M near weight x r / (1 + weight x r), r the mixed set's share of such
+    content against the healthy set's: about ``weight``); content that only the mixed set has (its
+    anomalies) meets only the pull towards 1. A classifier of unlabelled against labelled data ranks
+    as the true one does (Elkan and Noto, 2008), so ``weight`` sets how large M is on healthy
+    content, not where it is large.
+
+    ``topk_percent`` 0: every pixel is an example. Else each image is one example, its M the mean of
+    its top ``topk_percent``% pixels (multiple-instance pooling): the pull lands on the few pixels
+    where a mixed image's mask is highest, the anomalies once the mask finds them, instead of being
+    spread over the whole image. fp32."""
+    def pooled(m: torch.Tensor) -> torch.Tensor:
+        m = m.float().flatten(1)
+        if topk_percent > 0:
+            k = max(1, int(round(m.shape[1] * topk_percent / 100.0)))
+            m = m.topk(k, dim=1).values.mean(1)
+        return m.clamp(1e-6, 1 - 1e-6)
+
+    return -torch.log1p(-pooled(mask_healthy)).mean() - weight * torch.log(pooled(mask_mixed)).mean()
 
 
 def lowest_scored(scores: torch.Tensor, fraction: float) -> torch.Tensor:

@@ -161,7 +161,7 @@ class A2BUpdates:
             loss = loss + cfg.lambda_mask * mask_sup
         pu = zero
         if cfg.pu_mask > 0:
-            pu = L.pu_mask_loss(m_a, m_b, cfg.pu_mask)
+            pu = L.pu_mask_loss(m_a, m_b, cfg.pu_mask, cfg.pu_topk)
             loss = loss + cfg.lambda_mask * pu
         cls = zero
         if cfg.lambda_cls:              # StarGAN's classification of fakes: B' of a mixed image is healthy

@@ -193,3 +193,53 @@ def test_domain_head_classifies_real_images_and_asks_translations_to_look_health
     assert models0.D.domain is None
     _, s0 = off.critic_loss(a0, b0, alpha)
     assert s0["cls_d"].item() == 0
+
+
+def test_pu_mask_settles_shared_content_low_and_mixed_only_content_high():
+    """loss.pu_mask: a mask that can only tell content kinds apart (one logit for what both sets
+    show, one for what only the mixed set shows) trained on the loss alone. Shared content settles
+    where the pulls balance, M = w r / (1 + w r) with r the mixed set's share of it; content only the
+    mixed set has goes to 1. With no anomalies in the mixed set (share 0), both sets get the same M."""
+    w, h = 0.05, 16
+
+    def train(anomalous_rows):
+        logits = torch.zeros(2, requires_grad=True)                 # [shared, mixed-only]
+        opt = torch.optim.Adam([logits], lr=0.05)
+        for _ in range(3000):
+            m = torch.sigmoid(logits)
+            mixed = m[0].expand(4, 1, h, h).clone()
+            mixed[:, :, :anomalous_rows] = m[1]                    # the anomalies' pixels
+            healthy = m[0].expand(4, 1, h, h)
+            opt.zero_grad()
+            L.pu_mask_loss(mixed, healthy, w).backward()
+            opt.step()
+        return torch.sigmoid(logits).detach()
+
+    m = train(anomalous_rows=4)                                     # a quarter of the mixed pixels
+    r = 0.75
+    assert m[0].item() == pytest.approx(w * r / (1 + w * r), rel=0.02)
+    assert m[1].item() > 0.99
+    m0 = train(anomalous_rows=0)                                    # share 0: nothing sets them apart
+    assert m0[0].item() == pytest.approx(w / (1 + w), rel=0.02)
+    # by hand: cross-entropy to 0 on healthy pixels, w x cross-entropy to 1 on mixed ones
+    ma, mb = torch.full((2, 1, 4, 4), 0.2), torch.full((2, 1, 4, 4), 0.1)
+    expected = -torch.log(torch.tensor(0.9)) - w * torch.log(torch.tensor(0.2))
+    assert L.pu_mask_loss(ma, mb, w).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_pu_mask_enters_the_generator_loss_with_lambda_mask():
+    n = 4
+    cfg, models, updates, a, b = _updates(["loss.pu_mask=0.05", "loss.lambda_mask=2.0"], n=n)
+    with torch.no_grad():
+        loss, stats = updates.generator_loss(a, b, step=0)
+        _, m_a = models.G(a)
+        _, m_b = models.G(b)
+        by_hand = L.pu_mask_loss(m_a, m_b, 0.05, cfg.loss.pu_topk)
+    assert stats["pu"].item() == pytest.approx(by_hand.item(), rel=1e-4)
+    lo = cfg.loss
+    rest = (stats["adv_g"] + lo.lambda_rec * stats["rec"] + lo.lambda_id * stats["idt"]
+            + lo.lambda_f * stats["focus"] + lo.lambda_id_out * stats["idt_out"])
+    assert loss.item() == pytest.approx((rest + 2.0 * by_hand).item(), rel=1e-5)
+    _, _, updates0, a0, b0 = _updates([], n=n)
+    with torch.no_grad():
+        assert updates0.generator_loss(a0, b0, step=0)[1]["pu"].item() == 0
