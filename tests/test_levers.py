@@ -227,6 +227,27 @@ def test_pu_mask_settles_shared_content_low_and_mixed_only_content_high():
     assert L.pu_mask_loss(ma, mb, w).item() == pytest.approx(expected.item(), rel=1e-5)
 
 
+def test_pu_mask_pooled_over_the_top_pixels_of_each_image():
+    """pu_topk > 0: each image counts once, by the mean of its top pu_topk percent of M, so a mixed
+    image is judged by where its mask is highest and the rest of it does not count."""
+    w = 0.05
+    ma = torch.full((2, 1, 10, 10), 0.01)
+    ma[0, 0, 0, :2] = 0.9                                           # 2 pixels of 100: the top 2%
+    ma[1, 0, 5, 5] = 0.5
+    mb = torch.full((2, 1, 10, 10), 0.02)
+    mb[1, 0, 9, 9] = 0.3
+    top_a = torch.tensor([0.9, (0.5 + 0.01) / 2])
+    top_b = torch.tensor([0.02, (0.3 + 0.02) / 2])
+    expected = -torch.log1p(-top_b).mean() - w * torch.log(top_a).mean()
+    assert L.pu_mask_loss(ma, mb, w, topk_percent=2).item() == pytest.approx(expected.item(), rel=1e-5)
+    # the rest of a mixed image does not count once its top is fixed
+    ma2 = ma.clone()
+    ma2[0][ma2[0] == 0.01] = 0.001                                  # image 0's top is its 2 pixels at 0.9
+    assert L.pu_mask_loss(ma2, mb, w, topk_percent=2).item() == pytest.approx(expected.item(), rel=1e-5)
+    # a higher top on a mixed image lowers the loss; on a healthy one it raises it
+    assert L.pu_mask_loss(ma * 1.05, mb, w, 2) < L.pu_mask_loss(ma, mb, w, 2) < L.pu_mask_loss(ma, mb * 1.5, w, 2)
+
+
 def test_pu_mask_enters_the_generator_loss_with_lambda_mask():
     n = 4
     cfg, models, updates, a, b = _updates(["loss.pu_mask=0.05", "loss.lambda_mask=2.0"], n=n)
