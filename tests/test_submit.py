@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -190,7 +191,14 @@ def test_local_cluster_two_ddp_tasks_survive_preemption(sim_shards, tmp_path):
     run_dir = tmp_path / "run"
     cmd = [sys.executable, SUBMIT, *submit_args(sim_shards, run_dir, "--cluster", "local", "--gpus-per-node", "2",
                                                 "--time", "10", "--resume", "none", steps=40, every=40)]
-    with subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
+    # The rendezvous port: submitit derives it from the job id, which the local executor takes from
+    # a process id, so it can land on an ephemeral port another socket of this machine holds (a
+    # CI run failed so, EADDRINUSE); the launcher's A2B_MASTER_PORT override gets a port free now.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**ENV, "A2B_MASTER_PORT": str(port)}
+    with subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
         deadline = time.time() + 600   # a hang guard, not a speed check
         while not [s for s in metric_steps(run_dir) if s >= 4]:
             if time.time() > deadline or proc.poll() is not None:
