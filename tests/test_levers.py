@@ -1,6 +1,7 @@
 """The quality levers of issue 25 against hand computations: the synthetic restoration (a foreign
 healthy patch, restored to the original, the mask supervised with where it lies) and the mixed set
-ranked by the model (the lowest-scored share taking the identity terms)."""
+ranked by the model (the lowest-scored share taking the identity terms), and the mask trained as a
+positive-unlabelled classifier of mixed against healthy images."""
 import pytest
 import torch
 
