@@ -55,6 +55,13 @@ def test_foreign_patch_comes_from_another_image():
     assert not c1.any() and torch.equal(p1, b[:1])
 
 
+def _paper_terms(stats, lo):
+    """Eq. 10's terms and the output identity from a generator update's stats, weighted as the loss
+    weighs them: what a lever's term is added to."""
+    return (stats["adv_g"] + lo.lambda_rec * stats["rec"] + lo.lambda_id * stats["idt"]
+            + lo.lambda_f * stats["focus"] + lo.lambda_id_out * stats["idt_out"])
+
+
 def _updates(overrides, n=4):
     from a2b_dist.config import load_config
     from a2b_dist.steps import build_models, make_accelerator
@@ -119,9 +126,8 @@ def test_pseudo_healthy_identity_on_the_lowest_scored_share_after_warmup():
                    + 2.0 * (b_prime[low] - a[low]).abs().mean())
     assert early["pseudo"].item() == 0
     assert stats["pseudo"].item() == pytest.approx(by_hand.item(), rel=1e-5)
-    lo = cfg.loss
-    rest = (stats["adv_g"] + lo.lambda_rec * stats["rec"] + lo.lambda_id * stats["idt"]
-            + lo.lambda_f * stats["focus"] + 2.0 * stats["idt_out"])
+    assert cfg.loss.lambda_id_out == 2.0
+    rest = _paper_terms(stats, cfg.loss)
     assert loss.item() == pytest.approx((rest + by_hand).item(), rel=1e-5)
 
 
@@ -185,9 +191,7 @@ def test_domain_head_classifies_real_images_and_asks_translations_to_look_health
         g_loss, g_stats = updates.generator_loss(a, b, step=0)
     cls_g = bce(models.D(b_prime)[:, 1:], torch.zeros_like(d_real[:, 1:]))
     assert g_stats["cls"].item() == pytest.approx(cls_g.item(), rel=1e-5)
-    lo = cfg.loss
-    rest = (g_stats["adv_g"] + lo.lambda_rec * g_stats["rec"] + lo.lambda_id * g_stats["idt"]
-            + lo.lambda_f * g_stats["focus"] + lo.lambda_id_out * g_stats["idt_out"])
+    rest = _paper_terms(g_stats, cfg.loss)
     assert g_loss.item() == pytest.approx((rest + 2.0 * cls_g).item(), rel=1e-5)
     # off (the default): a one-channel critic, no domain terms
     _, models0, off, a0, b0 = _updates([], n=n)
@@ -258,9 +262,7 @@ def test_pu_mask_enters_the_generator_loss_with_lambda_mask():
         _, m_b = models.G(b)
         by_hand = L.pu_mask_loss(m_a, m_b, 0.05, cfg.loss.pu_topk)
     assert stats["pu"].item() == pytest.approx(by_hand.item(), rel=1e-4)
-    lo = cfg.loss
-    rest = (stats["adv_g"] + lo.lambda_rec * stats["rec"] + lo.lambda_id * stats["idt"]
-            + lo.lambda_f * stats["focus"] + lo.lambda_id_out * stats["idt_out"])
+    rest = _paper_terms(stats, cfg.loss)
     assert loss.item() == pytest.approx((rest + 2.0 * by_hand).item(), rel=1e-5)
     _, _, updates0, a0, b0 = _updates([], n=n)
     with torch.no_grad():
