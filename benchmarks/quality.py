@@ -65,7 +65,8 @@ PAPER = ["loss.lambda_id=1", "loss.lambda_rec=1", "loss.lambda_f=0.1", "loss.lam
          "loss.lambda_fs=0.001", "loss.focus_eps=0.01", "loss.focus_warmup_steps=0",
          "loss.focus_warmup_terms=both", "loss.focus_size=image", "loss.lambda_id_out=0",
          "optim.lr_g=1e-4", "optim.lr_d=1e-4", "train.ema_decay=0", "data.hflip=false",
-         "eval.select_from=0", "eval.score=mean", "eval.normalize_images=0", "model.mask_prior=0"]
+         "eval.select_from=0", "eval.score=mean", "eval.normalize_images=0", "model.mask_prior=0",
+         "loss.pu_mask=0"]
 # The synthetic-anomaly peer: the restoration lever (losses.foreign_patches) with the healthy set in
 # the mixed set's place, so that the table separates "synthetic anomalies help" from "the mixed set helps".
 SYNTH = ["loss.restore_prob=0.5"]

@@ -274,3 +274,4 @@ def test_paper_column_holds_the_papers_loss_and_optimiser_values():
     assert loss.critic_mixed == 0 and loss.lambda_cls == 0
     assert (optim.lr_g, optim.lr_d) == (1e-4, 1e-4) and cfg.eval.score == "mean"
     assert preset.model.mask_prior > 0 and cfg.model.mask_prior == 0     # the paper's mask starts at 0.5
+    assert preset.loss.pu_mask > 0 and cfg.loss.pu_mask == 0             # the paper has no mask classifier term

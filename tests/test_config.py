@@ -164,6 +164,7 @@ loss:
   lambda_id_out: 10.0
   lambda_fs: 1.0
   lambda_fz: 0.0
+  pu_mask: 0.05            # added with the pooled positive-unlabelled mask (small.yaml, so the demo too)
 optim:
   lr_g: 2.0e-4
   lr_d: 2.0e-4
